@@ -1,0 +1,201 @@
+//! Block hashes: what is stored per block, and how to compare 4 KiB blocks at the speed of
+//! hashing 64 KiB ones.
+//!
+//! A tensor's bytes are cut into blocks of `block_size` bytes counted from its first byte (the
+//! last one may be partial). The stored hash of block `i` is the BLAKE3 *chaining value* of the
+//! subtree that covers bytes `[i·B, (i+1)·B)` when the whole tensor is hashed as one BLAKE3
+//! input (`blake3::hazmat`, offset `i·B`, non-root finalization). Because BLAKE3 is a tree, the
+//! chaining value of an aligned *group* of blocks (64 KiB by default) is the parent-node merge
+//! of its blocks' chaining values.
+//!
+//! That is the trick that keeps 4 KiB granularity without paying for it: hashing a 4 KiB input
+//! uses only 4 of the SIMD lanes BLAKE3 has (8 with AVX2, 16 with AVX-512), so hashing a model
+//! block by block costs about twice what hashing it in 64 KiB pieces does. A sync therefore
+//! hashes the live data group by group, merges the 16 stored block hashes of each group with
+//! 15 cheap parent compressions, and hashes single blocks only inside the groups that differ.
+//!
+//! Invariant: `block_size` is a power of two of at least one BLAKE3 chunk (1 KiB), so every block
+//! boundary is a valid subtree boundary, and `group_size` is a power-of-two multiple of it.
+
+use blake3::Hasher;
+use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
+
+/// A stored block hash: a BLAKE3 chaining value.
+pub type Cv = ChainingValue;
+/// Bytes per stored hash.
+pub const CV_LEN: usize = 32;
+/// The default block size: 4 KiB, the page size, the unit of writes.
+pub const DEFAULT_BLOCK_SIZE: u64 = 4096;
+/// The smallest block size: one BLAKE3 chunk.
+pub const MIN_BLOCK_SIZE: u64 = 1024;
+/// The largest block size accepted at `init`.
+pub const MAX_BLOCK_SIZE: u64 = 1 << 24;
+/// The comparison group: wide enough for BLAKE3 to fill its SIMD lanes.
+pub const DEFAULT_GROUP_SIZE: u64 = 64 * 1024;
+/// Name of the scheme recorded in the index, so that a future change of scheme is detected.
+pub const SCHEME: &str = "blake3-subtree-cv-v1";
+
+/// Why a block size is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("block size {0} is not a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}")]
+pub struct BadBlockSize(pub u64);
+
+/// Block and group sizes of one index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// Bytes per block (the unit of change and of writes).
+    pub block_size: u64,
+    /// Bytes per comparison group (a multiple of `block_size`).
+    pub group_size: u64,
+}
+
+impl BlockLayout {
+    /// The layout for `block_size`, with the default group size (or one block if larger).
+    pub fn new(block_size: u64) -> Result<Self, BadBlockSize> {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+            return Err(BadBlockSize(block_size));
+        }
+        Ok(BlockLayout { block_size, group_size: DEFAULT_GROUP_SIZE.max(block_size) })
+    }
+
+    /// Number of blocks of a tensor of `len` bytes.
+    pub fn blocks(&self, len: u64) -> u64 {
+        len.div_ceil(self.block_size)
+    }
+
+    /// Number of groups of a tensor of `len` bytes.
+    pub fn groups(&self, len: u64) -> u64 {
+        len.div_ceil(self.group_size)
+    }
+
+    /// Blocks per full group.
+    pub fn blocks_per_group(&self) -> u64 {
+        self.group_size / self.block_size
+    }
+}
+
+/// Chaining value of the subtree holding `data`, which starts `offset` bytes into its tensor.
+///
+/// `offset` must be a multiple of the subtree's size (a block or group boundary) and `data` must
+/// not be empty.
+pub fn subtree_cv(offset: u64, data: &[u8]) -> Cv {
+    debug_assert!(!data.is_empty());
+    let mut h = Hasher::new();
+    h.set_input_offset(offset);
+    h.update(data);
+    h.finalize_non_root()
+}
+
+/// Chaining values of consecutive units of `unit` bytes of `tensor_data` (a tensor's bytes from
+/// `first_offset` on), written to `out`: one per unit, the last one possibly partial.
+pub fn hash_units(first_offset: u64, unit: u64, data: &[u8], out: &mut [Cv]) {
+    for (i, (piece, cv)) in data.chunks(unit as usize).zip(out.iter_mut()).enumerate() {
+        *cv = subtree_cv(first_offset + i as u64 * unit, piece);
+    }
+}
+
+/// Merges the chaining values of the consecutive blocks of one aligned subtree of `len` bytes
+/// into the chaining value of that subtree.
+pub fn merge_blocks(cvs: &[Cv], len: u64, block_size: u64) -> Cv {
+    debug_assert_eq!(cvs.len() as u64, len.div_ceil(block_size));
+    if cvs.len() == 1 {
+        return cvs[0];
+    }
+    let left_len = left_subtree_len(len);
+    let left_blocks = (left_len / block_size) as usize;
+    let left = merge_blocks(&cvs[..left_blocks], left_len, block_size);
+    let right = merge_blocks(&cvs[left_blocks..], len - left_len, block_size);
+    merge_subtrees_non_root(&left, &right, Mode::Hash)
+}
+
+/// Reads a stored hash blob (concatenated 32-byte chaining values).
+pub fn cvs_from_bytes(bytes: &[u8]) -> Option<Vec<Cv>> {
+    if bytes.len() % CV_LEN != 0 {
+        return None;
+    }
+    Some(bytes.chunks_exact(CV_LEN).map(|c| c.try_into().expect("32-byte chunk")).collect())
+}
+
+/// Writes hashes as a blob.
+pub fn cvs_to_bytes(cvs: &[Cv]) -> Vec<u8> {
+    cvs.concat()
+}
+
+/// Lowercase hex of a hash, for messages and JSON.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    }
+
+    /// Boundary table: the group hash computed in one pass must equal the merge of its blocks'
+    /// hashes for empty-ish, one-chunk, partial-block, exact and multi-group lengths.
+    #[test]
+    fn group_cv_equals_merge_of_block_cvs() {
+        for block in [1024u64, 4096, 16384] {
+            let layout = BlockLayout::new(block).unwrap();
+            let g = layout.group_size as usize;
+            let b = block as usize;
+            for len in [1, 1023, 1024, 1025, b - 1, b, b + 1, 3 * b + 7, g - 1, g, g + 1, 2 * g + b / 2, 5 * g] {
+                let d = data(len);
+                let nblocks = layout.blocks(len as u64) as usize;
+                let mut block_cvs = vec![[0u8; 32]; nblocks];
+                hash_units(0, block, &d, &mut block_cvs);
+                let ngroups = layout.groups(len as u64) as usize;
+                let mut group_cvs = vec![[0u8; 32]; ngroups];
+                hash_units(0, layout.group_size, &d, &mut group_cvs);
+                let per = layout.blocks_per_group() as usize;
+                for (gi, gcv) in group_cvs.iter().enumerate() {
+                    let first = gi * per;
+                    let last = (first + per).min(nblocks);
+                    let glen = (len - gi * g).min(g) as u64;
+                    assert_eq!(merge_blocks(&block_cvs[first..last], glen, block), *gcv, "block {block} len {len} group {gi}");
+                }
+            }
+        }
+    }
+
+    /// The scheme is real BLAKE3: merging the chaining values of a whole input's two halves at
+    /// the root gives `blake3::hash` of the input.
+    #[test]
+    fn subtree_cvs_are_blake3_tree_nodes() {
+        let d = data(8192);
+        let left = subtree_cv(0, &d[..4096]);
+        let right = subtree_cv(4096, &d[4096..]);
+        let root = blake3::hazmat::merge_subtrees_root(&left, &right, Mode::Hash);
+        assert_eq!(root, blake3::hash(&d));
+    }
+
+    #[test]
+    fn the_same_bytes_at_another_offset_hash_differently() {
+        let d = data(4096);
+        assert_ne!(subtree_cv(0, &d), subtree_cv(4096, &d));
+    }
+
+    #[test]
+    fn block_sizes_are_checked() {
+        assert!(BlockLayout::new(4096).is_ok());
+        assert!(BlockLayout::new(1 << 20).unwrap().group_size == 1 << 20);
+        for bad in [0, 512, 3000, 1 << 25] {
+            assert!(BlockLayout::new(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn blobs_round_trip() {
+        let cvs = vec![[1u8; 32], [2u8; 32]];
+        assert_eq!(cvs_from_bytes(&cvs_to_bytes(&cvs)).unwrap(), cvs);
+        assert!(cvs_from_bytes(&[0u8; 33]).is_none());
+        assert_eq!(hex(&[0xab, 0x01]), "ab01");
+    }
+}

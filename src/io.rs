@@ -1,0 +1,303 @@
+//! The one small I/O layer every model-file read, write and sync goes through.
+//!
+//! Why it exists: crash safety is only testable if a test can see and control every byte that
+//! reaches the disk. Code above this layer never touches `std::fs` for model files; it asks an
+//! [`Io`] for a [`FileIo`] and reads, writes and syncs through it. Tests plug in their own `Io`
+//! (counting reads, failing the Nth operation, dropping writes that were never synced).
+//!
+//! Invariants of the real implementation ([`RealIo`]):
+//! - Model files are mapped with `memmap2`; reads copy out of the map, writes copy into it.
+//!   The map is private to this module: the only `unsafe` blocks for mapping files live here.
+//! - [`FileIo::sync`] is `msync(MS_SYNC)` followed by `fsync`: when it returns `Ok`, every
+//!   write made before it is durable.
+//! - After a failed write or sync the handle is *poisoned*: every later call fails. A failed
+//!   `fsync` is never retried as if it had worked, because the kernel may already have dropped
+//!   the dirty pages it could not write.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use memmap2::{Mmap, MmapMut};
+
+/// How a model file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read only.
+    Read,
+    /// Read and write in place (never created, never resized).
+    ReadWrite,
+}
+
+/// Identity of a file on disk, used to notice a file replaced or edited behind our back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileStat {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Inode number.
+    pub inode: u64,
+}
+
+impl FileStat {
+    /// Reads size, mtime and inode from filesystem metadata.
+    pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
+        FileStat {
+            size: meta.len(),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+            inode: meta.ino(),
+        }
+    }
+}
+
+/// A factory of open files: the seam where tests inject faults.
+pub trait Io: Send + Sync {
+    /// Opens an existing file.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileIo>>;
+    /// Creates a directory and its parents, then makes the new entries durable.
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Bytes read from model files through this layer so far.
+    fn bytes_read(&self) -> u64;
+}
+
+/// One open file.
+pub trait FileIo: Send + Sync {
+    /// The path it was opened with.
+    fn path(&self) -> &Path;
+    /// Its length in bytes when it was opened (model files never change length).
+    fn len(&self) -> u64;
+    /// Current size, mtime and inode.
+    fn stat(&self) -> io::Result<FileStat>;
+    /// Fills `buf` from `offset`; fails if the range is not inside the file.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset`; fails if the range is not inside the file.
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every earlier write durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Byte and call counters shared by all files a [`RealIo`] opened.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    /// Bytes copied out of model files by `read_at`.
+    pub bytes_read: AtomicU64,
+    /// Bytes copied into model files by `write_at`.
+    pub bytes_written: AtomicU64,
+    /// Successful `sync` calls.
+    pub syncs: AtomicU64,
+}
+
+/// The real filesystem, through memory maps.
+#[derive(Debug, Default, Clone)]
+pub struct RealIo {
+    stats: Arc<IoStats>,
+}
+
+impl RealIo {
+    /// A new real I/O layer with its own counters.
+    pub fn new() -> Self {
+        RealIo::default()
+    }
+
+    /// Counters of everything done through this layer so far.
+    pub fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+}
+
+impl Io for RealIo {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileIo>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(mode == OpenMode::ReadWrite)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let map = if len == 0 {
+            Mapping::Empty
+        } else if mode == OpenMode::ReadWrite {
+            // SAFETY: the map is only ever accessed through `MappedFile`, which copies bytes in
+            // and out under a lock, so Rust never holds a reference into it across a call. If
+            // another process truncates the file while it is mapped, an access past the new
+            // end raises SIGBUS; apollo-checkpoint holds the state-dir lock and checks size and
+            // mtime before mapping, and documents that model files must not be edited by other
+            // programs while it runs. Concurrent writes by another process would only change
+            // the bytes we copy, which the block hashes then detect.
+            Mapping::ReadWrite(RwLock::new(unsafe { MmapMut::map_mut(&file)? }))
+        } else {
+            // SAFETY: as above; the map is read-only and only copied out of.
+            Mapping::Read(unsafe { Mmap::map(&file)? })
+        };
+        Ok(Box::new(MappedFile {
+            path: path.to_path_buf(),
+            file,
+            len,
+            map,
+            poisoned: AtomicBool::new(false),
+            stats: Arc::clone(&self.stats),
+        }))
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cur = Some(path);
+        while let Some(p) = cur {
+            if p.as_os_str().is_empty() || p.exists() {
+                break;
+            }
+            missing.push(p.to_path_buf());
+            cur = p.parent();
+        }
+        std::fs::create_dir_all(path)?;
+        for dir in missing.iter().rev() {
+            if let Some(parent) = dir.parent() {
+                sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.stats.bytes_read.load(Ordering::Relaxed)
+    }
+}
+
+/// Fsyncs a directory so that entries created or renamed in it survive a power cut.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Maps a file read-only for hashing: used for weight sources, which are never written.
+///
+/// The returned map stays valid if the file is later changed by someone else, but its contents
+/// may then change under the reader (a hash computed over it is then simply of other bytes), and
+/// truncation raises SIGBUS. Sources are expected to be stable while a sync runs.
+pub fn map_read_only(file: &File) -> io::Result<Option<Mmap>> {
+    if file.metadata()?.len() == 0 {
+        return Ok(None);
+    }
+    // SAFETY: see the function's documentation: the map is only read, and a concurrent change
+    // by another process alters the bytes read (detected by hashes), never memory safety beyond
+    // the documented SIGBUS on truncation.
+    Ok(Some(unsafe { Mmap::map(file)? }))
+}
+
+enum Mapping {
+    Empty,
+    Read(Mmap),
+    ReadWrite(RwLock<MmapMut>),
+}
+
+struct MappedFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    map: Mapping,
+    poisoned: AtomicBool,
+    stats: Arc<IoStats>,
+}
+
+impl MappedFile {
+    fn check_poisoned(&self) -> io::Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(io::Error::other(format!(
+                "{}: an earlier write or sync failed; this handle refuses further I/O",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.len).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: range {offset}+{len} is past the end of the file ({} bytes)",
+                    self.path.display(),
+                    self.len
+                ),
+            )
+        })?;
+        Ok(offset as usize..end as usize)
+    }
+
+    fn poison<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+impl FileIo for MappedFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn stat(&self) -> io::Result<FileStat> {
+        Ok(FileStat::from_metadata(&self.file.metadata()?))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_poisoned()?;
+        let range = self.range(offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match &self.map {
+            Mapping::Empty => unreachable!("a non-empty range of an empty file was rejected above"),
+            Mapping::Read(m) => buf.copy_from_slice(&m[range]),
+            Mapping::ReadWrite(m) => {
+                buf.copy_from_slice(&m.read().unwrap_or_else(std::sync::PoisonError::into_inner)[range]);
+            }
+        }
+        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check_poisoned()?;
+        let range = self.range(offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &self.map {
+            Mapping::ReadWrite(m) => {
+                m.write().unwrap_or_else(std::sync::PoisonError::into_inner)[range].copy_from_slice(data);
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("{}: opened read-only", self.path.display()),
+                ));
+            }
+        }
+        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.check_poisoned()?;
+        let r = match &self.map {
+            Mapping::ReadWrite(m) => m
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .flush()
+                .and_then(|()| self.file.sync_all()),
+            _ => Ok(()),
+        };
+        let r = self.poison(r);
+        if r.is_ok() {
+            self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}

@@ -1,0 +1,24 @@
+//! apollo-checkpoint keeps a model's safetensors files on disk up to date with the weights a
+//! running server holds, writing only the blocks that changed.
+//!
+//! The library owns all the logic; the `apollo-checkpoint` binary only parses arguments, calls
+//! [`Checkpoint`] and maps errors to exit codes. Subsystems, one module each:
+//!
+//! - [`io`]: the one I/O layer every model-file read, write and sync goes through.
+//! - [`model`]: model directories and strict safetensors header parsing.
+//! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at 64 KiB speed.
+//! - [`index`]: the SQLite block index, its migrations and the generation history.
+//! - [`source`]: [`WeightSource`], where live weights come from.
+//! - [`checkpoint`]: the operations `init`, `sync`, `status` and `verify`.
+//! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
+
+pub mod blockhash;
+pub mod checkpoint;
+pub mod index;
+pub mod io;
+pub mod model;
+pub mod source;
+pub mod synthetic;
+
+pub use checkpoint::{Checkpoint, Error, InitReport, StatusReport, SyncReport, VerifyReport};
+pub use source::{SafetensorsSource, WeightSource};

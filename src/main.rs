@@ -1,0 +1,264 @@
+//! The `apollo-checkpoint` command line: parses arguments, calls the library, prints the result
+//! and maps errors to exit codes (see the README's table).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
+use apollo_checkpoint::io::RealIo;
+use apollo_checkpoint::{Checkpoint, SafetensorsSource, StatusReport, SyncReport, VerifyReport};
+use clap::{Args, Parser, Subcommand};
+
+/// Keep a model's safetensors files up to date with live weights, writing only what changed.
+#[derive(Parser, Debug)]
+#[command(name = "apollo-checkpoint", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Target {
+    /// The model directory: model.safetensors, or shards named by model.safetensors.index.json.
+    #[arg(long, value_name = "DIR")]
+    model_dir: PathBuf,
+    /// Where the index lives [default: <model-dir>/.apollo-checkpoint].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of text on stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Index the model: hash every block of its files (all cores).
+    Init {
+        #[command(flatten)]
+        target: Target,
+        /// Bytes per block, a power of two from 1024 to 16 MiB; fixed for the index's life.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
+        block_size: u64,
+    },
+    /// Bring the model files up to date with live weights, writing only changed blocks.
+    ///
+    /// Indexes the model first if it has no index yet.
+    Sync {
+        #[command(flatten)]
+        target: Target,
+        /// The live weights: a safetensors directory in the same HuggingFace layout.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
+    /// Show the generation, the last sync, the files and anything that needs attention.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Rehash the model files and compare with the index; exit 1 on any difference.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+        /// Re-index whatever differs from the files as they are now (records a new generation).
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<apollo_checkpoint::Error>())
+                .map_or(1, apollo_checkpoint::Error::exit_code);
+            eprintln!("apollo-checkpoint: error: {err:#}");
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}
+
+fn checkpoint(target: &Target) -> Checkpoint {
+    Checkpoint::new(&target.model_dir, target.state_dir.as_deref(), Arc::new(RealIo::new())).with_progress(!target.json)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Init { target, block_size } => {
+            let report = checkpoint(&target).init(block_size)?;
+            if target.json {
+                print_json(&report)?;
+            } else {
+                eprintln!(
+                    "indexed {}: {} files, {} tensors, {} in {} blocks of {} in {:.2} s (generation 0)",
+                    target.model_dir.display(),
+                    report.files,
+                    report.tensors,
+                    human_bytes(report.bytes_hashed),
+                    report.blocks,
+                    human_bytes(report.block_size),
+                    report.seconds
+                );
+            }
+        }
+        Command::Sync { target, from } => {
+            let cp = checkpoint(&target);
+            if !target.json && !cp.is_initialized()? {
+                eprintln!("no index for {} yet: indexing it first", target.model_dir.display());
+            }
+            let source = SafetensorsSource::open(&from).with_context(|| format!("opening the source {}", from.display()))?;
+            let report = cp.sync(&source)?;
+            if target.json {
+                print_json(&report)?;
+            } else {
+                eprintln!("{}", sync_summary(&report));
+            }
+        }
+        Command::Status { target } => {
+            let report = checkpoint(&target).status()?;
+            if target.json {
+                print_json(&report)?;
+            } else {
+                print_status(&report);
+            }
+        }
+        Command::Verify { target, repair } => {
+            let report = checkpoint(&target).verify(repair)?;
+            if target.json {
+                print_json(&report)?;
+            } else {
+                print_verify(&report, &target.model_dir);
+            }
+            if !report.clean && !report.repaired {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one JSON object on stdout; a closed pipe is not an error.
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let r = serde_json::to_writer(&mut out, value).map_err(std::io::Error::from).and_then(|()| writeln!(out));
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("writing to stdout"),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}
+
+fn sync_summary(r: &SyncReport) -> String {
+    let first = if r.initialized_first { " (indexed first)" } else { "" };
+    if r.changed {
+        format!(
+            "generation {}: {} blocks changed in {} tensors, {} written ({} bytes differed) of {} compared, {} files, {:.3} s{first}",
+            r.generation,
+            r.blocks_changed,
+            r.tensors_changed,
+            human_bytes(r.bytes_changed),
+            r.bytes_differing,
+            human_bytes(r.bytes_compared),
+            r.files_changed.len(),
+            r.seconds
+        )
+    } else {
+        format!(
+            "no change: {} in {} tensors compared, model is at generation {}, {:.3} s{first}",
+            human_bytes(r.bytes_compared),
+            r.tensors,
+            r.generation,
+            r.seconds
+        )
+    }
+}
+
+fn time_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn print_status(r: &StatusReport) {
+    println!("model dir:   {}", r.model_dir.display());
+    println!("state dir:   {}", r.state_dir.display());
+    if !r.initialized {
+        for p in &r.pending {
+            println!("pending:     {p}");
+        }
+        return;
+    }
+    let total: u64 = r.files.iter().map(|f| f.size).sum();
+    println!(
+        "index:       {} tensors, blocks of {}, {} on disk",
+        r.tensors,
+        human_bytes(r.block_size.unwrap_or(0)),
+        human_bytes(r.index_bytes)
+    );
+    if let Some(g) = &r.last_generation {
+        println!(
+            "generation:  {} ({}, {}, {} blocks / {} changed)",
+            g.generation,
+            g.kind,
+            time_ms(g.created_at_ms),
+            g.blocks_changed,
+            human_bytes(g.bytes_changed)
+        );
+    }
+    match &r.last_sync {
+        Some(s) => println!(
+            "last sync:   {}, {} blocks changed, {} compared in {:.3} s",
+            s.get("at_ms").and_then(serde_json::Value::as_i64).map_or_else(|| "?".into(), time_ms),
+            s.get("blocks_changed").and_then(serde_json::Value::as_u64).unwrap_or(0),
+            human_bytes(s.get("bytes_compared").and_then(serde_json::Value::as_u64).unwrap_or(0)),
+            s.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+        ),
+        None => println!("last sync:   never"),
+    }
+    println!("files:       {} ({})", r.files.len(), human_bytes(total));
+    for f in &r.files {
+        println!("  {:<40} {:>12}  {}", f.name, human_bytes(f.size), f.state);
+    }
+    if r.pending.is_empty() {
+        println!("pending:     nothing");
+    }
+    for p in &r.pending {
+        println!("pending:     {p}");
+    }
+}
+
+fn print_verify(r: &VerifyReport, model_dir: &Path) {
+    for p in &r.file_problems {
+        eprintln!("file changed: {p}");
+    }
+    for b in &r.mismatched_blocks {
+        eprintln!("mismatch: {} tensor {} block {} (bytes {}..{})", b.file, b.tensor, b.block, b.offset, b.offset + b.len);
+    }
+    if r.mismatched_block_count > r.mismatched_blocks.len() as u64 {
+        eprintln!("... {} mismatched blocks in all", r.mismatched_block_count);
+    }
+    if r.clean {
+        eprintln!("verified {}: clean ({} checked in {:.2} s)", model_dir.display(), human_bytes(r.bytes_checked), r.seconds);
+    } else if r.repaired {
+        eprintln!("re-indexed {} from the files as they are: now generation {}", model_dir.display(), r.generation);
+    } else {
+        eprintln!(
+            "verify failed: the files differ from the index; if the change is wanted, run `apollo-checkpoint verify --repair --model-dir {}`",
+            model_dir.display()
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Weight sources: where the live weights come from.
+//!
+//! A [`WeightSource`] presents tensors by their HuggingFace names, dtypes and shapes, and gives
+//! their bytes. It can also *hash where its data lives*: the sync engine asks a source for the
+//! chaining values of whole groups and blocks ([`WeightSource::hash_units`]) rather than for the
+//! bytes, so a source that holds its data on a GPU can hash there and ship only 32 bytes per
+//! group across PCIe. The default implementation reads the bytes and hashes them on the CPU.
+//!
+//! [`SafetensorsSource`] is the CPU source: a directory of safetensors files in the same HF layout
+//! as the model (sharded any way), memory-mapped and hashed in place without copying.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::Dtype;
+
+use crate::blockhash::{self, Cv};
+use crate::io::{self, RealIo};
+use crate::model::{ModelError, ModelLayout};
+
+/// A tensor a source offers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceTensor {
+    /// HuggingFace name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Errors of weight sources.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The source directory is not a valid model.
+    #[error("source: {0}")]
+    Model(#[from] ModelError),
+    /// An OS error on a source file.
+    #[error("source {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The source file changed size between parsing and mapping.
+    #[error("source {path} changed while it was being opened; retry when the source is stable")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A read outside a tensor was requested (a bug in the caller).
+    #[error("source tensor {tensor}: range {offset}+{len} is outside its {tensor_len} bytes")]
+    OutOfRange {
+        /// The tensor.
+        tensor: String,
+        /// Start of the read.
+        offset: u64,
+        /// Length of the read.
+        len: u64,
+        /// The tensor's length.
+        tensor_len: u64,
+    },
+}
+
+/// Live weights, by HF tensor name.
+pub trait WeightSource: Sync {
+    /// A short description for logs and the generation record.
+    fn describe(&self) -> String;
+
+    /// The tensors offered.
+    fn tensors(&self) -> &[SourceTensor];
+
+    /// Copies `buf.len()` bytes of tensor `tensor` starting at `offset` into `buf`.
+    fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Writes to `out` the chaining values (see [`crate::blockhash`]) of `out.len()` consecutive
+    /// units of `unit` bytes of tensor `tensor`, starting at unit `first`; the tensor's last unit
+    /// may be partial. Sources that can hash where their data lives override this; the default
+    /// reads the bytes and hashes on the CPU.
+    fn hash_units(&self, tensor: usize, unit: u64, first: u64, out: &mut [Cv]) -> Result<(), SourceError> {
+        let len = self.tensors()[tensor].len;
+        let start = first * unit;
+        let end = (start + out.len() as u64 * unit).min(len);
+        let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+        self.read(tensor, start, &mut buf)?;
+        blockhash::hash_units(start, unit, &buf, out);
+        Ok(())
+    }
+}
+
+/// A directory of safetensors files in HF layout, memory-mapped.
+pub struct SafetensorsSource {
+    dir: PathBuf,
+    tensors: Vec<SourceTensor>,
+    /// (file index, absolute offset) per tensor.
+    places: Vec<(usize, u64)>,
+    maps: Vec<Option<Mmap>>,
+}
+
+impl std::fmt::Debug for SafetensorsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsSource").field("dir", &self.dir).field("tensors", &self.tensors.len()).finish()
+    }
+}
+
+impl SafetensorsSource {
+    /// Opens and strictly validates the model in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, SourceError> {
+        let layout = ModelLayout::open(dir, &RealIo::new())?;
+        let mut maps = Vec::with_capacity(layout.files.len());
+        for (i, f) in layout.files.iter().enumerate() {
+            let path = layout.file_path(i);
+            let file = File::open(&path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
+            let map = io::map_read_only(&file).map_err(|source| SourceError::Io { path: path.clone(), source })?;
+            if map.as_ref().map_or(0, |m| m.len() as u64) != f.stat.size {
+                return Err(SourceError::Changed { path });
+            }
+            maps.push(map);
+        }
+        let tensors = layout
+            .tensors
+            .iter()
+            .map(|t| SourceTensor { name: t.entry.name.clone(), dtype: t.entry.dtype, shape: t.entry.shape.clone(), len: t.entry.len })
+            .collect();
+        let places = layout.tensors.iter().map(|t| (t.file, t.entry.offset)).collect();
+        Ok(SafetensorsSource { dir: dir.to_path_buf(), tensors, places, maps })
+    }
+
+    /// The bytes of one tensor.
+    pub fn data(&self, tensor: usize) -> &[u8] {
+        let (file, offset) = self.places[tensor];
+        let len = self.tensors[tensor].len;
+        if len == 0 {
+            return &[];
+        }
+        let map = self.maps[file].as_ref().expect("a file holding a non-empty tensor is not empty");
+        // In range: the header was validated against this file's length, which the map matches.
+        &map[offset as usize..(offset + len) as usize]
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn describe(&self) -> String {
+        format!("safetensors:{}", self.dir.display())
+    }
+
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let data = self.data(tensor);
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|o| Some(o..o.checked_add(buf.len())?))
+            .filter(|r| r.end <= data.len())
+            .ok_or_else(|| SourceError::OutOfRange {
+                tensor: self.tensors[tensor].name.clone(),
+                offset,
+                len: buf.len() as u64,
+                tensor_len: data.len() as u64,
+            })?;
+        buf.copy_from_slice(&data[range]);
+        Ok(())
+    }
+
+    fn hash_units(&self, tensor: usize, unit: u64, first: u64, out: &mut [Cv]) -> Result<(), SourceError> {
+        let data = self.data(tensor);
+        let start = (first * unit).min(data.len() as u64) as usize;
+        let end = (first * unit + out.len() as u64 * unit).min(data.len() as u64) as usize;
+        blockhash::hash_units(start as u64, unit, &data[start..end], out);
+        Ok(())
+    }
+}
