@@ -33,7 +33,10 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::blockhash::{self, BlockLayout, Cv, merge_blocks};
-use crate::index::{BlockIndex, GenerationRecord, HashUpdate, IndexError, IndexedFile, IndexedTensor, SyncCommit, unix_ms};
+use crate::index::{
+    BlockIndex, FileRanges, GenerationRecord, HashUpdate, IndexError, IndexedFile, IndexedTensor,
+    SyncCommit, unix_ms,
+};
 use crate::io::{FileIo, FileStat, Io, OpenMode};
 use crate::model::{ModelError, ModelLayout, dtype_name};
 use crate::source::{SafetensorsSource, SourceError, WeightSource};
@@ -69,7 +72,9 @@ pub enum Error {
         source: std::io::Error,
     },
     /// No index yet.
-    #[error("{state_dir}: no index yet; run `apollo-checkpoint init --model-dir {model_dir}` first")]
+    #[error(
+        "{state_dir}: no index yet; run `apollo-checkpoint init --model-dir {model_dir}` first"
+    )]
     NotInitialized {
         /// The state directory.
         state_dir: PathBuf,
@@ -136,10 +141,17 @@ impl Error {
     /// The process exit code for this error (documented in the README).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Model(ModelError::NoModel { .. }) | Error::Source(SourceError::Model(ModelError::NoModel { .. })) => 66,
-            Error::Model(ModelError::Io { .. }) | Error::Source(SourceError::Io { .. }) | Error::Io { .. } => 74,
-            Error::Model(_) | Error::Source(_) | Error::Mismatch(_) | Error::OldBlockChanged { .. } | Error::SourceChanged { .. } => 65,
-            Error::Index(IndexError::Sqlite { .. }) => 74,
+            Error::Model(ModelError::NoModel { .. })
+            | Error::Source(SourceError::Model(ModelError::NoModel { .. })) => 66,
+            Error::Model(ModelError::Io { .. })
+            | Error::Source(SourceError::Io { .. })
+            | Error::Io { .. }
+            | Error::Index(IndexError::Sqlite { .. }) => 74,
+            Error::Model(_)
+            | Error::Source(_)
+            | Error::Mismatch(_)
+            | Error::OldBlockChanged { .. }
+            | Error::SourceChanged { .. } => 65,
             Error::Index(_)
             | Error::NotInitialized { .. }
             | Error::AlreadyInitialized { .. }
@@ -197,6 +209,25 @@ pub struct SyncReport {
     pub model_bytes_read: u64,
     /// Wall time.
     pub seconds: f64,
+    /// Wall time of each phase, in seconds.
+    pub phases: SyncPhases,
+}
+
+/// Wall time of each phase of a sync (see the module documentation), in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SyncPhases {
+    /// Opening the index, parsing headers, checking trust, matching names.
+    pub check: f64,
+    /// Hashing the live weights and finding the changed blocks.
+    pub plan: f64,
+    /// Reading and checking the old bytes of the changed blocks.
+    pub stage: f64,
+    /// Writing the new bytes.
+    pub apply: f64,
+    /// Making the model files durable.
+    pub flush: f64,
+    /// The SQLite transaction.
+    pub commit: f64,
 }
 
 /// A block whose bytes differ.
@@ -288,7 +319,10 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("model_dir", &self.model_dir).field("state_dir", &self.state_dir).finish_non_exhaustive()
+        f.debug_struct("Checkpoint")
+            .field("model_dir", &self.model_dir)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -321,7 +355,9 @@ fn progress_bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_message(what.to_string());
@@ -360,7 +396,12 @@ impl Checkpoint {
     /// all model-file I/O through `io`.
     pub fn new(model_dir: &Path, state_dir: Option<&Path>, io: Arc<dyn Io>) -> Self {
         let state_dir = state_dir.map_or_else(|| model_dir.join(STATE_DIR_NAME), Path::to_path_buf);
-        Checkpoint { model_dir: model_dir.to_path_buf(), state_dir, io, progress: false }
+        Checkpoint {
+            model_dir: model_dir.to_path_buf(),
+            state_dir,
+            io,
+            progress: false,
+        }
     }
 
     /// Shows progress bars on stderr if it is a terminal.
@@ -385,7 +426,11 @@ impl Checkpoint {
             return Ok(None);
         }
         let index = BlockIndex::open(&self.state_dir)?;
-        Ok(if index.is_initialized()? { Some(index) } else { None })
+        Ok(if index.is_initialized()? {
+            Some(index)
+        } else {
+            None
+        })
     }
 
     fn require_index(&self) -> Result<BlockIndex, Error> {
@@ -405,28 +450,43 @@ impl Checkpoint {
         let start = Instant::now();
         let layout = BlockLayout::new(block_size)?;
         if self.open_index()?.is_some() {
-            return Err(Error::AlreadyInitialized { state_dir: self.state_dir.clone() });
+            return Err(Error::AlreadyInitialized {
+                state_dir: self.state_dir.clone(),
+            });
         }
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
-        self.io.create_dir_all(&self.state_dir).map_err(|source| Error::Io { path: self.state_dir.clone(), source })?;
+        self.io
+            .create_dir_all(&self.state_dir)
+            .map_err(|source| Error::Io {
+                path: self.state_dir.clone(),
+                source,
+            })?;
         let mut index = BlockIndex::open(&self.state_dir)?;
         let model_id = new_model_id(&model);
-        let blocks = self.rebuild(&mut index, &model, layout, |rebuild| {
-            rebuild.set_meta("model_id", &model_id)?;
-            rebuild.set_meta("block_size", &block_size.to_string())?;
-            rebuild.set_meta("hash_scheme", blockhash::SCHEME)?;
-            rebuild.set_meta("created_at", &unix_ms().to_string())
-        }, |bytes, seconds| GenerationRecord {
-            generation: 0,
-            kind: "init".into(),
-            created_at_ms: unix_ms(),
-            source: format!("files:{}", self.model_dir.display()),
-            tensors: model.tensors.len() as u64,
-            bytes_compared: bytes,
-            blocks_changed: 0,
-            bytes_changed: 0,
-            seconds,
-        }, &[], start)?;
+        let blocks = self.rebuild(
+            &mut index,
+            &model,
+            layout,
+            |rebuild| {
+                rebuild.set_meta("model_id", &model_id)?;
+                rebuild.set_meta("block_size", &block_size.to_string())?;
+                rebuild.set_meta("hash_scheme", blockhash::SCHEME)?;
+                rebuild.set_meta("created_at", &unix_ms().to_string())
+            },
+            |bytes, seconds| GenerationRecord {
+                generation: 0,
+                kind: "init".into(),
+                created_at_ms: unix_ms(),
+                source: format!("files:{}", self.model_dir.display()),
+                tensors: model.tensors.len() as u64,
+                bytes_compared: bytes,
+                blocks_changed: 0,
+                bytes_changed: 0,
+                seconds,
+            },
+            &[],
+            start,
+        )?;
         Ok(InitReport {
             generation: 0,
             files: model.files.len(),
@@ -460,7 +520,10 @@ impl Checkpoint {
         }
         let mut total_blocks = 0;
         for batch in hash_batches(model.tensors.iter().map(|t| t.entry.len), layout) {
-            let mut hashes: Vec<Vec<Cv>> = batch.clone().map(|i| vec![[0u8; 32]; layout.blocks(model.tensors[i].entry.len) as usize]).collect();
+            let mut hashes: Vec<Vec<Cv>> = batch
+                .clone()
+                .map(|i| vec![[0u8; 32]; layout.blocks(model.tensors[i].entry.len) as usize])
+                .collect();
             let mut items = Vec::new();
             for (cvs, i) in hashes.iter_mut().zip(batch.clone()) {
                 let per_item = (ITEM_BYTES / layout.block_size).max(1) as usize;
@@ -470,7 +533,10 @@ impl Checkpoint {
             }
             items.into_par_iter().try_for_each(|(i, first, out)| {
                 source.hash_units(i, layout.block_size, first, out)?;
-                pb.inc((out.len() as u64 * layout.block_size).min(model.tensors[i].entry.len - first * layout.block_size));
+                pb.inc(
+                    (out.len() as u64 * layout.block_size)
+                        .min(model.tensors[i].entry.len - first * layout.block_size),
+                );
                 Ok::<_, Error>(())
             })?;
             for (cvs, i) in hashes.iter().zip(batch) {
@@ -480,15 +546,26 @@ impl Checkpoint {
             }
         }
         pb.finish_and_clear();
-        rebuild.commit(&generation(model.data_bytes(), seconds_since(start)), ranges)?;
+        rebuild.commit(
+            &generation(model.data_bytes(), seconds_since(start)),
+            ranges,
+        )?;
         Ok(total_blocks)
     }
 
     /// Checks that every model file is exactly what the index last recorded.
-    fn check_trusted(&self, index: &BlockIndex, model: &ModelLayout) -> Result<Vec<IndexedTensor>, Error> {
+    fn check_trusted(
+        &self,
+        index: &BlockIndex,
+        model: &ModelLayout,
+    ) -> Result<Vec<IndexedTensor>, Error> {
         let problems = file_problems(&index.files()?, model);
         if let Some((file, what)) = problems.into_iter().next() {
-            return Err(Error::Stale { file, what, model_dir: self.model_dir.clone() });
+            return Err(Error::Stale {
+                file,
+                what,
+                model_dir: self.model_dir.clone(),
+            });
         }
         let tensors = index.tensors()?;
         let same = tensors.len() == model.tensors.len()
@@ -527,15 +604,24 @@ impl Checkpoint {
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         let indexed = self.check_trusted(&index, &model)?;
         let pairs = match_tensors(&model, source)?;
-        let id_by_name: HashMap<&str, &IndexedTensor> = indexed.iter().map(|t| (t.name.as_str(), t)).collect();
+        let id_by_name: HashMap<&str, &IndexedTensor> =
+            indexed.iter().map(|t| (t.name.as_str(), t)).collect();
 
+        let mut phases = SyncPhases {
+            check: seconds_since(start),
+            ..SyncPhases::default()
+        };
+        let mut lap = Instant::now();
         // Plan: which blocks differ.
         let pb = progress_bar(self.progress, model.data_bytes(), "comparing");
         let mut plans: Vec<TensorPlan> = Vec::new();
         for batch in hash_batches(model.tensors.iter().map(|t| t.entry.len), layout) {
             let mut stored: Vec<Vec<Cv>> = Vec::new();
             for i in batch.clone() {
-                stored.push(index.tensor_hashes(id_by_name[model.tensors[i].entry.name.as_str()], layout)?);
+                stored.push(
+                    index
+                        .tensor_hashes(id_by_name[model.tensors[i].entry.name.as_str()], layout)?,
+                );
             }
             let mut items = Vec::new();
             for (k, i) in batch.clone().enumerate() {
@@ -547,7 +633,8 @@ impl Checkpoint {
                 .into_par_iter()
                 .map(|(k, i, first, count)| {
                     let len = model.tensors[i].entry.len;
-                    let changed = plan_groups(source, pairs[i], len, layout, &stored[k], first, count)?;
+                    let changed =
+                        plan_groups(source, pairs[i], len, layout, &stored[k], first, count)?;
                     pb.inc((count * layout.group_size).min(len - first * layout.group_size));
                     Ok((i, changed))
                 })
@@ -561,10 +648,16 @@ impl Checkpoint {
             for (i, mut blocks) in by_tensor {
                 blocks.sort_unstable_by_key(|b| b.block);
                 let index_id = id_by_name[model.tensors[i].entry.name.as_str()].id;
-                plans.push(TensorPlan { model: i, source: pairs[i], index_id, blocks });
+                plans.push(TensorPlan {
+                    model: i,
+                    source: pairs[i],
+                    index_id,
+                    blocks,
+                });
             }
         }
         pb.finish_and_clear();
+        phases.plan = seconds_since(lap);
 
         let bytes_compared = model.data_bytes();
         let blocks_changed: u64 = plans.iter().map(|p| p.blocks.len() as u64).sum();
@@ -572,7 +665,9 @@ impl Checkpoint {
             .iter()
             .flat_map(|p| {
                 let len = model.tensors[p.model].entry.len;
-                p.blocks.iter().map(move |b| block_span(layout, len, b.block).1)
+                p.blocks
+                    .iter()
+                    .map(move |b| block_span(layout, len, b.block).1)
             })
             .sum();
         let current = index.generation()?.unwrap_or(0);
@@ -590,8 +685,10 @@ impl Checkpoint {
             files_changed: Vec::new(),
             model_bytes_read: 0,
             seconds: 0.0,
+            phases: SyncPhases::default(),
         };
         if plans.is_empty() {
+            report.phases = phases;
             report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
             report.seconds = seconds_since(start);
             index.set_last_sync(&last_sync_json(&report))?;
@@ -604,8 +701,17 @@ impl Checkpoint {
             let f = model.tensors[p.model].file;
             if let std::collections::btree_map::Entry::Vacant(e) = handles.entry(f) {
                 let path = model.file_path(f);
-                let h = self.io.open(&path, OpenMode::ReadWrite).map_err(|source| Error::Io { path: path.clone(), source })?;
-                let stat = h.stat().map_err(|source| Error::Io { path: path.clone(), source })?;
+                let h = self
+                    .io
+                    .open(&path, OpenMode::ReadWrite)
+                    .map_err(|source| Error::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let stat = h.stat().map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 if stat != model.files[f].stat {
                     return Err(Error::Stale {
                         file: model.files[f].name.clone(),
@@ -616,25 +722,41 @@ impl Checkpoint {
                 e.insert(h);
             }
         }
-        let chunks: Vec<(&TensorPlan, &[ChangedBlock])> =
-            plans.iter().flat_map(|p| p.blocks.chunks(BLOCKS_PER_CHUNK).map(move |c| (p, c))).collect();
+        let chunks: Vec<(&TensorPlan, &[ChangedBlock])> = plans
+            .iter()
+            .flat_map(|p| p.blocks.chunks(BLOCKS_PER_CHUNK).map(move |c| (p, c)))
+            .collect();
 
         // Stage: read and check the old bytes of the changed blocks.
+        lap = Instant::now();
         let bytes_differing: u64 = chunks
             .par_iter()
             .map(|&(p, blocks)| self.stage_chunk(&model, &handles, source, layout, p, blocks))
             .try_reduce(|| 0, |a, b| Ok(a + b))?;
 
+        phases.stage = seconds_since(lap);
+        lap = Instant::now();
         // Apply: write the new bytes, then make each file durable.
-        chunks.par_iter().try_for_each(|&(p, blocks)| apply_chunk(&model, &handles, source, layout, p, blocks))?;
-        let mut file_stats = Vec::new();
-        for (&f, h) in &handles {
-            let path = model.file_path(f);
-            h.sync().map_err(|source| Error::Io { path: path.clone(), source })?;
-            let stat = h.stat().map_err(|source| Error::Io { path, source })?;
-            file_stats.push((model.files[f].name.clone(), stat));
-        }
-
+        chunks.par_iter().try_for_each(|&(p, blocks)| {
+            apply_chunk(&model, &handles, source, layout, p, blocks)
+        })?;
+        phases.apply = seconds_since(lap);
+        lap = Instant::now();
+        // Files are flushed in parallel so the device sees all their writes at once.
+        let file_stats: Vec<(String, FileStat)> = handles
+            .par_iter()
+            .map(|(&f, h)| {
+                let path = model.file_path(f);
+                h.sync().map_err(|source| Error::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let stat = h.stat().map_err(|source| Error::Io { path, source })?;
+                Ok((model.files[f].name.clone(), stat))
+            })
+            .collect::<Result<_, Error>>()?;
+        phases.flush = seconds_since(lap);
+        lap = Instant::now();
         // Commit: hashes, stats, generation and its ranges in one transaction.
         let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
         for p in &plans {
@@ -645,8 +767,10 @@ impl Checkpoint {
                 r.push((t.entry.offset + off, len));
             }
         }
-        let ranges: Vec<(String, Vec<(u64, u64)>)> =
-            ranges.into_iter().map(|(f, r)| (model.files[f].name.clone(), merge_ranges(r))).collect();
+        let ranges: FileRanges = ranges
+            .into_iter()
+            .map(|(f, r)| (model.files[f].name.clone(), merge_ranges(r)))
+            .collect();
         report.generation = current + 1;
         report.changed = true;
         report.bytes_differing = bytes_differing;
@@ -656,7 +780,10 @@ impl Checkpoint {
         let commit = SyncCommit {
             updates: plans
                 .iter()
-                .map(|p| HashUpdate { tensor_id: p.index_id, blocks: p.blocks.iter().map(|b| (b.block, b.new)).collect() })
+                .map(|p| HashUpdate {
+                    tensor_id: p.index_id,
+                    blocks: p.blocks.iter().map(|b| (b.block, b.new)).collect(),
+                })
                 .collect(),
             file_stats,
             generation: Some(GenerationRecord {
@@ -674,6 +801,9 @@ impl Checkpoint {
             last_sync: last_sync_json(&report),
         };
         index.commit_sync(&commit)?;
+        phases.commit = seconds_since(lap);
+        report.phases = phases;
+        report.seconds = seconds_since(start);
         Ok(report)
     }
 
@@ -696,7 +826,11 @@ impl Checkpoint {
         for b in blocks {
             let (off, len) = block_span(layout, t.entry.len, b.block);
             let (old, new) = (&mut old[..len as usize], &mut new[..len as usize]);
-            file.read_at(t.entry.offset + off, old).map_err(|source| Error::Io { path: file.path().to_path_buf(), source })?;
+            file.read_at(t.entry.offset + off, old)
+                .map_err(|source| Error::Io {
+                    path: file.path().to_path_buf(),
+                    source,
+                })?;
             if blockhash::subtree_cv(off, old) != b.old {
                 return Err(Error::OldBlockChanged {
                     file: model.files[t.file].name.clone(),
@@ -740,12 +874,20 @@ impl Checkpoint {
         if let Some(g) = report.generation {
             report.last_generation = index.generation_record(g)?;
         }
-        report.last_sync = index.meta("last_sync")?.and_then(|s| serde_json::from_str(&s).ok());
+        report.last_sync = index
+            .meta("last_sync")?
+            .and_then(|s| serde_json::from_str(&s).ok());
         report.block_size = Some(index.block_layout()?.block_size);
         report.tensors = index.tensors()?.len();
         report.index_bytes = ["", "-wal"]
             .iter()
-            .filter_map(|suffix| std::fs::metadata(self.state_dir.join(format!("{}{suffix}", crate::index::INDEX_DB))).ok())
+            .filter_map(|suffix| {
+                std::fs::metadata(
+                    self.state_dir
+                        .join(format!("{}{suffix}", crate::index::INDEX_DB)),
+                )
+                .ok()
+            })
             .map(|m| m.len())
             .sum();
         for f in index.files()? {
@@ -761,7 +903,11 @@ impl Checkpoint {
                     self.model_dir.display()
                 ));
             }
-            report.files.push(FileStatus { name: f.name, size: f.stat.size, state: state.into() });
+            report.files.push(FileStatus {
+                name: f.name,
+                size: f.stat.size,
+                state: state.into(),
+            });
         }
         Ok(report)
     }
@@ -789,28 +935,46 @@ impl Checkpoint {
         let header_changed: Vec<&str> = model
             .files
             .iter()
-            .filter(|f| !indexed_files.iter().any(|i| i.name == f.name && i.header_hash == f.header.header_hash))
+            .filter(|f| {
+                !indexed_files
+                    .iter()
+                    .any(|i| i.name == f.name && i.header_hash == f.header.header_hash)
+            })
             .map(|f| f.name.as_str())
             .collect();
         let indexed = index.tensors()?;
-        let by_name: HashMap<&str, &IndexedTensor> = indexed.iter().map(|t| (t.name.as_str(), t)).collect();
+        let by_name: HashMap<&str, &IndexedTensor> =
+            indexed.iter().map(|t| (t.name.as_str(), t)).collect();
         let source = SafetensorsSource::open(&self.model_dir)?;
         let comparable: Vec<usize> = (0..model.tensors.len())
             .filter(|&i| {
                 let t = &model.tensors[i];
-                !header_changed.contains(&model.files[t.file].name.as_str()) && by_name.contains_key(t.entry.name.as_str())
+                !header_changed.contains(&model.files[t.file].name.as_str())
+                    && by_name.contains_key(t.entry.name.as_str())
             })
             .collect();
-        let pb = progress_bar(self.progress, comparable.iter().map(|&i| model.tensors[i].entry.len).sum(), "verifying");
+        let pb = progress_bar(
+            self.progress,
+            comparable.iter().map(|&i| model.tensors[i].entry.len).sum(),
+            "verifying",
+        );
         let mut mismatched_ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-        for batch in hash_batches(comparable.iter().map(|&i| model.tensors[i].entry.len), layout) {
+        for batch in hash_batches(
+            comparable.iter().map(|&i| model.tensors[i].entry.len),
+            layout,
+        ) {
             let mut stored = Vec::new();
             for k in batch.clone() {
-                stored.push(index.tensor_hashes(by_name[model.tensors[comparable[k]].entry.name.as_str()], layout)?);
+                stored.push(index.tensor_hashes(
+                    by_name[model.tensors[comparable[k]].entry.name.as_str()],
+                    layout,
+                )?);
             }
             let mut items = Vec::new();
             for (s, k) in batch.clone().enumerate() {
-                for (first, count) in work_items(model.tensors[comparable[k]].entry.len, layout.group_size) {
+                for (first, count) in
+                    work_items(model.tensors[comparable[k]].entry.len, layout.group_size)
+                {
                     items.push((s, comparable[k], first, count));
                 }
             }
@@ -828,7 +992,10 @@ impl Checkpoint {
                 for b in changed {
                     let (off, len) = block_span(layout, t.entry.len, b.block);
                     report.mismatched_block_count += 1;
-                    mismatched_ranges.entry(t.file).or_default().push((t.entry.offset + off, len));
+                    mismatched_ranges
+                        .entry(t.file)
+                        .or_default()
+                        .push((t.entry.offset + off, len));
                     if report.mismatched_blocks.len() < VerifyReport::MAX_LISTED {
                         report.mismatched_blocks.push(BlockMismatch {
                             file: model.files[t.file].name.clone(),
@@ -842,13 +1009,15 @@ impl Checkpoint {
             }
         }
         pb.finish_and_clear();
-        report.mismatched_blocks.sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
+        report
+            .mismatched_blocks
+            .sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
         report.bytes_checked = comparable.iter().map(|&i| model.tensors[i].entry.len).sum();
         report.clean = report.file_problems.is_empty() && report.mismatched_block_count == 0;
 
         if repair && !report.clean {
             // Whole files whose header changed, and the mismatched blocks of the others.
-            let mut ranges: Vec<(String, Vec<(u64, u64)>)> = Vec::new();
+            let mut ranges: FileRanges = Vec::new();
             for (i, f) in model.files.iter().enumerate() {
                 let r = if header_changed.contains(&f.name.as_str()) {
                     vec![(0, f.stat.size)]
@@ -862,17 +1031,25 @@ impl Checkpoint {
             let generation = report.generation + 1;
             let blocks_changed = report.mismatched_block_count;
             let bytes_changed = ranges.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
-            self.rebuild(&mut index, &model, layout, |_| Ok(()), |bytes, seconds| GenerationRecord {
-                generation,
-                kind: "reindex".into(),
-                created_at_ms: unix_ms(),
-                source: format!("files:{}", self.model_dir.display()),
-                tensors: model.tensors.len() as u64,
-                bytes_compared: bytes,
-                blocks_changed,
-                bytes_changed,
-                seconds,
-            }, &ranges, start)?;
+            self.rebuild(
+                &mut index,
+                &model,
+                layout,
+                |_| Ok(()),
+                |bytes, seconds| GenerationRecord {
+                    generation,
+                    kind: "reindex".into(),
+                    created_at_ms: unix_ms(),
+                    source: format!("files:{}", self.model_dir.display()),
+                    tensors: model.tensors.len() as u64,
+                    bytes_compared: bytes,
+                    blocks_changed,
+                    bytes_changed,
+                    seconds,
+                },
+                &ranges,
+                start,
+            )?;
             report.repaired = true;
             report.generation = generation;
         }
@@ -897,9 +1074,15 @@ fn file_problems(indexed: &[IndexedFile], model: &ModelLayout) -> Vec<(String, S
         let what = if f.header_hash != m.header.header_hash {
             "its header (tensor names, dtypes, shapes or offsets) changed".to_string()
         } else if f.stat.inode != m.stat.inode {
-            format!("was replaced (inode {} became {})", f.stat.inode, m.stat.inode)
+            format!(
+                "was replaced (inode {} became {})",
+                f.stat.inode, m.stat.inode
+            )
         } else if f.stat.size != m.stat.size {
-            format!("changed size ({} bytes became {})", f.stat.size, m.stat.size)
+            format!(
+                "changed size ({} bytes became {})",
+                f.stat.size, m.stat.size
+            )
         } else if f.stat.mtime_ns != m.stat.mtime_ns {
             "was modified (its mtime changed)".to_string()
         } else {
@@ -912,7 +1095,12 @@ fn file_problems(indexed: &[IndexedFile], model: &ModelLayout) -> Vec<(String, S
 
 /// For each model tensor, the index of the source tensor of the same name; or every difference.
 fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<usize>, Error> {
-    let by_name: HashMap<&str, usize> = source.tensors().iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let by_name: HashMap<&str, usize> = source
+        .tensors()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
     let mut problems = Vec::new();
     let mut pairs = Vec::with_capacity(model.tensors.len());
     for t in &model.tensors {
@@ -922,26 +1110,45 @@ fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<u
             Some(&i) => {
                 let s = &source.tensors()[i];
                 if s.dtype != e.dtype {
-                    problems.push(format!("{}: dtype {} in the model, {} in the source", e.name, dtype_name(e.dtype), dtype_name(s.dtype)));
+                    problems.push(format!(
+                        "{}: dtype {} in the model, {} in the source",
+                        e.name,
+                        dtype_name(e.dtype),
+                        dtype_name(s.dtype)
+                    ));
                 } else if s.shape != e.shape {
-                    problems.push(format!("{}: shape {:?} in the model, {:?} in the source", e.name, e.shape, s.shape));
+                    problems.push(format!(
+                        "{}: shape {:?} in the model, {:?} in the source",
+                        e.name, e.shape, s.shape
+                    ));
                 }
                 pairs.push(i);
             }
         }
     }
-    let model_names: std::collections::HashSet<&str> = model.tensors.iter().map(|t| t.entry.name.as_str()).collect();
+    let model_names: std::collections::HashSet<&str> = model
+        .tensors
+        .iter()
+        .map(|t| t.entry.name.as_str())
+        .collect();
     for s in source.tensors() {
         if !model_names.contains(s.name.as_str()) {
             problems.push(format!("{}: in the source but not in the model", s.name));
         }
     }
-    if problems.is_empty() { Ok(pairs) } else { Err(Error::Mismatch(problems)) }
+    if problems.is_empty() {
+        Ok(pairs)
+    } else {
+        Err(Error::Mismatch(problems))
+    }
 }
 
 /// Splits tensors (given by length) into consecutive index ranges whose stored hashes fit in
 /// [`HASH_BATCH_BYTES`].
-fn hash_batches(lens: impl Iterator<Item = u64>, layout: BlockLayout) -> Vec<std::ops::Range<usize>> {
+fn hash_batches(
+    lens: impl Iterator<Item = u64>,
+    layout: BlockLayout,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0u64;
@@ -996,7 +1203,11 @@ fn plan_groups(
         }
         for (j, (o, n)) in old.iter().zip(new.iter()).enumerate() {
             if o != n {
-                changed.push(ChangedBlock { block: b0 + j as u64, old: *o, new: *n });
+                changed.push(ChangedBlock {
+                    block: b0 + j as u64,
+                    old: *o,
+                    new: *n,
+                });
             }
         }
     }
@@ -1020,9 +1231,16 @@ fn apply_chunk(
         let new = &mut buf[..len as usize];
         source.read(plan.source, off, new)?;
         if blockhash::subtree_cv(off, new) != b.new {
-            return Err(Error::SourceChanged { tensor: t.entry.name.clone(), block: b.block });
+            return Err(Error::SourceChanged {
+                tensor: t.entry.name.clone(),
+                block: b.block,
+            });
         }
-        file.write_at(t.entry.offset + off, new).map_err(|source| Error::Io { path: file.path().to_path_buf(), source })?;
+        file.write_at(t.entry.offset + off, new)
+            .map_err(|source| Error::Io {
+                path: file.path().to_path_buf(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -1059,13 +1277,22 @@ mod tests {
 
     #[test]
     fn ranges_merge_when_they_touch_or_overlap() {
-        assert_eq!(merge_ranges(vec![(8, 4), (0, 4), (4, 4), (20, 1), (19, 3)]), vec![(0, 12), (19, 3)]);
+        assert_eq!(
+            merge_ranges(vec![(8, 4), (0, 4), (4, 4), (20, 1), (19, 3)]),
+            vec![(0, 12), (19, 3)]
+        );
         assert!(merge_ranges(vec![]).is_empty());
     }
 
     #[test]
     fn work_items_cover_the_tensor_once() {
-        for (len, unit) in [(0, 4096), (1, 4096), (ITEM_BYTES, 65536), (3 * ITEM_BYTES + 5, 65536), (10, 1 << 24)] {
+        for (len, unit) in [
+            (0, 4096),
+            (1, 4096),
+            (ITEM_BYTES, 65536),
+            (3 * ITEM_BYTES + 5, 65536),
+            (10, 1 << 24),
+        ] {
             let items: Vec<_> = work_items(len, unit).collect();
             let mut next = 0;
             for (first, count) in &items {

@@ -51,7 +51,9 @@ pub enum IndexError {
         supported: u32,
     },
     /// The database exists but holds something this binary cannot use.
-    #[error("{path}: the index is damaged ({what}); run `apollo-checkpoint verify --repair` to rebuild it from the files")]
+    #[error(
+        "{path}: the index is damaged ({what}); run `apollo-checkpoint verify --repair` to rebuild it from the files"
+    )]
     Corrupt {
         /// The database.
         path: PathBuf,
@@ -117,6 +119,9 @@ pub struct GenerationRecord {
     pub seconds: f64,
 }
 
+/// Byte ranges per file: (file name, sorted merged (offset, len) pairs).
+pub type FileRanges = Vec<(String, Vec<(u64, u64)>)>;
+
 /// New hashes for some blocks of one tensor.
 #[derive(Clone, Debug, Default)]
 pub struct HashUpdate {
@@ -136,7 +141,7 @@ pub struct SyncCommit {
     /// The new generation, if anything changed.
     pub generation: Option<GenerationRecord>,
     /// Changed ranges of that generation, per file: sorted merged (offset, len).
-    pub ranges: Vec<(String, Vec<(u64, u64)>)>,
+    pub ranges: FileRanges,
     /// JSON stats of this run, changed or not.
     pub last_sync: String,
 }
@@ -178,7 +183,9 @@ pub struct BlockIndex {
 
 impl std::fmt::Debug for BlockIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockIndex").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("BlockIndex")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -192,12 +199,19 @@ impl BlockIndex {
     /// Opens (creating if needed) `<state_dir>/index.db` and brings its schema up to date.
     pub fn open(state_dir: &Path) -> Result<Self, IndexError> {
         let path = state_dir.join(INDEX_DB);
-        let sql = |source| IndexError::Sqlite { path: path.clone(), source };
+        let sql = |source| IndexError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let mut conn = Connection::open(&path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sql)?;
         migrate(&mut conn, &path)?;
         Ok(BlockIndex { conn, path })
     }
@@ -208,11 +222,17 @@ impl BlockIndex {
     }
 
     fn sql(&self, source: rusqlite::Error) -> IndexError {
-        IndexError::Sqlite { path: self.path.clone(), source }
+        IndexError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn corrupt(&self, what: impl Into<String>) -> IndexError {
-        IndexError::Corrupt { path: self.path.clone(), what: what.into() }
+        IndexError::Corrupt {
+            path: self.path.clone(),
+            what: what.into(),
+        }
     }
 
     /// Reads one `meta` value.
@@ -232,10 +252,15 @@ impl BlockIndex {
     pub fn block_layout(&self) -> Result<BlockLayout, IndexError> {
         let scheme = self.meta("hash_scheme")?.unwrap_or_default();
         if scheme != blockhash::SCHEME {
-            return Err(self.corrupt(format!("hash scheme {scheme:?}, expected {}", blockhash::SCHEME)));
+            return Err(self.corrupt(format!(
+                "hash scheme {scheme:?}, expected {}",
+                blockhash::SCHEME
+            )));
         }
         let raw = self.meta("block_size")?.unwrap_or_default();
-        let size: u64 = raw.parse().map_err(|_| self.corrupt(format!("block_size {raw:?}")))?;
+        let size: u64 = raw
+            .parse()
+            .map_err(|_| self.corrupt(format!("block_size {raw:?}")))?;
         BlockLayout::new(size).map_err(|e| self.corrupt(e.to_string()))
     }
 
@@ -260,12 +285,19 @@ impl BlockIndex {
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, size, mtime_ns, inode, header_len, hash) = row.map_err(|e| self.sql(e))?;
-            let header_hash = hash.try_into().map_err(|_| self.corrupt(format!("header hash of {name}")))?;
+            let (id, name, size, mtime_ns, inode, header_len, hash) =
+                row.map_err(|e| self.sql(e))?;
+            let header_hash = hash
+                .try_into()
+                .map_err(|_| self.corrupt(format!("header hash of {name}")))?;
             out.push(IndexedFile {
                 id,
                 name,
-                stat: FileStat { size: size as u64, mtime_ns, inode: inode as u64 },
+                stat: FileStat {
+                    size: size as u64,
+                    mtime_ns,
+                    inode: inode as u64,
+                },
                 header_len: header_len as u64,
                 header_hash,
             });
@@ -298,34 +330,62 @@ impl BlockIndex {
         let mut out = Vec::new();
         for row in rows {
             let (id, name, file_id, offset, len, dtype, shape) = row.map_err(|e| self.sql(e))?;
-            let shape = serde_json::from_str(&shape).map_err(|_| self.corrupt(format!("shape of {name}")))?;
-            out.push(IndexedTensor { id, name, file_id, offset: offset as u64, len: len as u64, dtype, shape });
+            let shape = serde_json::from_str(&shape)
+                .map_err(|_| self.corrupt(format!("shape of {name}")))?;
+            out.push(IndexedTensor {
+                id,
+                name,
+                file_id,
+                offset: offset as u64,
+                len: len as u64,
+                dtype,
+                shape,
+            });
         }
         Ok(out)
     }
 
     /// The block hashes of one tensor.
-    pub fn tensor_hashes(&self, tensor: &IndexedTensor, layout: BlockLayout) -> Result<Vec<Cv>, IndexError> {
+    pub fn tensor_hashes(
+        &self,
+        tensor: &IndexedTensor,
+        layout: BlockLayout,
+    ) -> Result<Vec<Cv>, IndexError> {
         let blob: Vec<u8> = self
             .conn
-            .query_row("SELECT block_hashes FROM tensors WHERE id = ?1", [tensor.id], |r| r.get(0))
+            .query_row(
+                "SELECT block_hashes FROM tensors WHERE id = ?1",
+                [tensor.id],
+                |r| r.get(0),
+            )
             .map_err(|e| self.sql(e))?;
         let cvs = blockhash::cvs_from_bytes(&blob)
             .filter(|c| c.len() as u64 == layout.blocks(tensor.len))
-            .ok_or_else(|| self.corrupt(format!("block hashes of tensor {} have {} bytes", tensor.name, blob.len())))?;
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "block hashes of tensor {} have {} bytes",
+                    tensor.name,
+                    blob.len()
+                ))
+            })?;
         Ok(cvs)
     }
 
     /// The newest generation number, if any.
     pub fn generation(&self) -> Result<Option<u64>, IndexError> {
         self.conn
-            .query_row("SELECT max(generation) FROM generations", [], |r| r.get::<_, Option<i64>>(0))
+            .query_row("SELECT max(generation) FROM generations", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
             .map(|g| g.map(|g| g as u64))
             .map_err(|e| self.sql(e))
     }
 
     /// One generation's row.
-    pub fn generation_record(&self, generation: u64) -> Result<Option<GenerationRecord>, IndexError> {
+    pub fn generation_record(
+        &self,
+        generation: u64,
+    ) -> Result<Option<GenerationRecord>, IndexError> {
         self.conn
             .query_row(
                 "SELECT generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds
@@ -350,18 +410,23 @@ impl BlockIndex {
     }
 
     /// The ranges generation `generation` changed, per file.
-    pub fn generation_ranges(&self, generation: u64) -> Result<Vec<(String, Vec<(u64, u64)>)>, IndexError> {
+    pub fn generation_ranges(&self, generation: u64) -> Result<FileRanges, IndexError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT file, ranges FROM generation_ranges WHERE generation = ?1 ORDER BY file")
+            .prepare(
+                "SELECT file, ranges FROM generation_ranges WHERE generation = ?1 ORDER BY file",
+            )
             .map_err(|e| self.sql(e))?;
         let rows = stmt
-            .query_map([generation as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_map([generation as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
             let (file, blob) = row.map_err(|e| self.sql(e))?;
-            let ranges = decode_ranges(&blob).ok_or_else(|| self.corrupt(format!("ranges of generation {generation}")))?;
+            let ranges = decode_ranges(&blob)
+                .ok_or_else(|| self.corrupt(format!("ranges of generation {generation}")))?;
             out.push((file, ranges));
         }
         Ok(out)
@@ -370,25 +435,47 @@ impl BlockIndex {
     /// Starts replacing everything the index knows about the model (init, repair).
     pub fn begin_rebuild(&mut self) -> Result<Rebuild<'_>, IndexError> {
         let path = self.path.clone();
-        let tx = self.conn.transaction().map_err(|source| IndexError::Sqlite { path: path.clone(), source })?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|source| IndexError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
         tx.execute_batch("DELETE FROM tensors; DELETE FROM files;")
-            .map_err(|source| IndexError::Sqlite { path: path.clone(), source })?;
+            .map_err(|source| IndexError::Sqlite {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Rebuild { tx, path })
     }
 
     /// Commits what one sync did, in one transaction.
     pub fn commit_sync(&mut self, commit: &SyncCommit) -> Result<(), IndexError> {
         let path = self.path.clone();
-        let sql = |source| IndexError::Sqlite { path: path.clone(), source };
+        let sql = |source| IndexError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(sql)?;
         for update in &commit.updates {
-            let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, update.tensor_id, false).map_err(sql)?;
+            let mut blob = tx
+                .blob_open(
+                    rusqlite::MAIN_DB,
+                    TENSORS,
+                    BLOCK_HASHES,
+                    update.tensor_id,
+                    false,
+                )
+                .map_err(sql)?;
             // Write runs of consecutive blocks with one call each.
             let mut i = 0;
             while i < update.blocks.len() {
                 let start = update.blocks[i].0;
                 let mut run = Vec::new();
-                while i < update.blocks.len() && update.blocks[i].0 == start + (run.len() / CV_LEN) as u64 {
+                while i < update.blocks.len()
+                    && update.blocks[i].0 == start + (run.len() / CV_LEN) as u64
+                {
                     run.extend_from_slice(&update.blocks[i].1);
                     i += 1;
                 }
@@ -457,7 +544,10 @@ pub struct Rebuild<'a> {
 
 impl Rebuild<'_> {
     fn sql(&self, source: rusqlite::Error) -> IndexError {
-        IndexError::Sqlite { path: self.path.clone(), source }
+        IndexError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Adds a file; returns its row id.
@@ -479,7 +569,12 @@ impl Rebuild<'_> {
     }
 
     /// Adds a tensor of file `file_id` with its block hashes.
-    pub fn add_tensor(&mut self, file_id: i64, t: &TensorEntry, hashes: &[Cv]) -> Result<(), IndexError> {
+    pub fn add_tensor(
+        &mut self,
+        file_id: i64,
+        t: &TensorEntry,
+        hashes: &[Cv],
+    ) -> Result<(), IndexError> {
         let shape = serde_json::to_string(&t.shape).expect("a list of integers serializes");
         self.tx
             .execute(
@@ -497,9 +592,16 @@ impl Rebuild<'_> {
     }
 
     /// Records a generation with the ranges it changed, then commits everything.
-    pub fn commit(self, generation: &GenerationRecord, ranges: &[(String, Vec<(u64, u64)>)]) -> Result<(), IndexError> {
+    pub fn commit(
+        self,
+        generation: &GenerationRecord,
+        ranges: &[(String, Vec<(u64, u64)>)],
+    ) -> Result<(), IndexError> {
         let path = self.path;
-        let sql = |source| IndexError::Sqlite { path: path.clone(), source };
+        let sql = |source| IndexError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         insert_generation(&self.tx, generation).map_err(sql)?;
         for (file, r) in ranges {
             self.tx
@@ -515,15 +617,25 @@ impl Rebuild<'_> {
 
 /// Brings a database's schema up to [`SCHEMA_VERSION`], one transaction per migration.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), IndexError> {
-    let sql = |source| IndexError::Sqlite { path: path.to_path_buf(), source };
-    let found: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
+    let sql = |source| IndexError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let found: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(sql)?;
     if found > SCHEMA_VERSION {
-        return Err(IndexError::NewerSchema { path: path.to_path_buf(), found, supported: SCHEMA_VERSION });
+        return Err(IndexError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction().map_err(sql)?;
         tx.execute_batch(migration).map_err(sql)?;
-        tx.pragma_update(None, "user_version", i as u32 + 1).map_err(sql)?;
+        tx.pragma_update(None, "user_version", i as u32 + 1)
+            .map_err(sql)?;
         tx.commit().map_err(sql)?;
     }
     Ok(())
@@ -542,7 +654,10 @@ mod tests {
     fn migrating_an_empty_database_reaches_the_current_schema() {
         let dir = tempfile::tempdir().unwrap();
         let index = BlockIndex::open(dir.path()).unwrap();
-        let v: u32 = index.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: u32 = index
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         assert!(!index.is_initialized().unwrap());
         assert_eq!(index.generation().unwrap(), None);
@@ -557,13 +672,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(BlockIndex::open(dir.path()).unwrap());
         let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
         drop(conn);
         let err = BlockIndex::open(dir.path()).unwrap_err();
-        assert!(matches!(err, IndexError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1), "{err}");
+        assert!(
+            matches!(err, IndexError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
         assert!(err.to_string().contains("upgrade apollo-checkpoint"));
         let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
-        let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION + 1);
     }
 

@@ -48,7 +48,10 @@ impl FileStat {
     pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
         FileStat {
             size: meta.len(),
-            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
             inode: meta.ino(),
         }
     }
@@ -70,6 +73,10 @@ pub trait FileIo: Send + Sync {
     fn path(&self) -> &Path;
     /// Its length in bytes when it was opened (model files never change length).
     fn len(&self) -> u64;
+    /// Whether it is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Current size, mtime and inode.
     fn stat(&self) -> io::Result<FileStat>;
     /// Fills `buf` from `offset`; fails if the range is not inside the file.
@@ -154,7 +161,11 @@ impl Io for RealIo {
         std::fs::create_dir_all(path)?;
         for dir in missing.iter().rev() {
             if let Some(parent) = dir.parent() {
-                sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })?;
+                sync_dir(if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                })?;
             }
         }
         Ok(())
@@ -212,16 +223,19 @@ impl MappedFile {
     }
 
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let end = offset.checked_add(len as u64).filter(|&e| e <= self.len).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "{}: range {offset}+{len} is past the end of the file ({} bytes)",
-                    self.path.display(),
-                    self.len
-                ),
-            )
-        })?;
+        let end = offset
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: range {offset}+{len} is past the end of the file ({} bytes)",
+                        self.path.display(),
+                        self.len
+                    ),
+                )
+            })?;
         Ok(offset as usize..end as usize)
     }
 
@@ -256,10 +270,14 @@ impl FileIo for MappedFile {
             Mapping::Empty => unreachable!("a non-empty range of an empty file was rejected above"),
             Mapping::Read(m) => buf.copy_from_slice(&m[range]),
             Mapping::ReadWrite(m) => {
-                buf.copy_from_slice(&m.read().unwrap_or_else(std::sync::PoisonError::into_inner)[range]);
+                buf.copy_from_slice(
+                    &m.read().unwrap_or_else(std::sync::PoisonError::into_inner)[range],
+                );
             }
         }
-        self.stats.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -271,7 +289,8 @@ impl FileIo for MappedFile {
         }
         match &self.map {
             Mapping::ReadWrite(m) => {
-                m.write().unwrap_or_else(std::sync::PoisonError::into_inner)[range].copy_from_slice(data);
+                m.write().unwrap_or_else(std::sync::PoisonError::into_inner)[range]
+                    .copy_from_slice(data);
             }
             _ => {
                 return Err(io::Error::new(
@@ -280,7 +299,9 @@ impl FileIo for MappedFile {
                 ));
             }
         }
-        self.stats.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

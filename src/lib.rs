@@ -6,7 +6,7 @@
 //!
 //! - [`io`]: the one I/O layer every model-file read, write and sync goes through.
 //! - [`model`]: model directories and strict safetensors header parsing.
-//! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at 64 KiB speed.
+//! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at the speed of larger ones.
 //! - [`index`]: the SQLite block index, its migrations and the generation history.
 //! - [`source`]: [`WeightSource`], where live weights come from.
 //! - [`checkpoint`]: the operations `init`, `sync`, `status` and `verify`.

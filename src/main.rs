@@ -84,7 +84,12 @@ fn main() -> ExitCode {
 }
 
 fn checkpoint(target: &Target) -> Checkpoint {
-    Checkpoint::new(&target.model_dir, target.state_dir.as_deref(), Arc::new(RealIo::new())).with_progress(!target.json)
+    Checkpoint::new(
+        &target.model_dir,
+        target.state_dir.as_deref(),
+        Arc::new(RealIo::new()),
+    )
+    .with_progress(!target.json)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -109,9 +114,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sync { target, from } => {
             let cp = checkpoint(&target);
             if !target.json && !cp.is_initialized()? {
-                eprintln!("no index for {} yet: indexing it first", target.model_dir.display());
+                eprintln!(
+                    "no index for {} yet: indexing it first",
+                    target.model_dir.display()
+                );
             }
-            let source = SafetensorsSource::open(&from).with_context(|| format!("opening the source {}", from.display()))?;
+            let source = SafetensorsSource::open(&from)
+                .with_context(|| format!("opening the source {}", from.display()))?;
             let report = cp.sync(&source)?;
             if target.json {
                 print_json(&report)?;
@@ -145,7 +154,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Prints one JSON object on stdout; a closed pipe is not an error.
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    let r = serde_json::to_writer(&mut out, value).map_err(std::io::Error::from).and_then(|()| writeln!(out));
+    let r = serde_json::to_writer(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out));
     match r {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing to stdout"),
@@ -160,11 +171,19 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }
 
 fn sync_summary(r: &SyncReport) -> String {
-    let first = if r.initialized_first { " (indexed first)" } else { "" };
+    let first = if r.initialized_first {
+        " (indexed first)"
+    } else {
+        ""
+    };
     if r.changed {
         format!(
             "generation {}: {} blocks changed in {} tensors, {} written ({} bytes differed) of {} compared, {} files, {:.3} s{first}",
@@ -189,7 +208,8 @@ fn sync_summary(r: &SyncReport) -> String {
 }
 
 fn time_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -222,10 +242,20 @@ fn print_status(r: &StatusReport) {
     match &r.last_sync {
         Some(s) => println!(
             "last sync:   {}, {} blocks changed, {} compared in {:.3} s",
-            s.get("at_ms").and_then(serde_json::Value::as_i64).map_or_else(|| "?".into(), time_ms),
-            s.get("blocks_changed").and_then(serde_json::Value::as_u64).unwrap_or(0),
-            human_bytes(s.get("bytes_compared").and_then(serde_json::Value::as_u64).unwrap_or(0)),
-            s.get("seconds").and_then(serde_json::Value::as_f64).unwrap_or(0.0)
+            s.get("at_ms")
+                .and_then(serde_json::Value::as_i64)
+                .map_or_else(|| "?".into(), time_ms),
+            s.get("blocks_changed")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            human_bytes(
+                s.get("bytes_compared")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            ),
+            s.get("seconds")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0)
         ),
         None => println!("last sync:   never"),
     }
@@ -246,15 +276,31 @@ fn print_verify(r: &VerifyReport, model_dir: &Path) {
         eprintln!("file changed: {p}");
     }
     for b in &r.mismatched_blocks {
-        eprintln!("mismatch: {} tensor {} block {} (bytes {}..{})", b.file, b.tensor, b.block, b.offset, b.offset + b.len);
+        eprintln!(
+            "mismatch: {} tensor {} block {} (bytes {}..{})",
+            b.file,
+            b.tensor,
+            b.block,
+            b.offset,
+            b.offset + b.len
+        );
     }
     if r.mismatched_block_count > r.mismatched_blocks.len() as u64 {
         eprintln!("... {} mismatched blocks in all", r.mismatched_block_count);
     }
     if r.clean {
-        eprintln!("verified {}: clean ({} checked in {:.2} s)", model_dir.display(), human_bytes(r.bytes_checked), r.seconds);
+        eprintln!(
+            "verified {}: clean ({} checked in {:.2} s)",
+            model_dir.display(),
+            human_bytes(r.bytes_checked),
+            r.seconds
+        );
     } else if r.repaired {
-        eprintln!("re-indexed {} from the files as they are: now generation {}", model_dir.display(), r.generation);
+        eprintln!(
+            "re-indexed {} from the files as they are: now generation {}",
+            model_dir.display(),
+            r.generation
+        );
     } else {
         eprintln!(
             "verify failed: the files differ from the index; if the change is wanted, run `apollo-checkpoint verify --repair --model-dir {}`",

@@ -55,7 +55,9 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// The file is too short to hold even the header length.
-    #[error("{file}: only {len} bytes, too short for a safetensors file; it is truncated or not safetensors; restore it")]
+    #[error(
+        "{file}: only {len} bytes, too short for a safetensors file; it is truncated or not safetensors; restore it"
+    )]
     TooShort {
         /// The file.
         file: String,
@@ -63,7 +65,9 @@ pub enum ModelError {
         len: u64,
     },
     /// The header length field is larger than we accept.
-    #[error("{file}: header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit; the file is corrupt or not safetensors")]
+    #[error(
+        "{file}: header length {header_len} exceeds the {MAX_HEADER_LEN}-byte limit; the file is corrupt or not safetensors"
+    )]
     HeaderTooLarge {
         /// The file.
         file: String,
@@ -71,7 +75,9 @@ pub enum ModelError {
         header_len: u64,
     },
     /// The header runs past the end of the file.
-    #[error("{file}: header of {header_len} bytes runs past the end of the {file_len}-byte file; the file is truncated; restore it")]
+    #[error(
+        "{file}: header of {header_len} bytes runs past the end of the {file_len}-byte file; the file is truncated; restore it"
+    )]
     HeaderPastEnd {
         /// The file.
         file: String,
@@ -99,7 +105,9 @@ pub enum ModelError {
         reason: String,
     },
     /// The tensors do not cover the data section exactly.
-    #[error("{file}: tensor data covers {covered} bytes but the data section after the header has {data_len}; the file is truncated or has trailing bytes")]
+    #[error(
+        "{file}: tensor data covers {covered} bytes but the data section after the header has {data_len}; the file is truncated or has trailing bytes"
+    )]
     DataLength {
         /// The file.
         file: String,
@@ -128,10 +136,17 @@ pub enum ModelError {
 
 impl ModelError {
     fn io(path: &Path, source: std::io::Error) -> Self {
-        ModelError::Io { path: path.to_path_buf(), source }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
     fn tensor(file: &str, tensor: &str, reason: impl Into<String>) -> Self {
-        ModelError::BadTensor { file: file.to_string(), tensor: tensor.to_string(), reason: reason.into() }
+        ModelError::BadTensor {
+            file: file.to_string(),
+            tensor: tensor.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -216,26 +231,42 @@ impl<'de> Deserialize<'de> for RawEntries {
 pub fn read_header(name: &str, file: &dyn FileIo) -> Result<FileHeader, ModelError> {
     let file_len = file.len();
     if file_len < 8 {
-        return Err(ModelError::TooShort { file: name.to_string(), len: file_len });
+        return Err(ModelError::TooShort {
+            file: name.to_string(),
+            len: file_len,
+        });
     }
     let mut n_bytes = [0u8; 8];
-    file.read_at(0, &mut n_bytes).map_err(|e| ModelError::io(file.path(), e))?;
+    file.read_at(0, &mut n_bytes)
+        .map_err(|e| ModelError::io(file.path(), e))?;
     let header_len = u64::from_le_bytes(n_bytes);
     if header_len > MAX_HEADER_LEN {
-        return Err(ModelError::HeaderTooLarge { file: name.to_string(), header_len });
+        return Err(ModelError::HeaderTooLarge {
+            file: name.to_string(),
+            header_len,
+        });
     }
     let data_start = 8 + header_len;
     if data_start > file_len {
-        return Err(ModelError::HeaderPastEnd { file: name.to_string(), header_len, file_len });
+        return Err(ModelError::HeaderPastEnd {
+            file: name.to_string(),
+            header_len,
+            file_len,
+        });
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_at(8, &mut header).map_err(|e| ModelError::io(file.path(), e))?;
+    file.read_at(8, &mut header)
+        .map_err(|e| ModelError::io(file.path(), e))?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(&n_bytes);
     hasher.update(&header);
     let header_hash = *hasher.finalize().as_bytes();
     let tensors = parse_header_json(name, &header, data_start, file_len - data_start)?;
-    Ok(FileHeader { header_len, header_hash, tensors })
+    Ok(FileHeader {
+        header_len,
+        header_hash,
+        tensors,
+    })
 }
 
 fn parse_header_json(
@@ -244,7 +275,10 @@ fn parse_header_json(
     data_start: u64,
     data_len: u64,
 ) -> Result<Vec<TensorEntry>, ModelError> {
-    let bad = |reason: String| ModelError::BadHeader { file: file.to_string(), reason };
+    let bad = |reason: String| ModelError::BadHeader {
+        file: file.to_string(),
+        reason,
+    };
     let text = std::str::from_utf8(header).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
     // safetensors writers pad the header with spaces to align the data section.
     let text = text.trim_end_matches(' ');
@@ -256,10 +290,16 @@ fn parse_header_json(
     let mut tensors = Vec::with_capacity(entries.len());
     for (key, value) in entries {
         if !seen.insert(key.clone()) {
-            return Err(ModelError::tensor(file, &key, "appears twice in the header"));
+            return Err(ModelError::tensor(
+                file,
+                &key,
+                "appears twice in the header",
+            ));
         }
         if key == "__metadata__" {
-            let ok = value.as_object().is_some_and(|m| m.values().all(serde_json::Value::is_string));
+            let ok = value
+                .as_object()
+                .is_some_and(|m| m.values().all(serde_json::Value::is_string));
             if !ok {
                 return Err(bad("__metadata__ must map strings to strings".into()));
             }
@@ -267,15 +307,27 @@ fn parse_header_json(
         }
         let raw: RawTensor = serde_json::from_value(value)
             .map_err(|e| ModelError::tensor(file, &key, format!("malformed entry: {e}")))?;
-        let dtype = parse_dtype(&raw.dtype)
-            .ok_or_else(|| ModelError::tensor(file, &key, format!("unknown dtype {:?}", raw.dtype)))?;
+        let dtype = parse_dtype(&raw.dtype).ok_or_else(|| {
+            ModelError::tensor(file, &key, format!("unknown dtype {:?}", raw.dtype))
+        })?;
         let (begin, end) = raw.data_offsets;
         if begin > end {
-            return Err(ModelError::tensor(file, &key, format!("data_offsets [{begin}, {end}] run backwards")));
+            return Err(ModelError::tensor(
+                file,
+                &key,
+                format!("data_offsets [{begin}, {end}] run backwards"),
+            ));
         }
         let len = end - begin;
         let expected = tensor_nbytes(dtype, &raw.shape).ok_or_else(|| {
-            ModelError::tensor(file, &key, format!("shape {:?} of {} overflows or is not whole bytes", raw.shape, raw.dtype))
+            ModelError::tensor(
+                file,
+                &key,
+                format!(
+                    "shape {:?} of {} overflows or is not whole bytes",
+                    raw.shape, raw.dtype
+                ),
+            )
         })?;
         if expected != len {
             return Err(ModelError::tensor(
@@ -287,25 +339,42 @@ fn parse_header_json(
                 ),
             ));
         }
-        tensors.push(TensorEntry { name: key, dtype, shape: raw.shape, offset: begin, len });
+        tensors.push(TensorEntry {
+            name: key,
+            dtype,
+            shape: raw.shape,
+            offset: begin,
+            len,
+        });
     }
     // Offsets are still relative to the data section: check coverage, then make them absolute.
     tensors.sort_by(|a, b| (a.offset, a.len, &a.name).cmp(&(b.offset, b.len, &b.name)));
     let mut expected_begin = 0u64;
     for t in &mut tensors {
         if t.offset != expected_begin {
-            let what = if t.offset > expected_begin { "leaves a gap before it" } else { "overlaps the tensor before it" };
+            let what = if t.offset > expected_begin {
+                "leaves a gap before it"
+            } else {
+                "overlaps the tensor before it"
+            };
             return Err(ModelError::tensor(
                 file,
                 &t.name,
-                format!("data starts at {} but the previous tensor ends at {expected_begin}: it {what}", t.offset),
+                format!(
+                    "data starts at {} but the previous tensor ends at {expected_begin}: it {what}",
+                    t.offset
+                ),
             ));
         }
         expected_begin = t.offset + t.len;
         t.offset += data_start;
     }
     if expected_begin != data_len {
-        return Err(ModelError::DataLength { file: file.to_string(), covered: expected_begin, data_len });
+        return Err(ModelError::DataLength {
+            file: file.to_string(),
+            covered: expected_begin,
+            data_len,
+        });
     }
     Ok(tensors)
 }
@@ -369,17 +438,27 @@ impl ModelLayout {
         let mut weight_map: Option<HashMap<String, String>> = None;
         let names: Vec<String> = if index_path.exists() {
             let text = std::fs::read(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let raw: RawIndex = serde_json::from_slice(&text)
-                .map_err(|e| ModelError::BadIndex { reason: format!("not valid JSON with a weight_map: {e}") })?;
+            let raw: RawIndex =
+                serde_json::from_slice(&text).map_err(|e| ModelError::BadIndex {
+                    reason: format!("not valid JSON with a weight_map: {e}"),
+                })?;
             let mut files: Vec<String> = raw.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
             for f in &files {
                 check_file_name(f)?;
                 if !dir.join(f).is_file() {
-                    let tensor = raw.weight_map.iter().find(|(_, v)| *v == f).map(|(k, _)| k.clone()).unwrap_or_default();
+                    let tensor = raw
+                        .weight_map
+                        .iter()
+                        .find(|(_, v)| *v == f)
+                        .map(|(k, _)| k.clone())
+                        .unwrap_or_default();
                     return Err(ModelError::BadIndex {
-                        reason: format!("names shard {f} (for tensor {tensor}), which does not exist in {}; the model is incomplete: copy the missing shard", dir.display()),
+                        reason: format!(
+                            "names shard {f} (for tensor {tensor}), which does not exist in {}; the model is incomplete: copy the missing shard",
+                            dir.display()
+                        ),
                     });
                 }
             }
@@ -388,7 +467,9 @@ impl ModelLayout {
         } else if dir.join(SINGLE_FILE).is_file() {
             vec![SINGLE_FILE.to_string()]
         } else {
-            return Err(ModelError::NoModel { dir: dir.to_path_buf() });
+            return Err(ModelError::NoModel {
+                dir: dir.to_path_buf(),
+            });
         };
 
         let mut files = Vec::with_capacity(names.len());
@@ -396,7 +477,9 @@ impl ModelLayout {
         let mut owner: HashMap<String, usize> = HashMap::new();
         for (i, name) in names.iter().enumerate() {
             let path = dir.join(name);
-            let handle = io.open(&path, OpenMode::Read).map_err(|e| ModelError::io(&path, e))?;
+            let handle = io
+                .open(&path, OpenMode::Read)
+                .map_err(|e| ModelError::io(&path, e))?;
             let stat = handle.stat().map_err(|e| ModelError::io(&path, e))?;
             let header = read_header(name, handle.as_ref())?;
             for t in &header.tensors {
@@ -413,22 +496,38 @@ impl ModelLayout {
                         Some(f) if f == name => {}
                         Some(f) => {
                             return Err(ModelError::BadIndex {
-                                reason: format!("says tensor {} is in {f}, but it is in {name}", t.name),
+                                reason: format!(
+                                    "says tensor {} is in {f}, but it is in {name}",
+                                    t.name
+                                ),
                             });
                         }
                         None => {
                             return Err(ModelError::BadIndex {
-                                reason: format!("does not list tensor {} of {name}; loaders would ignore it", t.name),
+                                reason: format!(
+                                    "does not list tensor {} of {name}; loaders would ignore it",
+                                    t.name
+                                ),
                             });
                         }
                     }
                 }
-                tensors.push(TensorLocation { file: i, entry: t.clone() });
+                tensors.push(TensorLocation {
+                    file: i,
+                    entry: t.clone(),
+                });
             }
-            files.push(ModelFile { name: name.clone(), stat, header });
+            files.push(ModelFile {
+                name: name.clone(),
+                stat,
+                header,
+            });
         }
         if let Some(map) = &weight_map {
-            let mut missing: Vec<_> = map.iter().filter(|(t, _)| !owner.contains_key(*t)).collect();
+            let mut missing: Vec<_> = map
+                .iter()
+                .filter(|(t, _)| !owner.contains_key(*t))
+                .collect();
             missing.sort();
             if let Some((tensor, file)) = missing.first() {
                 return Err(ModelError::BadIndex {
@@ -439,7 +538,11 @@ impl ModelLayout {
                 });
             }
         }
-        Ok(ModelLayout { dir: dir.to_path_buf(), files, tensors })
+        Ok(ModelLayout {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+        })
     }
 
     /// Total bytes of tensor data.
@@ -458,7 +561,12 @@ mod tests {
     use super::*;
 
     fn parse(json: &str, data_len: u64) -> Result<Vec<TensorEntry>, ModelError> {
-        parse_header_json("f.safetensors", json.as_bytes(), 8 + json.len() as u64, data_len)
+        parse_header_json(
+            "f.safetensors",
+            json.as_bytes(),
+            8 + json.len() as u64,
+            data_len,
+        )
     }
 
     #[test]
@@ -476,26 +584,62 @@ mod tests {
         let gap = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[5,9]}}"#;
         assert!(parse(gap, 9).unwrap_err().to_string().contains("gap"));
         let overlap = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[3,7]}}"#;
-        assert!(parse(overlap, 7).unwrap_err().to_string().contains("overlaps"));
+        assert!(
+            parse(overlap, 7)
+                .unwrap_err()
+                .to_string()
+                .contains("overlaps")
+        );
         let ok = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
-        assert!(matches!(parse(ok, 5), Err(ModelError::DataLength { covered: 4, data_len: 5, .. })));
+        assert!(matches!(
+            parse(ok, 5),
+            Err(ModelError::DataLength {
+                covered: 4,
+                data_len: 5,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn rejects_lying_sizes_and_bad_entries() {
         let lie = r#"{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
         let e = parse(lie, 8).unwrap_err().to_string();
-        assert!(e.contains("tensor w") && e.contains("needs 12 bytes"), "{e}");
-        let overflow = r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
-        assert!(parse(overflow, 8).unwrap_err().to_string().contains("overflows"));
+        assert!(
+            e.contains("tensor w") && e.contains("needs 12 bytes"),
+            "{e}"
+        );
+        let overflow =
+            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
+        assert!(
+            parse(overflow, 8)
+                .unwrap_err()
+                .to_string()
+                .contains("overflows")
+        );
         let dtype = r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
-        assert!(parse(dtype, 1).unwrap_err().to_string().contains("unknown dtype"));
+        assert!(
+            parse(dtype, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown dtype")
+        );
         let dup = r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
         assert!(parse(dup, 1).unwrap_err().to_string().contains("twice"));
         let extra = r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":1}}"#;
-        assert!(parse(extra, 1).unwrap_err().to_string().contains("malformed"));
+        assert!(
+            parse(extra, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("malformed")
+        );
         let backwards = r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[1,0]}}"#;
-        assert!(parse(backwards, 1).unwrap_err().to_string().contains("backwards"));
+        assert!(
+            parse(backwards, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("backwards")
+        );
         assert!(parse("[1,2]", 0).is_err());
         assert!(parse(r#"{"__metadata__":{"a":1}}"#, 0).is_err());
     }

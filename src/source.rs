@@ -82,7 +82,13 @@ pub trait WeightSource: Sync {
     /// units of `unit` bytes of tensor `tensor`, starting at unit `first`; the tensor's last unit
     /// may be partial. Sources that can hash where their data lives override this; the default
     /// reads the bytes and hashes on the CPU.
-    fn hash_units(&self, tensor: usize, unit: u64, first: u64, out: &mut [Cv]) -> Result<(), SourceError> {
+    fn hash_units(
+        &self,
+        tensor: usize,
+        unit: u64,
+        first: u64,
+        out: &mut [Cv],
+    ) -> Result<(), SourceError> {
         let len = self.tensors()[tensor].len;
         let start = first * unit;
         let end = (start + out.len() as u64 * unit).min(len);
@@ -104,7 +110,10 @@ pub struct SafetensorsSource {
 
 impl std::fmt::Debug for SafetensorsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsSource").field("dir", &self.dir).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("SafetensorsSource")
+            .field("dir", &self.dir)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -115,8 +124,14 @@ impl SafetensorsSource {
         let mut maps = Vec::with_capacity(layout.files.len());
         for (i, f) in layout.files.iter().enumerate() {
             let path = layout.file_path(i);
-            let file = File::open(&path).map_err(|source| SourceError::Io { path: path.clone(), source })?;
-            let map = io::map_read_only(&file).map_err(|source| SourceError::Io { path: path.clone(), source })?;
+            let file = File::open(&path).map_err(|source| SourceError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            let map = io::map_read_only(&file).map_err(|source| SourceError::Io {
+                path: path.clone(),
+                source,
+            })?;
             if map.as_ref().map_or(0, |m| m.len() as u64) != f.stat.size {
                 return Err(SourceError::Changed { path });
             }
@@ -125,10 +140,24 @@ impl SafetensorsSource {
         let tensors = layout
             .tensors
             .iter()
-            .map(|t| SourceTensor { name: t.entry.name.clone(), dtype: t.entry.dtype, shape: t.entry.shape.clone(), len: t.entry.len })
+            .map(|t| SourceTensor {
+                name: t.entry.name.clone(),
+                dtype: t.entry.dtype,
+                shape: t.entry.shape.clone(),
+                len: t.entry.len,
+            })
             .collect();
-        let places = layout.tensors.iter().map(|t| (t.file, t.entry.offset)).collect();
-        Ok(SafetensorsSource { dir: dir.to_path_buf(), tensors, places, maps })
+        let places = layout
+            .tensors
+            .iter()
+            .map(|t| (t.file, t.entry.offset))
+            .collect();
+        Ok(SafetensorsSource {
+            dir: dir.to_path_buf(),
+            tensors,
+            places,
+            maps,
+        })
     }
 
     /// The bytes of one tensor.
@@ -138,7 +167,9 @@ impl SafetensorsSource {
         if len == 0 {
             return &[];
         }
-        let map = self.maps[file].as_ref().expect("a file holding a non-empty tensor is not empty");
+        let map = self.maps[file]
+            .as_ref()
+            .expect("a file holding a non-empty tensor is not empty");
         // In range: the header was validated against this file's length, which the map matches.
         &map[offset as usize..(offset + len) as usize]
     }
@@ -169,7 +200,13 @@ impl WeightSource for SafetensorsSource {
         Ok(())
     }
 
-    fn hash_units(&self, tensor: usize, unit: u64, first: u64, out: &mut [Cv]) -> Result<(), SourceError> {
+    fn hash_units(
+        &self,
+        tensor: usize,
+        unit: u64,
+        first: u64,
+        out: &mut [Cv],
+    ) -> Result<(), SourceError> {
         let data = self.data(tensor);
         let start = (first * unit).min(data.len() as u64) as usize;
         let end = (first * unit + out.len() as u64 * unit).min(data.len() as u64) as usize;

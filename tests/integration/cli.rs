@@ -1,0 +1,198 @@
+//! The built binary: output, JSON, exit codes.
+
+use crate::util::{mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model};
+
+#[test]
+fn help_lists_every_command() {
+    let o = run(&["--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["init", "sync", "status", "verify"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help:\n{text}");
+    }
+    let o = run(&["sync", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--from"));
+    let o = run(&["sync", "--model-dir", "x"]);
+    assert_eq!(o.status.code(), Some(2), "missing --from is a usage error");
+}
+
+#[test]
+fn init_sync_status_verify_round_trip_with_json() {
+    let mut tensors = mixed_tensors(3);
+    let p = pair(&tensors, 2, 1);
+    let (m, src) = (s(&p.model), s(&p.source));
+
+    let o = run(&["init", "--model-dir", m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    assert_eq!(j["generation"], 0);
+    assert_eq!(j["tensors"], 9);
+    assert_eq!(j["block_size"], 4096);
+
+    let o = run(&["init", "--model-dir", m]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("already initialized"), "{}", stderr(&o));
+
+    tensors[0].data[100] ^= 1;
+    write_model(&p.source, &tensors, 1);
+    let o = run(&["sync", "--model-dir", m, "--from", src, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    for key in [
+        "generation",
+        "tensors",
+        "bytes_compared",
+        "blocks_changed",
+        "bytes_changed",
+        "seconds",
+    ] {
+        assert!(j.get(key).is_some(), "{key} missing from {j}");
+    }
+    assert_eq!(
+        (
+            j["generation"].as_u64(),
+            j["blocks_changed"].as_u64(),
+            j["bytes_changed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(4096))
+    );
+    assert!(
+        o.stderr.is_empty(),
+        "--json prints nothing else: {}",
+        stderr(&o)
+    );
+
+    let o = run(&["sync", "--model-dir", m, "--from", src]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("no change"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+
+    let o = run(&["status", "--model-dir", m, "--json"]);
+    let j = stdout_json(&o);
+    assert_eq!(j["generation"], 1);
+    assert_eq!(j["files"].as_array().unwrap().len(), 2);
+    assert_eq!(j["last_sync"]["blocks_changed"], 0);
+    assert!(j["pending"].as_array().unwrap().is_empty());
+    let o = run(&["status", "--model-dir", m]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("generation:  1 (sync") && text.contains("pending:     nothing"),
+        "{text}"
+    );
+
+    let o = run(&["verify", "--model-dir", m, "--json"]);
+    assert!(o.status.success());
+    assert_eq!(stdout_json(&o)["clean"], true);
+}
+
+#[test]
+fn sync_without_an_index_indexes_first_and_says_so() {
+    let mut tensors = mixed_tensors(8);
+    let p = pair(&tensors, 1, 3);
+    tensors[1].data[0] ^= 1;
+    write_model(&p.source, &tensors, 3);
+    let o = run(&["sync", "--model-dir", s(&p.model), "--from", s(&p.source)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("indexing it first") && err.contains("generation 1"),
+        "{err}"
+    );
+    let o = run(&["verify", "--model-dir", s(&p.model)]);
+    assert!(o.status.success());
+}
+
+#[test]
+fn verify_exits_1_naming_tensor_and_block_and_repair_fixes_it() {
+    let p = pair(&mixed_tensors(9), 1, 1);
+    let m = s(&p.model);
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let f = p.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let last = bytes.len() - 1; // the last byte of the last tensor in the file
+    bytes[last] ^= 1;
+    std::fs::write(&f, &bytes).unwrap();
+    let o = run(&["verify", "--model-dir", m]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("mismatch: model.safetensors tensor ") && err.contains(" block "),
+        "{err}"
+    );
+    assert!(err.contains("verify --repair"), "{err}");
+
+    let o = run(&["sync", "--model-dir", m, "--from", s(&p.source)]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("verify --repair"));
+
+    let o = run(&["verify", "--model-dir", m, "--repair", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)["repaired"], true);
+    let o = run(&["sync", "--model-dir", m, "--from", s(&p.source), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)["blocks_changed"], 1);
+}
+
+#[test]
+fn exit_codes_and_messages_for_common_mistakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(&["status", "--model-dir", s(tmp.path())]);
+    assert!(o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("not initialized: run `apollo-checkpoint init")
+    );
+
+    let o = run(&["verify", "--model-dir", s(tmp.path())]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("no index yet"), "{}", stderr(&o));
+
+    let o = run(&["init", "--model-dir", s(&tmp.path().join("nope"))]);
+    assert_eq!(o.status.code(), Some(66));
+
+    let p = pair(&mixed_tensors(1), 1, 1);
+    let mut other = mixed_tensors(1);
+    other.pop();
+    write_model(&p.source, &other, 1);
+    let before = snapshot(&p.model);
+    let o = run(&["sync", "--model-dir", s(&p.model), "--from", s(&p.source)]);
+    assert_eq!(o.status.code(), Some(65));
+    assert!(
+        stderr(&o).contains("lm_head.weight: in the model but not in the source"),
+        "{}",
+        stderr(&o)
+    );
+    // The model files are untouched (sync indexed first, which writes only the state dir).
+    let after = snapshot(&p.model);
+    assert_eq!(before, after);
+
+    let o = run(&[
+        "init",
+        "--model-dir",
+        s(&p.model),
+        "--block-size",
+        "1000",
+        "--state-dir",
+        s(&tmp.path().join("st")),
+    ]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("power of two"));
+}
+
+#[test]
+fn a_separate_state_dir_is_honoured() {
+    let p = pair(&mixed_tensors(2), 1, 1);
+    let state = p.tmp.path().join("state");
+    let o = run(&["init", "--model-dir", s(&p.model), "--state-dir", s(&state)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(state.join("index.db").exists());
+    assert!(!p.model.join(".apollo-checkpoint").exists());
+    let o = run(&[
+        "status",
+        "--model-dir",
+        s(&p.model),
+        "--state-dir",
+        s(&state),
+        "--json",
+    ]);
+    assert_eq!(stdout_json(&o)["generation"], 0);
+}

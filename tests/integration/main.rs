@@ -1,0 +1,7 @@
+//! Integration tests: real safetensors files, real SQLite, real fsync, the built binary.
+
+mod bad_inputs;
+mod cli;
+mod sync;
+mod trust;
+mod util;
