@@ -105,6 +105,14 @@ pub fn hash_units(first_offset: u64, unit: u64, data: &[u8], out: &mut [Cv]) {
 
 /// Merges the chaining values of the consecutive blocks of one aligned subtree of `len` bytes
 /// into the chaining value of that subtree.
+///
+/// ```
+/// use apollo_checkpoint::blockhash::{hash_units, merge_blocks, subtree_cv};
+/// let group: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+/// let mut blocks = [[0u8; 32]; 3]; // 4096 + 4096 + 1808 bytes
+/// hash_units(16384, 4096, &group, &mut blocks);
+/// assert_eq!(merge_blocks(&blocks, group.len() as u64, 4096), subtree_cv(16384, &group));
+/// ```
 pub fn merge_blocks(cvs: &[Cv], len: u64, block_size: u64) -> Cv {
     debug_assert_eq!(cvs.len() as u64, len.div_ceil(block_size));
     if cvs.len() == 1 {

@@ -190,6 +190,14 @@ pub fn parse_dtype(name: &str) -> Option<Dtype> {
 }
 
 /// Bytes of `shape` elements of `dtype`, or `None` on overflow or a partial byte.
+///
+/// ```
+/// use apollo_checkpoint::model::tensor_nbytes;
+/// use safetensors::Dtype;
+/// assert_eq!(tensor_nbytes(Dtype::BF16, &[248_320, 5120]), Some(2_542_796_800));
+/// assert_eq!(tensor_nbytes(Dtype::F32, &[0, 7]), Some(0));
+/// assert_eq!(tensor_nbytes(Dtype::F32, &[u64::MAX, 2]), None);
+/// ```
 pub fn tensor_nbytes(dtype: Dtype, shape: &[u64]) -> Option<u64> {
     let elems = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
     let bits = elems.checked_mul(dtype.bitsize() as u64)?;
