@@ -1,54 +1,66 @@
-//! The operations on one model directory: `init`, `sync`, `status` and `verify`.
+//! The operations on one model directory: `init`, `sync`, `recover`, `status` and `verify`.
 //!
-//! A sync runs in phases, and each phase only starts once the one before it succeeded:
+//! Every operation that writes the model or the state holds the state directory's exclusive lock
+//! ([`crate::lock`]) for its whole run; readers hold it shared. A sync runs in this order, and no
+//! model byte changes before the journal's commit record is durable:
 //!
-//! 1. **Trust.** Parse the model's headers and compare every file's size, mtime, inode and header
+//! 1. **Recover.** A journal left by a crash is rolled forward (or discarded if uncommitted).
+//! 2. **Trust.** Parse the model's headers and compare every file's size, mtime, inode and header
 //!    hash with the index. A file changed behind our back is refused (run `verify --repair`).
-//! 2. **Match.** The source must offer exactly the model's tensors with the same dtypes and
+//! 3. **Match.** The source must offer exactly the model's tensors with the same dtypes and
 //!    shapes; otherwise every difference is listed and nothing is written.
-//! 3. **Plan** (decide what changed). Hash the live data group by group where it lives and
-//!    compare with the merged stored block hashes; hash single blocks only inside differing
-//!    groups. No model byte is read.
-//! 4. **Stage.** Read the old bytes of the changed blocks (and only those) and check them against
-//!    their stored hashes, so a model edited behind the index is refused before anything is
-//!    written. This is where the journal (old ⊕ new per block, fsynced, then a commit record)
-//!    slots in: it needs exactly the old and new bytes of the changed blocks.
-//! 5. **Apply.** Copy the new blocks into the memory-mapped files (re-checking each against the
-//!    hash planned for it), then make the files durable.
-//! 6. **Commit.** One SQLite transaction records the new hashes, the files' new stats, the new
+//! 4. **Plan** ([`crate::plan`]). Hash the live data group by group where it lives and compare
+//!    with the merged stored block hashes. No model byte is read.
+//! 5. **Journal** ([`crate::journal`]). For each changed block, read its old bytes (and only
+//!    those), check them against the stored hash, and append old ⊕ new to the journal; fsync the
+//!    journal and the state directory; append and fsync the commit record.
+//! 6. **Apply** ([`crate::apply`]). Roll the journal forward into the memory-mapped files — the
+//!    same code `recover` runs — then msync and fsync each file.
+//! 7. **Commit.** One SQLite transaction records the new hashes, the files' new stats, the new
 //!    generation and the ranges it changed.
+//! 8. **Retire.** The journal moves to `undo/` as the generation's undo data; the oldest undo
+//!    files beyond the retention limits are removed.
 //!
-//! Memory is bounded: stored hashes are loaded in batches of [`HASH_BATCH_BYTES`], live data is
-//! hashed in place or in pieces of at most [`ITEM_BYTES`], and the plan keeps 72 bytes per
-//! changed block (about 0.9 GB for a 54 GB model in which every block changed).
+//! A crash before step 5 completes leaves the files untouched and an uncommitted journal, which
+//! recovery discards. A crash after it leaves a committed journal, which recovery rolls forward:
+//! the files then hold the new generation, and steps 6–8 are completed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::blockhash::{self, BlockLayout, Cv, merge_blocks};
+use crate::apply::{self, ApplyError, ApplyStats};
+use crate::blockhash::{self, BlockLayout, Cv};
 use crate::index::{
     BlockIndex, FileRanges, GenerationRecord, HashUpdate, IndexError, IndexedFile, IndexedTensor,
     SyncCommit, unix_ms,
 };
 use crate::io::{FileIo, FileStat, Io, OpenMode};
+use crate::journal::{
+    JOURNAL_FILE, Journal, JournalError, JournalFile, JournalHeader, JournalKind, JournalState,
+    JournalWriter, Record, UNDO_DIR, encode_xor, hash_prefix,
+};
+use crate::lock::{LockError, LockKind, StateLock};
 use crate::model::{ModelError, ModelLayout, dtype_name};
+use crate::plan::{self, ChangedBlock, Comparison, TensorPlan, block_span, merge_ranges};
 use crate::source::{SafetensorsSource, SourceError, WeightSource};
 
 /// Name of the default state directory inside the model directory.
 pub const STATE_DIR_NAME: &str = ".apollo-checkpoint";
-/// Stored hashes loaded at once, at most (about 8 GiB of tensor data at 4 KiB blocks).
-pub const HASH_BATCH_BYTES: u64 = 64 << 20;
-/// Live bytes hashed by one parallel work item, at most.
-pub const ITEM_BYTES: u64 = 4 << 20;
-/// Changed blocks staged or applied by one parallel work item, at most.
+/// Changed blocks staged by one parallel work item, at most.
 const BLOCKS_PER_CHUNK: usize = 256;
+/// Work items staged before their records are appended to the journal.
+const CHUNKS_PER_BATCH: usize = 64;
+/// Generations whose undo data is kept, by default.
+pub const DEFAULT_RETAIN_GENERATIONS: u64 = 24;
+/// Undo bytes kept by default, as a fraction of the model's size (1/N).
+pub const DEFAULT_RETAIN_FRACTION: u64 = 10;
 
 /// Everything that can stop an operation. Each variant says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +75,15 @@ pub enum Error {
     /// The weight source failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Rolling the journal forward failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// The state lock is held by another process.
+    #[error(transparent)]
+    Lock(#[from] LockError),
     /// An OS error.
     #[error("{path}: {source}")]
     Io {
@@ -125,15 +146,23 @@ pub enum Error {
         /// The model directory.
         model_dir: PathBuf,
     },
-    /// The source's bytes changed between planning and writing.
+    /// A journal is pending and this command does not recover it.
     #[error(
-        "source tensor {tensor} block {block} changed while the sync was writing it; the model may hold a mix of the two versions for that tensor: run the sync again once the source is stable"
+        "{path}: an interrupted write is pending; run `apollo-checkpoint recover --model-dir {model_dir}` (or `sync`, which recovers first)"
     )]
-    SourceChanged {
-        /// The tensor.
-        tensor: String,
-        /// Block index within the tensor.
-        block: u64,
+    JournalPending {
+        /// The journal.
+        path: PathBuf,
+        /// The model directory.
+        model_dir: PathBuf,
+    },
+    /// A committed journal that does not belong to this model or state.
+    #[error("{path}: {what}; it is not applied and the model is left as it is")]
+    ForeignJournal {
+        /// The journal.
+        path: PathBuf,
+        /// What does not match.
+        what: String,
     },
 }
 
@@ -143,20 +172,27 @@ impl Error {
         match self {
             Error::Model(ModelError::NoModel { .. })
             | Error::Source(SourceError::Model(ModelError::NoModel { .. })) => 66,
+            Error::Lock(LockError::Busy { .. }) => 75,
             Error::Model(ModelError::Io { .. })
             | Error::Source(SourceError::Io { .. })
             | Error::Io { .. }
-            | Error::Index(IndexError::Sqlite { .. }) => 74,
+            | Error::Index(IndexError::Sqlite { .. })
+            | Error::Journal(JournalError::Io { .. })
+            | Error::Apply(ApplyError::Io { .. } | ApplyError::Journal(JournalError::Io { .. }))
+            | Error::Lock(_) => 74,
             Error::Model(_)
             | Error::Source(_)
+            | Error::Journal(_)
+            | Error::Apply(_)
             | Error::Mismatch(_)
-            | Error::OldBlockChanged { .. }
-            | Error::SourceChanged { .. } => 65,
+            | Error::OldBlockChanged { .. } => 65,
             Error::Index(_)
             | Error::NotInitialized { .. }
             | Error::AlreadyInitialized { .. }
             | Error::Stale { .. }
-            | Error::BlockSize(_) => 78,
+            | Error::BlockSize(_)
+            | Error::JournalPending { .. }
+            | Error::ForeignJournal { .. } => 78,
         }
     }
 }
@@ -205,8 +241,12 @@ pub struct SyncReport {
     pub bytes_differing: u64,
     /// Files written.
     pub files_changed: Vec<String>,
-    /// Bytes read from model files (headers and the old contents of changed blocks only).
+    /// Bytes read from model files: headers, and the changed blocks (when journaled and applied).
     pub model_bytes_read: u64,
+    /// Size of the journal written (its undo data), in bytes.
+    pub journal_bytes: u64,
+    /// What recovery did first, if a journal was pending.
+    pub recovered: Option<RecoverReport>,
     /// Wall time.
     pub seconds: f64,
     /// Wall time of each phase, in seconds.
@@ -220,14 +260,30 @@ pub struct SyncPhases {
     pub check: f64,
     /// Hashing the live weights and finding the changed blocks.
     pub plan: f64,
-    /// Reading and checking the old bytes of the changed blocks.
-    pub stage: f64,
-    /// Writing the new bytes.
+    /// Reading and checking the old bytes of the changed blocks, writing and committing the
+    /// journal.
+    pub journal: f64,
+    /// Rolling the journal forward into the files.
     pub apply: f64,
     /// Making the model files durable.
     pub flush: f64,
     /// The SQLite transaction.
     pub commit: f64,
+    /// Moving the journal to the undo data and pruning it.
+    pub retire: f64,
+}
+
+/// What `recover` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoverReport {
+    /// `none` (no journal), `discarded` (uncommitted: files untouched) or `rolled_forward`.
+    pub action: String,
+    /// The generation the files hold afterwards.
+    pub generation: u64,
+    /// Records rolled forward, by outcome.
+    pub blocks: ApplyStats,
+    /// Wall time.
+    pub seconds: f64,
 }
 
 /// A block whose bytes differ.
@@ -307,6 +363,14 @@ pub struct StatusReport {
     pub index_bytes: u64,
     /// Things that need attention, each with what to do.
     pub pending: Vec<String>,
+    /// Undo data kept: generations.
+    pub undo_generations: u64,
+    /// Undo data kept: bytes.
+    pub undo_bytes: u64,
+    /// Retention limit: generations.
+    pub retain_generations: Option<u64>,
+    /// Retention limit: bytes.
+    pub retain_bytes: Option<u64>,
 }
 
 /// One model directory and its state.
@@ -315,6 +379,7 @@ pub struct Checkpoint {
     state_dir: PathBuf,
     io: Arc<dyn Io>,
     progress: bool,
+    wait: Duration,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -324,26 +389,6 @@ impl std::fmt::Debug for Checkpoint {
             .field("state_dir", &self.state_dir)
             .finish_non_exhaustive()
     }
-}
-
-/// A tensor's changed block: index, stored hash, new hash.
-#[derive(Clone, Copy, Debug)]
-struct ChangedBlock {
-    block: u64,
-    old: Cv,
-    new: Cv,
-}
-
-/// The changes planned for one tensor.
-#[derive(Debug)]
-struct TensorPlan {
-    /// Index into the model layout's tensors.
-    model: usize,
-    /// Index into the source's tensors.
-    source: usize,
-    /// Index row id.
-    index_id: i64,
-    blocks: Vec<ChangedBlock>,
 }
 
 fn seconds_since(start: Instant) -> f64 {
@@ -356,7 +401,7 @@ fn progress_bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template(
-        "{msg:8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        "{msg:10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
     ) {
         pb.set_style(style.progress_chars("=> "));
     }
@@ -364,36 +409,30 @@ fn progress_bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Start and length of block `block` of a tensor of `len` bytes.
-fn block_span(layout: BlockLayout, len: u64, block: u64) -> (u64, u64) {
-    let start = block * layout.block_size;
-    (start, layout.block_size.min(len - start))
+/// What writing the journal produced.
+#[derive(Default)]
+struct Journaled {
+    bytes: u64,
+    blocks: u64,
+    bytes_changed: u64,
+    differing: u64,
+    /// New hashes per plan: (block, hash).
+    new_cvs: Vec<Vec<(u64, Cv)>>,
 }
 
-/// Work items covering `len` bytes in pieces of at most [`ITEM_BYTES`], aligned to `unit`:
-/// (first unit, unit count).
-fn work_items(len: u64, unit: u64) -> impl Iterator<Item = (u64, u64)> {
-    let units = len.div_ceil(unit);
-    let per_item = (ITEM_BYTES / unit).max(1);
-    (0..units.div_ceil(per_item)).map(move |i| (i * per_item, per_item.min(units - i * per_item)))
-}
-
-/// Sorted, merged (offset, len) ranges.
-fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (off, len) in ranges {
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 >= off => last.1 = last.1.max(off + len - last.0),
-            _ => out.push((off, len)),
-        }
-    }
-    out
+/// The records of one staged work item.
+struct Staged {
+    plan: usize,
+    encoded: Vec<u8>,
+    records: u64,
+    bytes: u64,
+    differing: u64,
+    cvs: Vec<(u64, Cv)>,
 }
 
 impl Checkpoint {
     /// A model directory with its state in `state_dir` (default `<model_dir>/.apollo-checkpoint`),
-    /// all model-file I/O through `io`.
+    /// all file I/O through `io`.
     pub fn new(model_dir: &Path, state_dir: Option<&Path>, io: Arc<dyn Io>) -> Self {
         let state_dir = state_dir.map_or_else(|| model_dir.join(STATE_DIR_NAME), Path::to_path_buf);
         Checkpoint {
@@ -401,6 +440,7 @@ impl Checkpoint {
             state_dir,
             io,
             progress: false,
+            wait: Duration::ZERO,
         }
     }
 
@@ -408,6 +448,13 @@ impl Checkpoint {
     #[must_use]
     pub fn with_progress(mut self, on_terminal: bool) -> Self {
         self.progress = on_terminal && std::io::stderr().is_terminal();
+        self
+    }
+
+    /// Waits up to `wait` for the state lock instead of failing at once.
+    #[must_use]
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
         self
     }
 
@@ -419,6 +466,29 @@ impl Checkpoint {
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.state_dir.join(JOURNAL_FILE)
+    }
+
+    fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Takes the lock, creating the state directory first for writers.
+    fn lock(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
+        if kind == LockKind::Exclusive {
+            self.io
+                .create_dir_all(&self.state_dir)
+                .map_err(Self::io_err(&self.state_dir))?;
+        } else if !self.state_dir.is_dir() {
+            return Ok(None);
+        }
+        Ok(Some(StateLock::acquire(&self.state_dir, kind, self.wait)?))
     }
 
     fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
@@ -440,6 +510,17 @@ impl Checkpoint {
         })
     }
 
+    fn refuse_if_journal_pending(&self) -> Result<(), Error> {
+        let path = self.journal_path();
+        if path.exists() {
+            return Err(Error::JournalPending {
+                path,
+                model_dir: self.model_dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether an index exists.
     pub fn is_initialized(&self) -> Result<bool, Error> {
         Ok(self.open_index()?.is_some())
@@ -447,6 +528,13 @@ impl Checkpoint {
 
     /// Builds the index by hashing every block of the model's files.
     pub fn init(&self, block_size: u64) -> Result<InitReport, Error> {
+        BlockLayout::new(block_size)?;
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.refuse_if_journal_pending()?;
+        self.init_locked(block_size)
+    }
+
+    fn init_locked(&self, block_size: u64) -> Result<InitReport, Error> {
         let start = Instant::now();
         let layout = BlockLayout::new(block_size)?;
         if self.open_index()?.is_some() {
@@ -455,14 +543,9 @@ impl Checkpoint {
             });
         }
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
-        self.io
-            .create_dir_all(&self.state_dir)
-            .map_err(|source| Error::Io {
-                path: self.state_dir.clone(),
-                source,
-            })?;
         let mut index = BlockIndex::open(&self.state_dir)?;
         let model_id = new_model_id(&model);
+        let data_bytes = model.data_bytes();
         let blocks = self.rebuild(
             &mut index,
             &model,
@@ -471,7 +554,15 @@ impl Checkpoint {
                 rebuild.set_meta("model_id", &model_id)?;
                 rebuild.set_meta("block_size", &block_size.to_string())?;
                 rebuild.set_meta("hash_scheme", blockhash::SCHEME)?;
-                rebuild.set_meta("created_at", &unix_ms().to_string())
+                rebuild.set_meta("created_at", &unix_ms().to_string())?;
+                rebuild.set_meta(
+                    "retain_generations",
+                    &DEFAULT_RETAIN_GENERATIONS.to_string(),
+                )?;
+                rebuild.set_meta(
+                    "retain_bytes",
+                    &(data_bytes / DEFAULT_RETAIN_FRACTION).to_string(),
+                )
             },
             |bytes, seconds| GenerationRecord {
                 generation: 0,
@@ -491,7 +582,7 @@ impl Checkpoint {
             generation: 0,
             files: model.files.len(),
             tensors: model.tensors.len(),
-            bytes_hashed: model.data_bytes(),
+            bytes_hashed: data_bytes,
             blocks,
             block_size,
             seconds: seconds_since(start),
@@ -519,24 +610,22 @@ impl Checkpoint {
             file_ids.push(rebuild.add_file(f)?);
         }
         let mut total_blocks = 0;
-        for batch in hash_batches(model.tensors.iter().map(|t| t.entry.len), layout) {
+        for batch in plan::hash_batches(model.tensors.iter().map(|t| t.entry.len), layout) {
             let mut hashes: Vec<Vec<Cv>> = batch
                 .clone()
                 .map(|i| vec![[0u8; 32]; layout.blocks(model.tensors[i].entry.len) as usize])
                 .collect();
+            let per_item = (plan::ITEM_BYTES / layout.block_size).max(1) as usize;
             let mut items = Vec::new();
             for (cvs, i) in hashes.iter_mut().zip(batch.clone()) {
-                let per_item = (ITEM_BYTES / layout.block_size).max(1) as usize;
                 for (k, chunk) in cvs.chunks_mut(per_item).enumerate() {
                     items.push((i, (k * per_item) as u64, chunk));
                 }
             }
             items.into_par_iter().try_for_each(|(i, first, out)| {
                 source.hash_units(i, layout.block_size, first, out)?;
-                pb.inc(
-                    (out.len() as u64 * layout.block_size)
-                        .min(model.tensors[i].entry.len - first * layout.block_size),
-                );
+                let len = model.tensors[i].entry.len;
+                pb.inc((out.len() as u64 * layout.block_size).min(len - first * layout.block_size));
                 Ok::<_, Error>(())
             })?;
             for (cvs, i) in hashes.iter().zip(batch) {
@@ -568,11 +657,12 @@ impl Checkpoint {
             });
         }
         let tensors = index.tensors()?;
+        let by_name: HashMap<&str, &IndexedTensor> =
+            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let same = tensors.len() == model.tensors.len()
-            && tensors.iter().all(|it| {
-                model.tensors.iter().any(|t| {
-                    t.entry.name == it.name
-                        && t.entry.offset == it.offset
+            && model.tensors.iter().all(|t| {
+                by_name.get(t.entry.name.as_str()).is_some_and(|it| {
+                    t.entry.offset == it.offset
                         && t.entry.len == it.len
                         && t.entry.shape == it.shape
                         && dtype_name(t.entry.dtype) == it.dtype
@@ -588,14 +678,18 @@ impl Checkpoint {
         Ok(tensors)
     }
 
-    /// Brings the model files up to date with `source`, writing only the blocks that changed.
+    /// Brings the model files up to date with `source`, writing only the blocks that changed,
+    /// through the journal.
     pub fn sync(&self, source: &dyn WeightSource) -> Result<SyncReport, Error> {
         let start = Instant::now();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        let recovered = self.recover_locked()?;
+        let recovered = (recovered.action != "none").then_some(recovered);
         let mut initialized_first = false;
         let mut index = if let Some(index) = self.open_index()? {
             index
         } else {
-            self.init(blockhash::DEFAULT_BLOCK_SIZE)?;
+            self.init_locked(blockhash::DEFAULT_BLOCK_SIZE)?;
             initialized_first = true;
             self.require_index()?
         };
@@ -604,72 +698,26 @@ impl Checkpoint {
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         let indexed = self.check_trusted(&index, &model)?;
         let pairs = match_tensors(&model, source)?;
-        let id_by_name: HashMap<&str, &IndexedTensor> =
+        let by_name: HashMap<&str, &IndexedTensor> =
             indexed.iter().map(|t| (t.name.as_str(), t)).collect();
+        let comparisons: Vec<Comparison<'_>> = model
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i, pairs[i], by_name[t.entry.name.as_str()]))
+            .collect();
 
         let mut phases = SyncPhases {
             check: seconds_since(start),
             ..SyncPhases::default()
         };
         let mut lap = Instant::now();
-        // Plan: which blocks differ.
         let pb = progress_bar(self.progress, model.data_bytes(), "comparing");
-        let mut plans: Vec<TensorPlan> = Vec::new();
-        for batch in hash_batches(model.tensors.iter().map(|t| t.entry.len), layout) {
-            let mut stored: Vec<Vec<Cv>> = Vec::new();
-            for i in batch.clone() {
-                stored.push(
-                    index
-                        .tensor_hashes(id_by_name[model.tensors[i].entry.name.as_str()], layout)?,
-                );
-            }
-            let mut items = Vec::new();
-            for (k, i) in batch.clone().enumerate() {
-                for (first, count) in work_items(model.tensors[i].entry.len, layout.group_size) {
-                    items.push((k, i, first, count));
-                }
-            }
-            let found: Vec<(usize, Vec<ChangedBlock>)> = items
-                .into_par_iter()
-                .map(|(k, i, first, count)| {
-                    let len = model.tensors[i].entry.len;
-                    let changed =
-                        plan_groups(source, pairs[i], len, layout, &stored[k], first, count)?;
-                    pb.inc((count * layout.group_size).min(len - first * layout.group_size));
-                    Ok((i, changed))
-                })
-                .collect::<Result<_, Error>>()?;
-            let mut by_tensor: BTreeMap<usize, Vec<ChangedBlock>> = BTreeMap::new();
-            for (i, changed) in found {
-                if !changed.is_empty() {
-                    by_tensor.entry(i).or_default().extend(changed);
-                }
-            }
-            for (i, mut blocks) in by_tensor {
-                blocks.sort_unstable_by_key(|b| b.block);
-                let index_id = id_by_name[model.tensors[i].entry.name.as_str()].id;
-                plans.push(TensorPlan {
-                    model: i,
-                    source: pairs[i],
-                    index_id,
-                    blocks,
-                });
-            }
-        }
+        let plans: Vec<TensorPlan> =
+            plan::find_changed::<Error>(&index, &model, source, &comparisons, layout, &pb)?;
         pb.finish_and_clear();
         phases.plan = seconds_since(lap);
 
-        let bytes_compared = model.data_bytes();
-        let blocks_changed: u64 = plans.iter().map(|p| p.blocks.len() as u64).sum();
-        let bytes_changed: u64 = plans
-            .iter()
-            .flat_map(|p| {
-                let len = model.tensors[p.model].entry.len;
-                p.blocks
-                    .iter()
-                    .map(move |b| block_span(layout, len, b.block).1)
-            })
-            .sum();
         let current = index.generation()?.unwrap_or(0);
         let mut report = SyncReport {
             generation: current,
@@ -677,95 +725,130 @@ impl Checkpoint {
             initialized_first,
             source: source.describe(),
             tensors: model.tensors.len(),
-            bytes_compared,
-            tensors_changed: plans.len(),
-            blocks_changed,
-            bytes_changed,
+            bytes_compared: model.data_bytes(),
+            tensors_changed: 0,
+            blocks_changed: 0,
+            bytes_changed: 0,
             bytes_differing: 0,
             files_changed: Vec::new(),
             model_bytes_read: 0,
+            journal_bytes: 0,
+            recovered,
             seconds: 0.0,
             phases: SyncPhases::default(),
         };
         if plans.is_empty() {
-            report.phases = phases;
             report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
             report.seconds = seconds_since(start);
+            report.phases = phases;
             index.set_last_sync(&last_sync_json(&report))?;
             return Ok(report);
         }
 
-        // Open the files that change, read-write.
-        let mut handles: BTreeMap<usize, Box<dyn FileIo>> = BTreeMap::new();
-        for p in &plans {
-            let f = model.tensors[p.model].file;
-            if let std::collections::btree_map::Entry::Vacant(e) = handles.entry(f) {
-                let path = model.file_path(f);
-                let h = self
-                    .io
-                    .open(&path, OpenMode::ReadWrite)
-                    .map_err(|source| Error::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let stat = h.stat().map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                if stat != model.files[f].stat {
-                    return Err(Error::Stale {
-                        file: model.files[f].name.clone(),
-                        what: "changed while this sync was reading it".into(),
-                        model_dir: self.model_dir.clone(),
-                    });
-                }
-                e.insert(h);
-            }
-        }
-        let chunks: Vec<(&TensorPlan, &[ChangedBlock])> = plans
+        // The files that change, opened read-write; their slot in the journal's file table.
+        lap = Instant::now();
+        let mut touched: Vec<usize> = plans.iter().map(|p| model.tensors[p.model].file).collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let slot: HashMap<usize, u32> = touched
             .iter()
-            .flat_map(|p| p.blocks.chunks(BLOCKS_PER_CHUNK).map(move |c| (p, c)))
+            .enumerate()
+            .map(|(s, &f)| (f, s as u32))
             .collect();
+        let mut handles: Vec<Box<dyn FileIo>> = Vec::with_capacity(touched.len());
+        for &f in &touched {
+            let path = model.file_path(f);
+            let h = self
+                .io
+                .open(&path, OpenMode::ReadWrite)
+                .map_err(Self::io_err(&path))?;
+            if h.stat().map_err(Self::io_err(&path))? != model.files[f].stat {
+                return Err(Error::Stale {
+                    file: model.files[f].name.clone(),
+                    what: "changed while this sync was reading it".into(),
+                    model_dir: self.model_dir.clone(),
+                });
+            }
+            handles.push(h);
+        }
 
-        // Stage: read and check the old bytes of the changed blocks.
-        lap = Instant::now();
-        let bytes_differing: u64 = chunks
-            .par_iter()
-            .map(|&(p, blocks)| self.stage_chunk(&model, &handles, source, layout, p, blocks))
-            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+        // Journal: old ⊕ new of every changed block, then the commit record.
+        let journal_path = self.journal_path();
+        let header = JournalHeader {
+            kind: JournalKind::Sync,
+            block_size: layout.block_size as u32,
+            model_id: index.meta("model_id")?.unwrap_or_default(),
+            base_generation: current,
+            target_generation: current + 1,
+            created_ms: unix_ms() as u64,
+            files: touched
+                .iter()
+                .map(|&f| JournalFile {
+                    name: model.files[f].name.clone(),
+                    size: model.files[f].stat.size,
+                })
+                .collect(),
+            info: serde_json::json!({
+                "source": report.source,
+                "tensors": report.tensors,
+                "bytes_compared": report.bytes_compared,
+            }),
+        };
+        let journaled = self
+            .write_journal(
+                &journal_path,
+                &header,
+                &plans,
+                &model,
+                &handles,
+                &slot,
+                source,
+                layout,
+            )
+            .inspect_err(|_| self.discard_uncommitted(&journal_path))?;
+        report.journal_bytes = journaled.bytes;
+        report.blocks_changed = journaled.blocks;
+        report.bytes_changed = journaled.bytes_changed;
+        report.bytes_differing = journaled.differing;
+        let new_cvs = journaled.new_cvs;
+        phases.journal = seconds_since(lap);
 
-        phases.stage = seconds_since(lap);
+        // Apply: roll the journal forward (the code recovery runs), then make the files durable.
         lap = Instant::now();
-        // Apply: write the new bytes, then make each file durable.
-        chunks.par_iter().try_for_each(|&(p, blocks)| {
-            apply_chunk(&model, &handles, source, layout, p, blocks)
-        })?;
+        let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &journal_path)?
+        else {
+            return Err(JournalError::Corrupt {
+                path: journal_path,
+                what: "not committed after its commit record was written".into(),
+            }
+            .into());
+        };
+        apply::roll_forward(&journal, &handles)?;
+        drop(journal);
         phases.apply = seconds_since(lap);
         lap = Instant::now();
-        // Files are flushed in parallel so the device sees all their writes at once.
-        let file_stats: Vec<(String, FileStat)> = handles
-            .par_iter()
-            .map(|(&f, h)| {
-                let path = model.file_path(f);
-                h.sync().map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                let stat = h.stat().map_err(|source| Error::Io { path, source })?;
-                Ok((model.files[f].name.clone(), stat))
-            })
-            .collect::<Result<_, Error>>()?;
+        let file_stats = flush_files(&handles, &header.files)?;
         phases.flush = seconds_since(lap);
-        lap = Instant::now();
+
         // Commit: hashes, stats, generation and its ranges in one transaction.
+        lap = Instant::now();
         let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-        for p in &plans {
+        let mut updates = Vec::new();
+        for (p, cvs) in plans.iter().zip(new_cvs) {
+            if cvs.is_empty() {
+                continue;
+            }
             let t = &model.tensors[p.model];
             let r = ranges.entry(t.file).or_default();
-            for b in &p.blocks {
-                let (off, len) = block_span(layout, t.entry.len, b.block);
+            for (b, _) in &cvs {
+                let (off, len) = block_span(layout, t.entry.len, *b);
                 r.push((t.entry.offset + off, len));
             }
+            report.tensors_changed += 1;
+            updates.push(HashUpdate {
+                tensor_id: p.index_id,
+                blocks: cvs,
+            });
         }
         let ranges: FileRanges = ranges
             .into_iter()
@@ -773,64 +856,120 @@ impl Checkpoint {
             .collect();
         report.generation = current + 1;
         report.changed = true;
-        report.bytes_differing = bytes_differing;
         report.files_changed = file_stats.iter().map(|(n, _)| n.clone()).collect();
         report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
         report.seconds = seconds_since(start);
         let commit = SyncCommit {
-            updates: plans
-                .iter()
-                .map(|p| HashUpdate {
-                    tensor_id: p.index_id,
-                    blocks: p.blocks.iter().map(|b| (b.block, b.new)).collect(),
-                })
-                .collect(),
+            updates,
             file_stats,
             generation: Some(GenerationRecord {
                 generation: report.generation,
-                kind: "sync".into(),
+                kind: JournalKind::Sync.name().into(),
                 created_at_ms: unix_ms(),
                 source: report.source.clone(),
                 tensors: report.tensors as u64,
-                bytes_compared,
-                blocks_changed,
-                bytes_changed,
+                bytes_compared: report.bytes_compared,
+                blocks_changed: report.blocks_changed,
+                bytes_changed: report.bytes_changed,
                 seconds: report.seconds,
             }),
             ranges,
-            last_sync: last_sync_json(&report),
+            last_sync: Some(last_sync_json(&report)),
         };
         index.commit_sync(&commit)?;
         phases.commit = seconds_since(lap);
+        lap = Instant::now();
+        self.retire(&index, report.generation)?;
+        phases.retire = seconds_since(lap);
         report.phases = phases;
         report.seconds = seconds_since(start);
         Ok(report)
     }
 
-    /// Reads the old bytes of `blocks`, checks them against their stored hashes and returns how
-    /// many bytes differ from the new ones.
+    /// Writes and commits the journal of `plans`: reads and checks the old bytes of every changed
+    /// block, reads its new bytes from the source and appends their XOR.
+    #[allow(clippy::too_many_arguments)]
+    fn write_journal(
+        &self,
+        path: &Path,
+        header: &JournalHeader,
+        plans: &[TensorPlan],
+        model: &ModelLayout,
+        handles: &[Box<dyn FileIo>],
+        slot: &HashMap<usize, u32>,
+        source: &dyn WeightSource,
+        layout: BlockLayout,
+    ) -> Result<Journaled, Error> {
+        let mut writer = JournalWriter::create(self.io.as_ref(), path, header)?;
+        let chunks: Vec<(usize, &[ChangedBlock])> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.blocks.chunks(BLOCKS_PER_CHUNK).map(move |c| (i, c)))
+            .collect();
+        let mut out = Journaled {
+            new_cvs: vec![Vec::new(); plans.len()],
+            ..Journaled::default()
+        };
+        for batch in chunks.chunks(CHUNKS_PER_BATCH) {
+            let staged: Vec<Staged> = batch
+                .par_iter()
+                .map(|&(i, blocks)| {
+                    self.stage_chunk(model, handles, slot, source, layout, &plans[i], i, blocks)
+                })
+                .collect::<Result<_, Error>>()?;
+            for s in staged {
+                writer.append(&s.encoded, s.records)?;
+                out.blocks += s.records;
+                out.bytes_changed += s.bytes;
+                out.differing += s.differing;
+                out.new_cvs[s.plan].extend(s.cvs);
+            }
+        }
+        out.bytes = writer.commit(self.io.as_ref())?;
+        Ok(out)
+    }
+
+    /// Removes a journal that failed before the model was touched, so the failure leaves
+    /// nothing pending. Best effort: if this fails too, recovery discards or finishes it.
+    fn discard_uncommitted(&self, path: &Path) {
+        if self.io.remove_file(path).is_ok() {
+            let _ = self.io.sync_dir(&self.state_dir);
+        }
+    }
+
+    /// Reads the old bytes of `blocks`, checks them against their stored hashes, reads the new
+    /// bytes from the source and encodes one journal record per block that still differs.
+    #[allow(clippy::too_many_arguments)]
     fn stage_chunk(
         &self,
         model: &ModelLayout,
-        handles: &BTreeMap<usize, Box<dyn FileIo>>,
+        handles: &[Box<dyn FileIo>],
+        slot: &HashMap<usize, u32>,
         source: &dyn WeightSource,
         layout: BlockLayout,
         plan: &TensorPlan,
+        plan_index: usize,
         blocks: &[ChangedBlock],
-    ) -> Result<u64, Error> {
+    ) -> Result<Staged, Error> {
         let t = &model.tensors[plan.model];
-        let file = &handles[&t.file];
+        let file = slot[&t.file];
+        let handle = &handles[file as usize];
         let mut old = vec![0u8; layout.block_size as usize];
         let mut new = vec![0u8; layout.block_size as usize];
-        let mut differing = 0u64;
+        let mut staged = Staged {
+            plan: plan_index,
+            encoded: Vec::new(),
+            records: 0,
+            bytes: 0,
+            differing: 0,
+            cvs: Vec::new(),
+        };
         for b in blocks {
             let (off, len) = block_span(layout, t.entry.len, b.block);
             let (old, new) = (&mut old[..len as usize], &mut new[..len as usize]);
-            file.read_at(t.entry.offset + off, old)
-                .map_err(|source| Error::Io {
-                    path: file.path().to_path_buf(),
-                    source,
-                })?;
+            handle
+                .read_at(t.entry.offset + off, old)
+                .map_err(Self::io_err(handle.path()))?;
             if blockhash::subtree_cv(off, old) != b.old {
                 return Err(Error::OldBlockChanged {
                     file: model.files[t.file].name.clone(),
@@ -841,14 +980,320 @@ impl Checkpoint {
                     model_dir: self.model_dir.clone(),
                 });
             }
+            // The source may have moved on since the plan: journal what it holds now.
             source.read(plan.source, off, new)?;
-            differing += old.iter().zip(new.iter()).filter(|(a, b)| a != b).count() as u64;
+            let cv = if new == old {
+                b.old
+            } else {
+                blockhash::subtree_cv(off, new)
+            };
+            if cv == b.old {
+                continue;
+            }
+            let mut payload = Vec::new();
+            staged.differing += encode_xor(old, new, &mut payload);
+            Record {
+                file,
+                tensor_offset: t.entry.offset,
+                block_offset: t.entry.offset + off,
+                len: len as u32,
+                old: hash_prefix(&b.old),
+                new: hash_prefix(&cv),
+                payload,
+            }
+            .encode(&mut staged.encoded);
+            staged.records += 1;
+            staged.bytes += len;
+            staged.cvs.push((b.block, cv));
         }
-        Ok(differing)
+        Ok(staged)
+    }
+
+    /// Moves the journal of `generation` to the undo data and prunes the undo data to the
+    /// retention limits.
+    fn retire(&self, index: &BlockIndex, generation: u64) -> Result<(), Error> {
+        let undo = self.state_dir.join(UNDO_DIR);
+        self.io.create_dir_all(&undo).map_err(Self::io_err(&undo))?;
+        let target = undo.join(undo_name(generation));
+        if target.exists() {
+            self.io
+                .remove_file(&target)
+                .map_err(Self::io_err(&target))?;
+        }
+        self.io
+            .rename(&self.journal_path(), &target)
+            .map_err(Self::io_err(&target))?;
+        self.io.sync_dir(&undo).map_err(Self::io_err(&undo))?;
+        self.io
+            .sync_dir(&self.state_dir)
+            .map_err(Self::io_err(&self.state_dir))?;
+        let keep_gens = index
+            .meta("retain_generations")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_RETAIN_GENERATIONS);
+        let keep_bytes = index
+            .meta("retain_bytes")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        let mut kept = self.undo_files()?;
+        let mut removed = false;
+        let mut total: u64 = kept.iter().map(|(_, _, len)| len).sum();
+        while !kept.is_empty() && (kept.len() as u64 > keep_gens || total > keep_bytes) {
+            let (_, path, len) = kept.remove(0);
+            self.io.remove_file(&path).map_err(Self::io_err(&path))?;
+            total -= len;
+            removed = true;
+        }
+        if removed {
+            self.io.sync_dir(&undo).map_err(Self::io_err(&undo))?;
+        }
+        Ok(())
+    }
+
+    /// Undo files, oldest first: (generation, path, bytes).
+    fn undo_files(&self) -> Result<Vec<(u64, PathBuf, u64)>, Error> {
+        let undo = self.state_dir.join(UNDO_DIR);
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&undo) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Self::io_err(&undo)(e)),
+        };
+        for e in entries {
+            let e = e.map_err(Self::io_err(&undo))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(g) = name
+                .strip_suffix(".apj")
+                .and_then(|g| g.parse::<u64>().ok())
+            {
+                let len = e.metadata().map_err(Self::io_err(&e.path()))?.len();
+                out.push((g, e.path(), len));
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Finishes or discards an interrupted write, taking the lock.
+    pub fn recover(&self) -> Result<RecoverReport, Error> {
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.recover_locked()
+    }
+
+    fn recover_locked(&self) -> Result<RecoverReport, Error> {
+        let start = Instant::now();
+        let path = self.journal_path();
+        let journal = match Journal::open(self.io.as_ref(), &path)? {
+            JournalState::Absent => {
+                let generation = match self.open_index()? {
+                    Some(index) => index.generation()?.unwrap_or(0),
+                    None => 0,
+                };
+                return Ok(RecoverReport {
+                    action: "none".into(),
+                    generation,
+                    blocks: ApplyStats::default(),
+                    seconds: seconds_since(start),
+                });
+            }
+            JournalState::Uncommitted => {
+                // The commit record never became durable, so no model byte was written.
+                self.io.remove_file(&path).map_err(Self::io_err(&path))?;
+                self.io
+                    .sync_dir(&self.state_dir)
+                    .map_err(Self::io_err(&self.state_dir))?;
+                let generation = match self.open_index()? {
+                    Some(index) => index.generation()?.unwrap_or(0),
+                    None => 0,
+                };
+                return Ok(RecoverReport {
+                    action: "discarded".into(),
+                    generation,
+                    blocks: ApplyStats::default(),
+                    seconds: seconds_since(start),
+                });
+            }
+            JournalState::Committed(j) => j,
+        };
+        let foreign = |what: String| Error::ForeignJournal {
+            path: path.clone(),
+            what,
+        };
+        let mut index = self
+            .open_index()?
+            .ok_or_else(|| foreign("there is no index for it in this state directory".into()))?;
+        let h = journal.header.clone();
+        let model_id = index.meta("model_id")?.unwrap_or_default();
+        if h.model_id != model_id {
+            return Err(foreign(format!(
+                "it belongs to model {}, this index is model {model_id}",
+                h.model_id
+            )));
+        }
+        let layout = index.block_layout()?;
+        if u64::from(h.block_size) != layout.block_size {
+            return Err(foreign(format!(
+                "block size {} differs from the index's {}",
+                h.block_size, layout.block_size
+            )));
+        }
+        let current = index.generation()?.unwrap_or(0);
+        if current != h.base_generation && current != h.target_generation {
+            return Err(foreign(format!(
+                "it takes generation {} to {}, but the index is at generation {current}",
+                h.base_generation, h.target_generation
+            )));
+        }
+        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let indexed_files = index.files()?;
+        let mut handles = Vec::with_capacity(h.files.len());
+        for jf in &h.files {
+            let known = indexed_files.iter().find(|f| f.name == jf.name);
+            let now = model.files.iter().find(|f| f.name == jf.name);
+            let same = match (known, now) {
+                (Some(k), Some(n)) => {
+                    k.header_hash == n.header.header_hash && n.stat.size == jf.size
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(foreign(format!(
+                    "its file {} is not the model's file of that name",
+                    jf.name
+                )));
+            }
+            let p = self.model_dir.join(&jf.name);
+            handles.push(
+                self.io
+                    .open(&p, OpenMode::ReadWrite)
+                    .map_err(Self::io_err(&p))?,
+            );
+        }
+        let blocks = apply::roll_forward(&journal, &handles)?;
+        let file_stats = flush_files(&handles, &h.files)?;
+        let mut commit = SyncCommit {
+            file_stats,
+            ..SyncCommit::default()
+        };
+        if current == h.base_generation {
+            let (updates, ranges, bytes_changed) =
+                Self::hashes_after(&journal, &index, &handles, layout)?;
+            let info = &h.info;
+            commit.generation = Some(GenerationRecord {
+                generation: h.target_generation,
+                kind: h.kind.name().into(),
+                created_at_ms: unix_ms(),
+                source: format!(
+                    "{} (recovered)",
+                    info.get("source")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("?")
+                ),
+                tensors: info
+                    .get("tensors")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                bytes_compared: info
+                    .get("bytes_compared")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                blocks_changed: journal.count,
+                bytes_changed,
+                seconds: seconds_since(start),
+            });
+            commit.updates = updates;
+            commit.ranges = ranges;
+        }
+        index.commit_sync(&commit)?;
+        drop(journal);
+        self.retire(&index, h.target_generation)?;
+        Ok(RecoverReport {
+            action: "rolled_forward".into(),
+            generation: h.target_generation,
+            blocks,
+            seconds: seconds_since(start),
+        })
+    }
+
+    /// The new block hashes, changed ranges and changed bytes of a journal rolled forward, read
+    /// back from the files.
+    fn hashes_after(
+        journal: &Journal,
+        index: &BlockIndex,
+        handles: &[Box<dyn FileIo>],
+        layout: BlockLayout,
+    ) -> Result<(Vec<HashUpdate>, FileRanges, u64), Error> {
+        let files = index.files()?;
+        let tensors = index.tensors()?;
+        let mut by_place: HashMap<(&str, u64), &IndexedTensor> = HashMap::new();
+        for t in &tensors {
+            if let Some(f) = files.iter().find(|f| f.id == t.file_id) {
+                by_place.insert((f.name.as_str(), t.offset), t);
+            }
+        }
+        let names: Vec<&str> = journal
+            .header
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        let index_path = index.path().to_path_buf();
+        let mut updates: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
+        let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut bytes = 0;
+        journal.for_each_batch(64 << 20, |batch| {
+            let hashed: Vec<(i64, u64, Cv)> = batch
+                .par_iter()
+                .map(|r| {
+                    let name = names[r.file as usize];
+                    let t = by_place.get(&(name, r.tensor_offset)).ok_or_else(|| {
+                        IndexError::Corrupt {
+                            path: index_path.clone(),
+                            what: format!(
+                                "no tensor at byte {} of {name}, where the journal has one",
+                                r.tensor_offset
+                            ),
+                        }
+                    })?;
+                    let mut block = vec![0u8; r.len as usize];
+                    let h = &handles[r.file as usize];
+                    h.read_at(r.block_offset, &mut block)
+                        .map_err(Self::io_err(h.path()))?;
+                    let rel = r.block_offset - r.tensor_offset;
+                    Ok((
+                        t.id,
+                        rel / layout.block_size,
+                        blockhash::subtree_cv(rel, &block),
+                    ))
+                })
+                .collect::<Result<_, Error>>()?;
+            for (r, (id, block, cv)) in batch.iter().zip(hashed) {
+                updates.entry(id).or_default().push((block, cv));
+                ranges
+                    .entry(r.file as usize)
+                    .or_default()
+                    .push((r.block_offset, u64::from(r.len)));
+                bytes += u64::from(r.len);
+            }
+            Ok::<_, Error>(())
+        })?;
+        let updates = updates
+            .into_iter()
+            .map(|(tensor_id, mut blocks)| {
+                blocks.sort_unstable_by_key(|b| b.0);
+                HashUpdate { tensor_id, blocks }
+            })
+            .collect();
+        let ranges = ranges
+            .into_iter()
+            .map(|(f, r)| (names[f].to_string(), merge_ranges(r)))
+            .collect();
+        Ok((updates, ranges, bytes))
     }
 
     /// Reports what the state directory knows, without reading model data.
     pub fn status(&self) -> Result<StatusReport, Error> {
+        let _lock = self.lock(LockKind::Shared)?;
         let mut report = StatusReport {
             model_dir: self.model_dir.clone(),
             state_dir: self.state_dir.clone(),
@@ -861,7 +1306,17 @@ impl Checkpoint {
             files: Vec::new(),
             index_bytes: 0,
             pending: Vec::new(),
+            undo_generations: 0,
+            undo_bytes: 0,
+            retain_generations: None,
+            retain_bytes: None,
         };
+        if self.journal_path().exists() {
+            report.pending.push(format!(
+                "an interrupted write is pending: run `apollo-checkpoint recover --model-dir {}` (sync also recovers first)",
+                self.model_dir.display()
+            ));
+        }
         let Some(index) = self.open_index()? else {
             report.pending.push(format!(
                 "not initialized: run `apollo-checkpoint init --model-dir {}`",
@@ -879,6 +1334,13 @@ impl Checkpoint {
             .and_then(|s| serde_json::from_str(&s).ok());
         report.block_size = Some(index.block_layout()?.block_size);
         report.tensors = index.tensors()?.len();
+        report.retain_generations = index
+            .meta("retain_generations")?
+            .and_then(|v| v.parse().ok());
+        report.retain_bytes = index.meta("retain_bytes")?.and_then(|v| v.parse().ok());
+        let undo = self.undo_files()?;
+        report.undo_generations = undo.len() as u64;
+        report.undo_bytes = undo.iter().map(|u| u.2).sum();
         report.index_bytes = ["", "-wal"]
             .iter()
             .filter_map(|suffix| {
@@ -896,7 +1358,7 @@ impl Checkpoint {
                 Ok(m) if FileStat::from_metadata(&m) == f.stat => "ok",
                 Ok(_) => "modified",
             };
-            if state != "ok" {
+            if state != "ok" && !self.journal_path().exists() {
                 report.pending.push(format!(
                     "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair --model-dir {}`",
                     f.name,
@@ -916,14 +1378,34 @@ impl Checkpoint {
     /// whatever differs from the files as they are now.
     pub fn verify(&self, repair: bool) -> Result<VerifyReport, Error> {
         let start = Instant::now();
+        let _lock = self.lock(if repair {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        })?;
         let mut index = self.require_index()?;
+        if repair {
+            self.refuse_if_journal_pending()?;
+        }
         let layout = index.block_layout()?;
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         let indexed_files = index.files()?;
-        let problems = file_problems(&indexed_files, &model);
+        let mut problems: Vec<String> = file_problems(&indexed_files, &model)
+            .iter()
+            .map(|(f, w)| format!("{f}: {w}"))
+            .collect();
+        if self.journal_path().exists() {
+            problems.insert(
+                0,
+                format!(
+                    "{}: an interrupted write is pending; run `apollo-checkpoint recover`",
+                    self.journal_path().display()
+                ),
+            );
+        }
         let mut report = VerifyReport {
             clean: true,
-            file_problems: problems.iter().map(|(f, w)| format!("{f}: {w}")).collect(),
+            file_problems: problems,
             mismatched_blocks: Vec::new(),
             mismatched_block_count: 0,
             bytes_checked: 0,
@@ -946,73 +1428,45 @@ impl Checkpoint {
         let by_name: HashMap<&str, &IndexedTensor> =
             indexed.iter().map(|t| (t.name.as_str(), t)).collect();
         let source = SafetensorsSource::open(&self.model_dir)?;
-        let comparable: Vec<usize> = (0..model.tensors.len())
-            .filter(|&i| {
-                let t = &model.tensors[i];
-                !header_changed.contains(&model.files[t.file].name.as_str())
-                    && by_name.contains_key(t.entry.name.as_str())
-            })
+        let comparisons: Vec<Comparison<'_>> = model
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !header_changed.contains(&model.files[t.file].name.as_str()))
+            .filter_map(|(i, t)| Some((i, i, *by_name.get(t.entry.name.as_str())?)))
             .collect();
-        let pb = progress_bar(
-            self.progress,
-            comparable.iter().map(|&i| model.tensors[i].entry.len).sum(),
-            "verifying",
-        );
+        report.bytes_checked = comparisons
+            .iter()
+            .map(|c| model.tensors[c.0].entry.len)
+            .sum();
+        let pb = progress_bar(self.progress, report.bytes_checked, "verifying");
+        let plans: Vec<TensorPlan> =
+            plan::find_changed::<Error>(&index, &model, &source, &comparisons, layout, &pb)?;
+        pb.finish_and_clear();
         let mut mismatched_ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-        for batch in hash_batches(
-            comparable.iter().map(|&i| model.tensors[i].entry.len),
-            layout,
-        ) {
-            let mut stored = Vec::new();
-            for k in batch.clone() {
-                stored.push(index.tensor_hashes(
-                    by_name[model.tensors[comparable[k]].entry.name.as_str()],
-                    layout,
-                )?);
-            }
-            let mut items = Vec::new();
-            for (s, k) in batch.clone().enumerate() {
-                for (first, count) in
-                    work_items(model.tensors[comparable[k]].entry.len, layout.group_size)
-                {
-                    items.push((s, comparable[k], first, count));
-                }
-            }
-            let found: Vec<(usize, Vec<ChangedBlock>)> = items
-                .into_par_iter()
-                .map(|(s, i, first, count)| {
-                    let len = model.tensors[i].entry.len;
-                    let changed = plan_groups(&source, i, len, layout, &stored[s], first, count)?;
-                    pb.inc((count * layout.group_size).min(len - first * layout.group_size));
-                    Ok((i, changed))
-                })
-                .collect::<Result<_, Error>>()?;
-            for (i, changed) in found {
-                let t = &model.tensors[i];
-                for b in changed {
-                    let (off, len) = block_span(layout, t.entry.len, b.block);
-                    report.mismatched_block_count += 1;
-                    mismatched_ranges
-                        .entry(t.file)
-                        .or_default()
-                        .push((t.entry.offset + off, len));
-                    if report.mismatched_blocks.len() < VerifyReport::MAX_LISTED {
-                        report.mismatched_blocks.push(BlockMismatch {
-                            file: model.files[t.file].name.clone(),
-                            tensor: t.entry.name.clone(),
-                            block: b.block,
-                            offset: t.entry.offset + off,
-                            len,
-                        });
-                    }
+        for p in &plans {
+            let t = &model.tensors[p.model];
+            for b in &p.blocks {
+                let (off, len) = block_span(layout, t.entry.len, b.block);
+                report.mismatched_block_count += 1;
+                mismatched_ranges
+                    .entry(t.file)
+                    .or_default()
+                    .push((t.entry.offset + off, len));
+                if report.mismatched_blocks.len() < VerifyReport::MAX_LISTED {
+                    report.mismatched_blocks.push(BlockMismatch {
+                        file: model.files[t.file].name.clone(),
+                        tensor: t.entry.name.clone(),
+                        block: b.block,
+                        offset: t.entry.offset + off,
+                        len,
+                    });
                 }
             }
         }
-        pb.finish_and_clear();
         report
             .mismatched_blocks
             .sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
-        report.bytes_checked = comparable.iter().map(|&i| model.tensors[i].entry.len).sum();
         report.clean = report.file_problems.is_empty() && report.mismatched_block_count == 0;
 
         if repair && !report.clean {
@@ -1056,6 +1510,28 @@ impl Checkpoint {
         report.seconds = seconds_since(start);
         Ok(report)
     }
+}
+
+/// File name of the undo data of `generation`.
+fn undo_name(generation: u64) -> String {
+    format!("{generation:020}.apj")
+}
+
+/// Makes every file durable, in parallel so the device sees all their writes at once; returns
+/// their names and new stats.
+fn flush_files(
+    handles: &[Box<dyn FileIo>],
+    files: &[JournalFile],
+) -> Result<Vec<(String, FileStat)>, Error> {
+    handles
+        .par_iter()
+        .zip(files)
+        .map(|(h, f)| {
+            h.sync().map_err(Checkpoint::io_err(h.path()))?;
+            let stat = h.stat().map_err(Checkpoint::io_err(h.path()))?;
+            Ok((f.name.clone(), stat))
+        })
+        .collect()
 }
 
 /// Differences between the indexed files and the files as parsed now, as (file, what).
@@ -1143,108 +1619,6 @@ fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<u
     }
 }
 
-/// Splits tensors (given by length) into consecutive index ranges whose stored hashes fit in
-/// [`HASH_BATCH_BYTES`].
-fn hash_batches(
-    lens: impl Iterator<Item = u64>,
-    layout: BlockLayout,
-) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0u64;
-    let mut n = 0;
-    for (i, len) in lens.enumerate() {
-        let b = layout.blocks(len) * blockhash::CV_LEN as u64;
-        if i > start && bytes + b > HASH_BATCH_BYTES {
-            out.push(start..i);
-            start = i;
-            bytes = 0;
-        }
-        bytes += b;
-        n = i + 1;
-    }
-    if n > start {
-        out.push(start..n);
-    }
-    out
-}
-
-/// Compares `count` groups of a tensor, from group `first`, with the stored block hashes;
-/// returns the blocks that differ with their stored and new hashes.
-fn plan_groups(
-    source: &dyn WeightSource,
-    source_tensor: usize,
-    len: u64,
-    layout: BlockLayout,
-    stored: &[Cv],
-    first: u64,
-    count: u64,
-) -> Result<Vec<ChangedBlock>, Error> {
-    let mut groups = vec![[0u8; 32]; count as usize];
-    source.hash_units(source_tensor, layout.group_size, first, &mut groups)?;
-    let per = layout.blocks_per_group();
-    let nblocks = layout.blocks(len);
-    let mut changed = Vec::new();
-    let mut block_cvs = vec![[0u8; 32]; per as usize];
-    for (k, live) in groups.iter().enumerate() {
-        let g = first + k as u64;
-        let b0 = g * per;
-        let b1 = (b0 + per).min(nblocks);
-        let old = &stored[b0 as usize..b1 as usize];
-        let group_len = layout.group_size.min(len - g * layout.group_size);
-        if merge_blocks(old, group_len, layout.block_size) == *live {
-            continue;
-        }
-        let new = &mut block_cvs[..old.len()];
-        if old.len() == 1 {
-            new[0] = *live;
-        } else {
-            source.hash_units(source_tensor, layout.block_size, b0, new)?;
-        }
-        for (j, (o, n)) in old.iter().zip(new.iter()).enumerate() {
-            if o != n {
-                changed.push(ChangedBlock {
-                    block: b0 + j as u64,
-                    old: *o,
-                    new: *n,
-                });
-            }
-        }
-    }
-    Ok(changed)
-}
-
-/// Writes the new bytes of `blocks` into the model file, checking each against its planned hash.
-fn apply_chunk(
-    model: &ModelLayout,
-    handles: &BTreeMap<usize, Box<dyn FileIo>>,
-    source: &dyn WeightSource,
-    layout: BlockLayout,
-    plan: &TensorPlan,
-    blocks: &[ChangedBlock],
-) -> Result<(), Error> {
-    let t = &model.tensors[plan.model];
-    let file = &handles[&t.file];
-    let mut buf = vec![0u8; layout.block_size as usize];
-    for b in blocks {
-        let (off, len) = block_span(layout, t.entry.len, b.block);
-        let new = &mut buf[..len as usize];
-        source.read(plan.source, off, new)?;
-        if blockhash::subtree_cv(off, new) != b.new {
-            return Err(Error::SourceChanged {
-                tensor: t.entry.name.clone(),
-                block: b.block,
-            });
-        }
-        file.write_at(t.entry.offset + off, new)
-            .map_err(|source| Error::Io {
-                path: file.path().to_path_buf(),
-                source,
-            })?;
-    }
-    Ok(())
-}
-
 fn last_sync_json(report: &SyncReport) -> String {
     let mut v = serde_json::to_value(report).unwrap_or_default();
     if let Some(obj) = v.as_object_mut() {
@@ -1276,39 +1650,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranges_merge_when_they_touch_or_overlap() {
-        assert_eq!(
-            merge_ranges(vec![(8, 4), (0, 4), (4, 4), (20, 1), (19, 3)]),
-            vec![(0, 12), (19, 3)]
-        );
-        assert!(merge_ranges(vec![]).is_empty());
-    }
-
-    #[test]
-    fn work_items_cover_the_tensor_once() {
-        for (len, unit) in [
-            (0, 4096),
-            (1, 4096),
-            (ITEM_BYTES, 65536),
-            (3 * ITEM_BYTES + 5, 65536),
-            (10, 1 << 24),
-        ] {
-            let items: Vec<_> = work_items(len, unit).collect();
-            let mut next = 0;
-            for (first, count) in &items {
-                assert_eq!(*first, next);
-                next += count;
-            }
-            assert_eq!(next, len.div_ceil(unit));
-        }
-    }
-
-    #[test]
-    fn hash_batches_respect_the_budget_but_always_progress() {
-        let layout = BlockLayout::new(4096).unwrap();
-        let big = HASH_BATCH_BYTES / 32 * 4096; // exactly one budget of hashes
-        let batches = hash_batches([10, big, 10, 10].into_iter(), layout);
-        assert_eq!(batches, vec![0..1, 1..2, 2..4]);
-        assert!(hash_batches(std::iter::empty(), layout).is_empty());
+    fn undo_names_sort_by_generation() {
+        assert!(undo_name(9) < undo_name(10));
+        assert_eq!(undo_name(7), "00000000000000000007.apj");
     }
 }

@@ -142,8 +142,8 @@ pub struct SyncCommit {
     pub generation: Option<GenerationRecord>,
     /// Changed ranges of that generation, per file: sorted merged (offset, len).
     pub ranges: FileRanges,
-    /// JSON stats of this run, changed or not.
-    pub last_sync: String,
+    /// JSON stats of this run, changed or not (absent when recovery commits).
+    pub last_sync: Option<String>,
 }
 
 /// Encodes merged ranges as the `generation_ranges.ranges` BLOB.
@@ -499,7 +499,9 @@ impl BlockIndex {
                 .map_err(sql)?;
             }
         }
-        set_meta(&tx, "last_sync", &commit.last_sync).map_err(sql)?;
+        if let Some(last_sync) = &commit.last_sync {
+            set_meta(&tx, "last_sync", last_sync).map_err(sql)?;
+        }
         tx.commit().map_err(sql)
     }
 

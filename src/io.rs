@@ -61,9 +61,18 @@ impl FileStat {
 pub trait Io: Send + Sync {
     /// Opens an existing file.
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn FileIo>>;
+    /// Creates a new empty file (failing if it exists) for writing; it grows as it is written.
+    /// Its directory entry is durable only after [`Io::sync_dir`] of its parent.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FileIo>>;
+    /// Renames a file; durable only after [`Io::sync_dir`] of both parents.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file; durable only after [`Io::sync_dir`] of its parent.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the entries of a directory (creations, renames, removals) durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
     /// Creates a directory and its parents, then makes the new entries durable.
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
-    /// Bytes read from model files through this layer so far.
+    /// Bytes read from model files (memory-mapped ones) through this layer so far.
     fn bytes_read(&self) -> u64;
 }
 
@@ -81,7 +90,8 @@ pub trait FileIo: Send + Sync {
     fn stat(&self) -> io::Result<FileStat>;
     /// Fills `buf` from `offset`; fails if the range is not inside the file.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Writes `data` at `offset`; fails if the range is not inside the file.
+    /// Writes `data` at `offset`; fails if the range is not inside the file (model files never
+    /// grow; files made by [`Io::create`] grow to hold what is written).
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes every earlier write durable.
     fn sync(&self) -> io::Result<()>;
@@ -146,6 +156,31 @@ impl Io for RealIo {
             poisoned: AtomicBool::new(false),
             stats: Arc::clone(&self.stats),
         }))
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FileIo>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Box::new(PlainFile {
+            path: path.to_path_buf(),
+            file,
+            poisoned: AtomicBool::new(false),
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        sync_dir(path)
     }
 
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -320,5 +355,64 @@ impl FileIo for MappedFile {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
         r
+    }
+}
+
+/// A file written with `pwrite` that grows as it is written: the journal.
+struct PlainFile {
+    path: PathBuf,
+    file: File,
+    poisoned: AtomicBool,
+}
+
+impl PlainFile {
+    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn check_poisoned(&self) -> io::Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(io::Error::other(format!(
+                "{}: an earlier write or sync failed; this handle refuses further I/O",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl FileIo for PlainFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
+
+    fn stat(&self) -> io::Result<FileStat> {
+        Ok(FileStat::from_metadata(&self.file.metadata()?))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.check_poisoned()?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.check_poisoned()?;
+        let r = self.file.write_all_at(data, offset);
+        self.guard(r)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.check_poisoned()?;
+        let r = self.file.sync_all();
+        self.guard(r)
     }
 }

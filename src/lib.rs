@@ -9,16 +9,26 @@
 //! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at the speed of larger ones.
 //! - [`index`]: the SQLite block index, its migrations and the generation history.
 //! - [`source`]: [`WeightSource`], where live weights come from.
-//! - [`checkpoint`]: the operations `init`, `sync`, `status` and `verify`.
+//! - [`plan`]: deciding which blocks changed, without reading the model files.
+//! - [`journal`]: the fsynced undo/redo journal that makes a sync all-or-nothing.
+//! - [`apply`]: rolling a journal forward onto the files, idempotently, repairing torn blocks.
+//! - [`lock`]: the state-directory lock (one writer or many readers).
+//! - [`checkpoint`]: the operations `init`, `sync`, `recover`, `status` and `verify`.
 //! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
 
+pub mod apply;
 pub mod blockhash;
 pub mod checkpoint;
 pub mod index;
 pub mod io;
+pub mod journal;
+pub mod lock;
 pub mod model;
+pub mod plan;
 pub mod source;
 pub mod synthetic;
 
-pub use checkpoint::{Checkpoint, Error, InitReport, StatusReport, SyncReport, VerifyReport};
+pub use checkpoint::{
+    Checkpoint, Error, InitReport, RecoverReport, StatusReport, SyncReport, VerifyReport,
+};
 pub use source::{SafetensorsSource, WeightSource};

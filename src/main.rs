@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
 use apollo_checkpoint::io::RealIo;
-use apollo_checkpoint::{Checkpoint, SafetensorsSource, StatusReport, SyncReport, VerifyReport};
+use apollo_checkpoint::{
+    Checkpoint, RecoverReport, SafetensorsSource, StatusReport, SyncReport, VerifyReport,
+};
 use clap::{Args, Parser, Subcommand};
 
 /// Keep a model's safetensors files up to date with live weights, writing only what changed.
@@ -31,6 +33,10 @@ struct Target {
     /// Print one JSON object on stdout instead of text on stderr.
     #[arg(long)]
     json: bool,
+    /// If another apollo-checkpoint holds the model's lock, wait up to this long for it
+    /// instead of failing at once (exit 75).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    wait: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -52,6 +58,14 @@ enum Command {
         /// The live weights: a safetensors directory in the same HuggingFace layout.
         #[arg(long, value_name = "DIR")]
         from: PathBuf,
+    },
+    /// Finish or discard a write interrupted by a crash (sync does this first by itself).
+    ///
+    /// A committed journal is rolled forward, so the files hold the new generation; an
+    /// uncommitted one is discarded (the files were not touched).
+    Recover {
+        #[command(flatten)]
+        target: Target,
     },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
@@ -84,12 +98,15 @@ fn main() -> ExitCode {
 }
 
 fn checkpoint(target: &Target) -> Checkpoint {
+    let wait = std::time::Duration::try_from_secs_f64(target.wait.max(0.0))
+        .unwrap_or(std::time::Duration::MAX);
     Checkpoint::new(
         &target.model_dir,
         target.state_dir.as_deref(),
         Arc::new(RealIo::new()),
     )
     .with_progress(!target.json)
+    .with_wait(wait)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -125,7 +142,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if target.json {
                 print_json(&report)?;
             } else {
+                if let Some(r) = &report.recovered {
+                    eprintln!("{}", recover_summary(r));
+                }
                 eprintln!("{}", sync_summary(&report));
+            }
+        }
+        Command::Recover { target } => {
+            let report = checkpoint(&target).recover()?;
+            if target.json {
+                print_json(&report)?;
+            } else {
+                eprintln!("{}", recover_summary(&report));
             }
         }
         Command::Status { target } => {
@@ -207,6 +235,23 @@ fn sync_summary(r: &SyncReport) -> String {
     }
 }
 
+fn recover_summary(r: &RecoverReport) -> String {
+    match r.action.as_str() {
+        "none" => format!(
+            "nothing to recover: the model is at generation {}",
+            r.generation
+        ),
+        "discarded" => format!(
+            "recovered: discarded an uncommitted journal (the files were not touched); the model is at generation {}",
+            r.generation
+        ),
+        _ => format!(
+            "recovered: rolled an interrupted write forward to generation {} ({} blocks written, {} already written, {} torn blocks repaired)",
+            r.generation, r.blocks.applied, r.blocks.already_new, r.blocks.repaired
+        ),
+    }
+}
+
 fn time_ms(ms: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
@@ -259,6 +304,13 @@ fn print_status(r: &StatusReport) {
         ),
         None => println!("last sync:   never"),
     }
+    println!(
+        "undo data:   {} generations, {} (keeps the last {} generations, at most {})",
+        r.undo_generations,
+        human_bytes(r.undo_bytes),
+        r.retain_generations.unwrap_or(0),
+        human_bytes(r.retain_bytes.unwrap_or(0))
+    );
     println!("files:       {} ({})", r.files.len(), human_bytes(total));
     for f in &r.files {
         println!("  {:<40} {:>12}  {}", f.name, human_bytes(f.size), f.state);

@@ -182,12 +182,35 @@ struct CountingFile {
 }
 
 impl Io for CountingIo {
+    /// Counts model files only (the journal is not a model file).
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn FileIo>> {
+        let model_file = path.extension().is_some_and(|e| e == "safetensors");
+        let (read, written) = if model_file {
+            (self.read.clone(), self.written.clone())
+        } else {
+            (Arc::default(), Arc::default())
+        };
         Ok(Box::new(CountingFile {
             inner: self.inner.open(path, mode)?,
-            read: self.read.clone(),
-            written: self.written.clone(),
+            read,
+            written,
         }))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn FileIo>> {
+        Ok(Box::new(CountingFile {
+            inner: self.inner.create(path)?,
+            read: Arc::default(),
+            written: Arc::default(),
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(path)
     }
     fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
         self.inner.create_dir_all(path)
