@@ -1226,7 +1226,8 @@ impl Checkpoint {
         let files = index.files()?;
         let tensors = index.tensors()?;
         let mut by_place: HashMap<(&str, u64), &IndexedTensor> = HashMap::new();
-        for t in &tensors {
+        // Empty tensors share their offset with the next tensor and have no blocks.
+        for t in tensors.iter().filter(|t| t.len > 0) {
             if let Some(f) = files.iter().find(|f| f.id == t.file_id) {
                 by_place.insert((f.name.as_str(), t.offset), t);
             }

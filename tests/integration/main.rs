@@ -2,6 +2,7 @@
 
 mod bad_inputs;
 mod cli;
+mod faults;
 mod sync;
 mod trust;
 mod util;

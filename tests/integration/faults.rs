@@ -1,0 +1,507 @@
+//! Crash safety under injected faults: a sync stopped after every I/O step, failed with ENOSPC
+//! or EIO at every step, or cut by a power loss at every fsync (unsynced writes and directory
+//! entries dropped, one model page torn at 512-byte sectors). After each, `recover` must leave
+//! every model file byte-identical to before or after the sync, `verify` clean, and a following
+//! sync of the same weights must write nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
+use apollo_checkpoint::synthetic::Rng;
+use apollo_checkpoint::{Checkpoint, SafetensorsSource};
+
+use crate::util::{T, checkpoint, mixed_tensors, snapshot, write_model};
+
+/// What to do to the Nth I/O step.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Count steps only.
+    None,
+    /// Step N and every later one fail: the process stopped there.
+    Crash(u64),
+    /// Step N fails with this errno; later steps go through.
+    Fail(u64, i32),
+    /// At the Nth durability step (file or directory sync) power is lost: everything not yet
+    /// durable is undone, one model page is torn, and every later step fails.
+    PowerCut(u64, u64),
+}
+
+#[derive(Debug)]
+enum DirOp {
+    Created(PathBuf),
+    Renamed(PathBuf, PathBuf),
+    Removed(PathBuf, Vec<u8>),
+}
+
+struct PendingWrite {
+    path: PathBuf,
+    offset: u64,
+    old: Vec<u8>,
+    len: usize,
+    prior_len: u64,
+}
+
+#[derive(Default)]
+struct State {
+    steps: u64,
+    syncs: u64,
+    dead: bool,
+    pending: Vec<PendingWrite>,
+    dir_ops: Vec<(PathBuf, DirOp)>,
+    failed_sync: Vec<PathBuf>,
+    retried_failed_sync: bool,
+}
+
+/// The fault-injecting I/O layer.
+#[derive(Clone)]
+pub struct FaultIo {
+    inner: RealIo,
+    fault: Fault,
+    state: Arc<Mutex<State>>,
+}
+
+fn crashed() -> std::io::Error {
+    std::io::Error::other("simulated crash")
+}
+
+fn parent(p: &Path) -> PathBuf {
+    p.parent().unwrap().to_path_buf()
+}
+
+impl FaultIo {
+    pub fn new(fault: Fault) -> Self {
+        FaultIo {
+            inner: RealIo::new(),
+            fault,
+            state: Arc::default(),
+        }
+    }
+
+    pub fn steps(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        (s.steps, s.syncs)
+    }
+
+    pub fn retried_failed_sync(&self) -> bool {
+        self.state.lock().unwrap().retried_failed_sync
+    }
+
+    /// Counts a step; decides whether it runs. `durable` marks file and directory syncs.
+    fn step(&self, durable: bool) -> std::io::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        if s.dead {
+            return Err(crashed());
+        }
+        let n = s.steps;
+        s.steps += 1;
+        let k = s.syncs;
+        if durable {
+            s.syncs += 1;
+        }
+        match self.fault {
+            Fault::Crash(at) if n >= at => {
+                s.dead = true;
+                Err(crashed())
+            }
+            Fault::Fail(at, errno) if n == at => Err(std::io::Error::from_raw_os_error(errno)),
+            Fault::PowerCut(at, seed) if durable && k == at => {
+                power_cut(&mut s, seed);
+                s.dead = true;
+                Err(crashed())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Undoes everything not durable, tearing one page of one unsynced model-file write.
+fn power_cut(s: &mut State, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let model_writes: Vec<usize> = (0..s.pending.len())
+        .filter(|&i| {
+            s.pending[i]
+                .path
+                .extension()
+                .is_some_and(|e| e == "safetensors")
+        })
+        .collect();
+    let torn = (!model_writes.is_empty())
+        .then(|| model_writes[rng.below(model_writes.len() as u64) as usize]);
+    for (i, w) in s.pending.iter().enumerate().rev() {
+        let Ok(f) = std::fs::OpenOptions::new().write(true).open(&w.path) else {
+            continue;
+        };
+        if Some(i) == torn {
+            // Keep the new bytes of a random subset of the 512-byte sectors of one page.
+            let pages = w.len.div_ceil(4096);
+            let page = rng.below(pages as u64) as usize * 4096;
+            for sector in (0..w.old.len()).step_by(512) {
+                let in_page = sector >= page && sector < page + 4096;
+                if !(in_page && rng.below(2) == 0) {
+                    let end = (sector + 512).min(w.old.len());
+                    f.write_all_at(&w.old[sector..end], w.offset + sector as u64)
+                        .unwrap();
+                }
+            }
+        } else {
+            f.write_all_at(&w.old, w.offset).unwrap();
+        }
+        if f.metadata().unwrap().len() > w.prior_len {
+            f.set_len(w.prior_len).unwrap();
+        }
+    }
+    s.pending.clear();
+    for (_, op) in s.dir_ops.drain(..).rev() {
+        match op {
+            DirOp::Created(p) => {
+                let _ = std::fs::remove_file(&p);
+            }
+            DirOp::Renamed(from, to) => {
+                std::fs::rename(&to, &from).unwrap();
+            }
+            DirOp::Removed(p, content) => std::fs::write(&p, content).unwrap(),
+        }
+    }
+}
+
+struct FaultFile {
+    inner: Box<dyn FileIo>,
+    io: FaultIo,
+}
+
+impl Io for FaultIo {
+    fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn FileIo>> {
+        if self.state.lock().unwrap().dead {
+            return Err(crashed());
+        }
+        Ok(Box::new(FaultFile {
+            inner: self.inner.open(path, mode)?,
+            io: self.clone(),
+        }))
+    }
+    fn create(&self, path: &Path) -> std::io::Result<Box<dyn FileIo>> {
+        self.step(false)?;
+        let inner = self.inner.create(path)?;
+        self.state
+            .lock()
+            .unwrap()
+            .dir_ops
+            .push((parent(path), DirOp::Created(path.to_path_buf())));
+        Ok(Box::new(FaultFile {
+            inner,
+            io: self.clone(),
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.step(false)?;
+        self.inner.rename(from, to)?;
+        // Durable once the target's directory is synced (the state dir is synced right after).
+        self.state.lock().unwrap().dir_ops.push((
+            parent(to),
+            DirOp::Renamed(from.to_path_buf(), to.to_path_buf()),
+        ));
+        Ok(())
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.step(false)?;
+        let content = std::fs::read(path).unwrap_or_default();
+        self.inner.remove_file(path)?;
+        self.state
+            .lock()
+            .unwrap()
+            .dir_ops
+            .push((parent(path), DirOp::Removed(path.to_path_buf(), content)));
+        Ok(())
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        self.step(true)?;
+        self.inner.sync_dir(path)?;
+        self.state
+            .lock()
+            .unwrap()
+            .dir_ops
+            .retain(|(d, _)| d != path);
+        Ok(())
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        self.step(false)?;
+        self.inner.create_dir_all(path)
+    }
+    fn bytes_read(&self) -> u64 {
+        self.inner.bytes_read()
+    }
+}
+
+impl FileIo for FaultFile {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn stat(&self) -> std::io::Result<FileStat> {
+        self.inner.stat()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.io.state.lock().unwrap().dead {
+            return Err(crashed());
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.io.step(false)?;
+        let path = self.inner.path().to_path_buf();
+        let f = std::fs::File::open(&path)?;
+        let prior_len = f.metadata()?.len();
+        let avail = prior_len.saturating_sub(offset).min(data.len() as u64) as usize;
+        let mut old = vec![0u8; avail];
+        f.read_exact_at(&mut old, offset)?;
+        self.inner.write_at(offset, data)?;
+        self.io.state.lock().unwrap().pending.push(PendingWrite {
+            path,
+            offset,
+            old,
+            len: data.len(),
+            prior_len,
+        });
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        let path = self.inner.path().to_path_buf();
+        {
+            let mut s = self.io.state.lock().unwrap();
+            if s.failed_sync.contains(&path) {
+                s.retried_failed_sync = true;
+            }
+        }
+        if let Err(e) = self.io.step(true) {
+            self.io.state.lock().unwrap().failed_sync.push(path);
+            return Err(e);
+        }
+        self.inner.sync()?;
+        self.io
+            .state
+            .lock()
+            .unwrap()
+            .pending
+            .retain(|w| w.path != path);
+        Ok(())
+    }
+}
+
+/// Model files only (not the state directory), by name.
+fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".safetensors"))
+        .collect()
+}
+
+/// Copies a model directory with its state and makes the index trust the copy (new inodes).
+fn trusted_copy(from: &Path, to: &Path) {
+    copy_dir(from, to);
+    let r = checkpoint(to).verify(true).unwrap();
+    assert!(
+        r.mismatched_block_count == 0 && (r.clean || r.repaired),
+        "{r:?}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A model indexed at generation 0, its live weights after a training-like change, and the
+/// bytes of the model files before and after a clean sync.
+struct Scenario {
+    tmp: tempfile::TempDir,
+    template: PathBuf,
+    live: PathBuf,
+    before: BTreeMap<String, Vec<u8>>,
+    after: BTreeMap<String, Vec<u8>>,
+}
+
+fn scenario(seed: u64) -> Scenario {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("template");
+    let live = tmp.path().join("live");
+    let mut tensors: Vec<T> = mixed_tensors(seed);
+    write_model(&template, &tensors, 3);
+    checkpoint(&template).init(4096).unwrap();
+    // One sync first, so the faulty one is not the first generation and undo data exists.
+    let mut rng = Rng::new(seed);
+    tensors[0].data[7] ^= 1;
+    write_model(&live, &tensors, 1);
+    checkpoint(&template)
+        .sync(&SafetensorsSource::open(&live).unwrap())
+        .unwrap();
+    // Then the change under test: sparse bytes in every tensor plus one dense tensor.
+    for t in &mut tensors {
+        for _ in 0..3 {
+            if !t.data.is_empty() {
+                let i = rng.below(t.data.len() as u64) as usize;
+                t.data[i] ^= 0x11;
+            }
+        }
+    }
+    for b in tensors[1].data.iter_mut().step_by(97) {
+        *b ^= 0x22;
+    }
+    write_model(&live, &tensors, 1);
+    let before = model_files(&template);
+    let clean = tmp.path().join("clean");
+    trusted_copy(&template, &clean);
+    let r = checkpoint(&clean)
+        .sync(&SafetensorsSource::open(&live).unwrap())
+        .unwrap();
+    assert!(r.blocks_changed > 20, "{r:?}");
+    let after = model_files(&clean);
+    Scenario {
+        tmp,
+        template,
+        live,
+        before,
+        after,
+    }
+}
+
+/// Runs one faulty sync on a fresh copy of the template, then recovers with the real I/O layer
+/// and checks the promise. Returns the I/O layer, whether recovery ended at the new state, and
+/// how many torn blocks it repaired.
+fn check(sc: &Scenario, fault: Fault, what: &str) -> (FaultIo, bool, u64) {
+    let dir = sc.tmp.path().join("run");
+    let _ = std::fs::remove_dir_all(&dir);
+    trusted_copy(&sc.template, &dir);
+    let io = FaultIo::new(fault);
+    let result = Checkpoint::new(&dir, None, Arc::new(io.clone()))
+        .sync(&SafetensorsSource::open(&sc.live).unwrap());
+    let rec = checkpoint(&dir)
+        .recover()
+        .unwrap_or_else(|e| panic!("{what}: recover failed: {e}"));
+    let files = model_files(&dir);
+    let at_after = files == sc.after;
+    assert!(
+        at_after || files == sc.before,
+        "{what}: files are neither before nor after (sync said {result:?}, recover {rec:?})"
+    );
+    if result.is_ok() {
+        assert!(at_after, "{what}: sync succeeded but the files are not new");
+    }
+    let v = checkpoint(&dir).verify(false).unwrap();
+    assert!(v.clean, "{what}: verify after recover: {v:?}");
+    // A sync of the weights the files now hold writes nothing.
+    let now = sc.tmp.path().join("now");
+    let _ = std::fs::remove_dir_all(&now);
+    std::fs::create_dir_all(&now).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(now.join(name), bytes).unwrap();
+    }
+    std::fs::copy(
+        dir.join("model.safetensors.index.json"),
+        now.join("model.safetensors.index.json"),
+    )
+    .unwrap();
+    let again = checkpoint(&dir)
+        .sync(&SafetensorsSource::open(&now).unwrap())
+        .unwrap();
+    assert_eq!(
+        again.blocks_changed, 0,
+        "{what}: a no-change sync after recovery changed blocks"
+    );
+    assert!(
+        again.recovered.is_none(),
+        "{what}: recovery left a journal behind"
+    );
+    // And the live weights still sync to the new state.
+    checkpoint(&dir)
+        .sync(&SafetensorsSource::open(&sc.live).unwrap())
+        .unwrap();
+    assert_eq!(
+        model_files(&dir),
+        sc.after,
+        "{what}: the next real sync did not reach the new state"
+    );
+    (io, at_after, rec.blocks.repaired)
+}
+
+fn clean_run_steps(sc: &Scenario) -> (u64, u64) {
+    let dir = sc.tmp.path().join("count");
+    trusted_copy(&sc.template, &dir);
+    let io = FaultIo::new(Fault::None);
+    Checkpoint::new(&dir, None, Arc::new(io.clone()))
+        .sync(&SafetensorsSource::open(&sc.live).unwrap())
+        .unwrap();
+    assert_eq!(model_files(&dir), sc.after);
+    io.steps()
+}
+
+#[test]
+fn a_sync_stopped_after_any_io_step_recovers_to_old_or_new() {
+    let sc = scenario(41);
+    let (steps, _) = clean_run_steps(&sc);
+    assert!(steps > 20, "{steps} steps");
+    let mut outcomes = HashMap::new();
+    for n in 0..=steps {
+        let (_, at_after, _) = check(&sc, Fault::Crash(n), &format!("crash at step {n}"));
+        *outcomes.entry(at_after).or_insert(0) += 1;
+    }
+    // Early crashes end at the old generation, late ones at the new: both paths were taken.
+    assert!(outcomes.len() == 2, "{outcomes:?}");
+}
+
+#[test]
+fn a_sync_failing_with_enospc_or_eio_at_any_step_recovers_and_never_retries_a_failed_fsync() {
+    const ENOSPC: i32 = 28;
+    const EIO: i32 = 5;
+    let sc = scenario(42);
+    let (steps, _) = clean_run_steps(&sc);
+    for errno in [ENOSPC, EIO] {
+        for n in 0..steps {
+            let (io, _, _) = check(
+                &sc,
+                Fault::Fail(n, errno),
+                &format!("errno {errno} at step {n}"),
+            );
+            assert!(
+                !io.retried_failed_sync(),
+                "errno {errno} at step {n}: a failed fsync was retried"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_power_cut_at_any_fsync_recovers_to_old_or_new_even_with_a_torn_page() {
+    let sc = scenario(43);
+    let (_, syncs) = clean_run_steps(&sc);
+    assert!(syncs >= 5, "{syncs} syncs");
+    let mut outcomes = HashMap::new();
+    let mut repaired = 0;
+    for k in 0..syncs {
+        for seed in 0..6 {
+            let (_, at_after, r) = check(
+                &sc,
+                Fault::PowerCut(k, seed),
+                &format!("power cut at sync {k}, seed {seed}"),
+            );
+            *outcomes.entry(at_after).or_insert(0) += 1;
+            repaired += r;
+        }
+    }
+    assert!(outcomes.len() == 2, "{outcomes:?}");
+    assert!(
+        repaired > 0,
+        "no power cut tore a block that recovery then repaired"
+    );
+}
