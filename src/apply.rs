@@ -6,19 +6,22 @@
 //!
 //! - equal to *new*: already applied (a crash came after this write), nothing to do;
 //! - equal to *old*: XOR the record's payload in and write the block;
-//! - neither: the block was torn by a power cut mid-write, so each 512-byte sector holds either
-//!   its old or its new bytes. Only sectors the XOR changes can differ; every combination of
-//!   flipping them is tried until the block hashes to *new* (written) or *old* (then applied).
-//!   With 4 KiB blocks that is at most 2⁸ hashes. A block that matches no combination is
-//!   reported and left as it is.
+//! - neither: the block was torn mid-write. Two kinds of tear are repaired:
+//!   - a *power cut* leaves each 512-byte disk sector (aligned to the file, not to the block)
+//!     holding either its old or its new bytes. Only sectors the XOR changes can differ; every
+//!     combination of flipping them is tried until the block hashes to *new* (written) or *old*
+//!     (then applied). A 4 KiB block spans at most 9 sectors: at most 2⁹ hashes;
+//!   - a *killed process* leaves a prefix of the block new and the rest old, because writes into
+//!     the map store in ascending order ([`crate::io::ordered_copy`]). Every cut point where the
+//!     XOR is non-zero is tried: at most one hash per changed byte.
+//!
+//!   A block that matches no candidate is reported and left as it is.
 
 use rayon::prelude::*;
 
 use crate::blockhash::subtree_cv;
 use crate::io::FileIo;
-use crate::journal::{
-    HASH_PREFIX, Journal, JournalError, Record, apply_xor, changed_sectors, hash_prefix,
-};
+use crate::journal::{HASH_PREFIX, Journal, JournalError, Record, apply_xor, hash_prefix};
 
 /// Sectors a power cut tears a block into.
 pub const SECTOR: usize = 512;
@@ -129,45 +132,153 @@ fn apply_record(journal: &Journal, file: &dyn FileIo, r: &Record) -> Result<Outc
         file.write_at(r.block_offset, &block).map_err(io)?;
         return Ok(Outcome::Applied);
     }
-    // Torn: try flipping each combination of the sectors the XOR touches.
     let mut delta = vec![0u8; block.len()];
     apply_xor(&r.payload, &mut delta).ok_or_else(corrupt)?;
-    let sectors: Vec<usize> = changed_sectors(&r.payload, block.len())
-        .ok_or_else(corrupt)?
-        .iter()
-        .enumerate()
-        .filter_map(|(i, &c)| c.then_some(i))
-        .collect();
     let unrecognised = || ApplyError::Unrecognised {
         file: name(),
         offset: r.block_offset,
         end: r.block_offset + u64::from(r.len),
         target: journal.header.target_generation,
     };
-    if sectors.len() > MAX_TORN_SECTORS {
+    let in_sector = (r.block_offset % SECTOR as u64) as usize;
+    let repaired = repair_torn_at(&block, &delta, in_sector, |candidate| {
+        let p = prefix_of(r, candidate);
+        if p == r.new {
+            Some(false)
+        } else if p == r.old {
+            Some(true)
+        } else {
+            None
+        }
+    });
+    let Some(mut fixed) = repaired else {
         return Err(unrecognised());
+    };
+    if fixed.1 {
+        // The candidate is the old block: apply the record to it.
+        for (c, d) in fixed.0.iter_mut().zip(&delta) {
+            *c ^= d;
+        }
     }
-    let mut candidate = block.clone();
-    for mask in 1u32..(1u32 << sectors.len()) {
-        candidate.copy_from_slice(&block);
-        for (bit, &s) in sectors.iter().enumerate() {
+    file.write_at(r.block_offset, &fixed.0).map_err(io)?;
+    Ok(Outcome::Repaired)
+}
+
+/// Searches the blocks a tear can have produced from `current` and the XOR `delta` of its old
+/// and new bytes (see the module documentation). `judge` says whether a candidate is the new
+/// block (`Some(false)`), the old one (`Some(true)`) or neither (`None`); the first match is
+/// returned with that verdict. `offset_in_sector` is where the block starts within its first
+/// 512-byte disk sector.
+fn repair_torn_at(
+    current: &[u8],
+    delta: &[u8],
+    offset_in_sector: usize,
+    mut judge: impl FnMut(&[u8]) -> Option<bool>,
+) -> Option<(Vec<u8>, bool)> {
+    let mut candidate = current.to_vec();
+    // A killed writer: new prefix, old suffix. Flipping the suffix from `cut` on makes it all new.
+    let cuts = std::iter::once(0).chain((0..delta.len()).filter(|&i| delta[i] != 0).map(|i| i + 1));
+    for cut in cuts {
+        candidate.copy_from_slice(current);
+        for (c, d) in candidate[cut..].iter_mut().zip(&delta[cut..]) {
+            *c ^= d;
+        }
+        if let Some(old) = judge(&candidate) {
+            return Some((candidate, old));
+        }
+    }
+    // A power cut: any subset of the file-aligned sectors the XOR changes.
+    let first = SECTOR - offset_in_sector;
+    let bounds: Vec<(usize, usize)> = std::iter::once(0)
+        .chain((first..delta.len()).step_by(SECTOR))
+        .map(|start| {
+            (
+                start,
+                (if start == 0 { first } else { start + SECTOR }).min(delta.len()),
+            )
+        })
+        .filter(|&(a, b)| a < b && delta[a..b].iter().any(|&d| d != 0))
+        .collect();
+    if bounds.len() > MAX_TORN_SECTORS {
+        return None;
+    }
+    for mask in 1u32..(1u32 << bounds.len()) {
+        candidate.copy_from_slice(current);
+        for (bit, &(a, b)) in bounds.iter().enumerate() {
             if mask & (1 << bit) != 0 {
-                let range = s * SECTOR..((s + 1) * SECTOR).min(block.len());
-                for (c, d) in candidate[range.clone()].iter_mut().zip(&delta[range]) {
+                for (c, d) in candidate[a..b].iter_mut().zip(&delta[a..b]) {
                     *c ^= d;
                 }
             }
         }
-        let p = prefix_of(r, &candidate);
-        if p == r.old {
-            for (c, d) in candidate.iter_mut().zip(&delta) {
-                *c ^= d;
-            }
-        } else if p != r.new {
-            continue;
+        if let Some(old) = judge(&candidate) {
+            return Some((candidate, old));
         }
-        file.write_at(r.block_offset, &candidate).map_err(io)?;
-        return Ok(Outcome::Repaired);
     }
-    Err(unrecognised())
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judge<'a>(old: &'a [u8], new: &'a [u8]) -> impl FnMut(&[u8]) -> Option<bool> + 'a {
+        move |c| {
+            if c == new {
+                Some(false)
+            } else if c == old {
+                Some(true)
+            } else {
+                None
+            }
+        }
+    }
+
+    fn blocks() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let old: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+        let mut new = old.clone();
+        for i in (3..4096).step_by(61) {
+            new[i] ^= 0x3c;
+        }
+        let delta: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+        (old, new, delta)
+    }
+
+    #[test]
+    fn a_kill_tear_at_any_byte_is_repaired() {
+        let (old, new, delta) = blocks();
+        for cut in [1, 7, 8, 100, 2048, 4095] {
+            let torn: Vec<u8> = new[..cut].iter().chain(&old[cut..]).copied().collect();
+            let (fixed, was_old) = repair_torn_at(&torn, &delta, 300, judge(&old, &new)).unwrap();
+            assert!(
+                (fixed == new && !was_old) || (fixed == old && was_old),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_power_cut_tear_at_file_aligned_sectors_is_repaired() {
+        let (old, new, delta) = blocks();
+        // The block starts 300 bytes into a disk sector: sectors end at 212, 724, ...
+        let in_sector = 300;
+        let bounds: Vec<usize> = std::iter::once(0)
+            .chain((212..4096).step_by(512))
+            .chain([4096])
+            .collect();
+        for pattern in [0b1u32, 0b1010_1010, 0b1_0000_0001, 0b0_1111_0000] {
+            let mut torn = old.clone();
+            for (k, w) in bounds.windows(2).enumerate() {
+                if pattern & (1 << k) != 0 {
+                    torn[w[0]..w[1]].copy_from_slice(&new[w[0]..w[1]]);
+                }
+            }
+            let (fixed, _) = repair_torn_at(&torn, &delta, in_sector, judge(&old, &new)).unwrap();
+            assert!(fixed == new || fixed == old, "pattern {pattern:b}");
+        }
+        // Something that is no mix of old and new is not "repaired".
+        let mut garbage = old.clone();
+        garbage[10] ^= 0xff;
+        assert!(repair_torn_at(&garbage, &delta, in_sector, judge(&old, &new)).is_none());
+    }
 }

@@ -10,6 +10,10 @@
 //!   The map is private to this module: the only `unsafe` blocks for mapping files live here.
 //! - [`FileIo::sync`] is `msync(MS_SYNC)` followed by `fsync`: when it returns `Ok`, every
 //!   write made before it is durable.
+//! - Writes into a map store their bytes in strictly ascending order ([`ordered_copy`]), so a
+//!   process killed in the middle of a write leaves a *prefix* of the new bytes followed by the
+//!   old ones, never an arbitrary mix (a plain `memcpy` may store the end of a buffer first).
+//!   Recovery relies on that to repair a block torn by a kill.
 //! - After a failed write or sync the handle is *poisoned*: every later call fails. A failed
 //!   `fsync` is never retried as if it had worked, because the kernel may already have dropped
 //!   the dirty pages it could not write.
@@ -231,6 +235,29 @@ pub fn map_read_only(file: &File) -> io::Result<Option<Mmap>> {
     Ok(Some(unsafe { Mmap::map(file)? }))
 }
 
+/// Copies `src` into `dst` with stores in strictly ascending address order, 8 bytes at a time.
+///
+/// Volatile stores are neither reordered nor merged by the compiler, and a killed process has
+/// executed a prefix of its stores in program order, so an interrupted copy leaves `dst` as a new
+/// prefix followed by an old suffix.
+pub fn ordered_copy(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    let mut i = 0;
+    let ptr = dst.as_mut_ptr();
+    while i + 8 <= src.len() {
+        let word = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
+        // SAFETY: `i + 8 <= dst.len()`, so the 8 bytes at `ptr + i` are inside `dst`, which is
+        // borrowed mutably; the cast to `[u8; 8]` (alignment 1) needs no alignment.
+        unsafe { std::ptr::write_volatile(ptr.add(i).cast::<[u8; 8]>(), word.to_ne_bytes()) };
+        i += 8;
+    }
+    while i < src.len() {
+        // SAFETY: `i < dst.len()`.
+        unsafe { std::ptr::write_volatile(ptr.add(i), src[i]) };
+        i += 1;
+    }
+}
+
 enum Mapping {
     Empty,
     Read(Mmap),
@@ -324,8 +351,10 @@ impl FileIo for MappedFile {
         }
         match &self.map {
             Mapping::ReadWrite(m) => {
-                m.write().unwrap_or_else(std::sync::PoisonError::into_inner)[range]
-                    .copy_from_slice(data);
+                ordered_copy(
+                    &mut m.write().unwrap_or_else(std::sync::PoisonError::into_inner)[range],
+                    data,
+                );
             }
             _ => {
                 return Err(io::Error::new(

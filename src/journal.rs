@@ -272,25 +272,6 @@ pub fn apply_xor(payload: &[u8], target: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-/// For each 512-byte sector of a block, whether the XOR payload changes it.
-pub fn changed_sectors(payload: &[u8], len: usize) -> Option<Vec<bool>> {
-    let mut sectors = vec![false; len.div_ceil(512)];
-    let mut p = 0;
-    let mut pos = 0usize;
-    while p < payload.len() {
-        pos = pos.checked_add(usize::try_from(get_varint(payload, &mut p)?).ok()?)?;
-        let n = usize::try_from(get_varint(payload, &mut p)?).ok()?;
-        for (k, b) in payload.get(p..p.checked_add(n)?)?.iter().enumerate() {
-            if *b != 0 {
-                *sectors.get_mut((pos + k) / 512)? = true;
-            }
-        }
-        p += n;
-        pos += n;
-    }
-    Some(sectors)
-}
-
 impl Record {
     /// Appends the record's encoding to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -719,10 +700,6 @@ mod tests {
             "literal past the block"
         );
         assert!(apply_xor(&[0xff; 11], &mut t).is_none(), "varint overflow");
-        assert_eq!(
-            changed_sectors(&[0, 1, 1, 0x81, 0x04, 1, 2], 1024),
-            Some(vec![true, true])
-        );
     }
 
     fn header() -> JournalHeader {

@@ -135,16 +135,20 @@ fn power_cut(s: &mut State, seed: u64) {
             continue;
         };
         if Some(i) == torn {
-            // Keep the new bytes of a random subset of the 512-byte sectors of one page.
-            let pages = w.len.div_ceil(4096);
-            let page = rng.below(pages as u64) as usize * 4096;
-            for sector in (0..w.old.len()).step_by(512) {
-                let in_page = sector >= page && sector < page + 4096;
+            // Keep the new bytes of a random subset of the disk sectors (512 bytes, aligned to
+            // the file) of one page (4096 bytes, aligned to the file) the write touched.
+            let first_page = w.offset / 4096;
+            let last_page = (w.offset + w.len as u64 - 1) / 4096;
+            let page = (first_page + rng.below(last_page - first_page + 1)) * 4096;
+            let mut at = w.offset;
+            while at < w.offset + w.old.len() as u64 {
+                let end = ((at / 512 + 1) * 512).min(w.offset + w.old.len() as u64);
+                let in_page = at >= page && at < page + 4096;
                 if !(in_page && rng.below(2) == 0) {
-                    let end = (sector + 512).min(w.old.len());
-                    f.write_all_at(&w.old[sector..end], w.offset + sector as u64)
-                        .unwrap();
+                    let (a, b) = ((at - w.offset) as usize, (end - w.offset) as usize);
+                    f.write_all_at(&w.old[a..b], at).unwrap();
                 }
+                at = end;
             }
         } else {
             f.write_all_at(&w.old, w.offset).unwrap();

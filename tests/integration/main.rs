@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod cli;
 mod faults;
+mod kill;
 mod sync;
 mod trust;
 mod util;
