@@ -59,8 +59,10 @@ const BLOCKS_PER_CHUNK: usize = 256;
 const CHUNKS_PER_BATCH: usize = 64;
 /// Generations whose undo data is kept, by default.
 pub const DEFAULT_RETAIN_GENERATIONS: u64 = 24;
-/// Undo bytes kept by default, as a fraction of the model's size (1/N).
+/// Undo bytes kept by default, as a fraction of the model's size (1/N)...
 pub const DEFAULT_RETAIN_FRACTION: u64 = 10;
+/// ... but never less than this.
+pub const MIN_DEFAULT_RETAIN_BYTES: u64 = 64 << 20;
 
 /// Everything that can stop an operation. Each variant says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +158,30 @@ pub enum Error {
         /// The model directory.
         model_dir: PathBuf,
     },
+    /// `rollback --to` names a generation that is not before the current one.
+    #[error(
+        "cannot roll back to generation {to}: the model is at generation {current}; name an earlier generation"
+    )]
+    RollbackTarget {
+        /// The generation asked for.
+        to: u64,
+        /// The current generation.
+        current: u64,
+    },
+    /// The undo data needed for a rollback is not kept.
+    #[error(
+        "cannot roll back to generation {to}: the undo data of generation {missing} is not kept ({why}); the earliest generation reachable is {earliest}. `apollo-checkpoint retention` sets how much undo data is kept"
+    )]
+    NoUndo {
+        /// The generation asked for.
+        to: u64,
+        /// A generation whose undo data is missing.
+        missing: u64,
+        /// Why it is missing.
+        why: String,
+        /// The earliest generation that can be reached.
+        earliest: u64,
+    },
     /// A committed journal that does not belong to this model or state.
     #[error("{path}: {what}; it is not applied and the model is left as it is")]
     ForeignJournal {
@@ -192,7 +218,9 @@ impl Error {
             | Error::Stale { .. }
             | Error::BlockSize(_)
             | Error::JournalPending { .. }
-            | Error::ForeignJournal { .. } => 78,
+            | Error::ForeignJournal { .. }
+            | Error::RollbackTarget { .. }
+            | Error::NoUndo { .. } => 78,
         }
     }
 }
@@ -271,6 +299,34 @@ pub struct SyncPhases {
     pub commit: f64,
     /// Moving the journal to the undo data and pruning it.
     pub retire: f64,
+}
+
+/// What `rollback` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RollbackReport {
+    /// The generation the files held before.
+    pub from_generation: u64,
+    /// The generation whose bytes they hold now.
+    pub restored_generation: u64,
+    /// The new generation number recorded for the rollback (generations only move forward).
+    pub generation: u64,
+    /// Blocks written.
+    pub blocks_changed: u64,
+    /// Bytes written.
+    pub bytes_changed: u64,
+    /// Size of the rollback's journal (itself the undo data of the rollback).
+    pub journal_bytes: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Undo-data retention limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    /// Generations whose undo data is kept.
+    pub generations: u64,
+    /// Bytes of undo data kept.
+    pub bytes: u64,
 }
 
 /// What `recover` did.
@@ -408,6 +464,9 @@ fn progress_bar(enabled: bool, total: u64, what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// A block's composed undo: (tensor offset, block length, zero-run coded XOR).
+type ComposedBlock = (u64, u32, Vec<u8>);
 
 /// What writing the journal produced.
 #[derive(Default)]
@@ -561,7 +620,9 @@ impl Checkpoint {
                 )?;
                 rebuild.set_meta(
                     "retain_bytes",
-                    &(data_bytes / DEFAULT_RETAIN_FRACTION).to_string(),
+                    &(data_bytes / DEFAULT_RETAIN_FRACTION)
+                        .max(MIN_DEFAULT_RETAIN_BYTES)
+                        .to_string(),
                 )
             },
             |bytes, seconds| GenerationRecord {
@@ -1115,6 +1176,19 @@ impl Checkpoint {
             }
             JournalState::Committed(j) => j,
         };
+        self.complete(journal, true, start)
+    }
+
+    /// Rolls a committed journal forward, makes the files durable, commits the index (unless it
+    /// already holds the journal's target generation) and retires the journal: the end of every
+    /// journaled write, and all of recovery.
+    fn complete(
+        &self,
+        journal: Journal,
+        recovering: bool,
+        start: Instant,
+    ) -> Result<RecoverReport, Error> {
+        let path = journal.path.clone();
         let foreign = |what: String| Error::ForeignJournal {
             path: path.clone(),
             what,
@@ -1184,10 +1258,11 @@ impl Checkpoint {
                 kind: h.kind.name().into(),
                 created_at_ms: unix_ms(),
                 source: format!(
-                    "{} (recovered)",
+                    "{}{}",
                     info.get("source")
                         .and_then(serde_json::Value::as_str)
-                        .unwrap_or("?")
+                        .unwrap_or("?"),
+                    if recovering { " (recovered)" } else { "" }
                 ),
                 tensors: info
                     .get("tensors")
@@ -1290,6 +1365,225 @@ impl Checkpoint {
             .map(|(f, r)| (names[f].to_string(), merge_ranges(r)))
             .collect();
         Ok((updates, ranges, bytes))
+    }
+
+    /// Restores the files to generation `to` (default: the one before the current) from the
+    /// retained undo data. The rollback is journaled like a sync and recorded as a new generation.
+    pub fn rollback(&self, to: Option<u64>) -> Result<RollbackReport, Error> {
+        let start = Instant::now();
+        let _lock = self.lock(LockKind::Exclusive)?;
+        self.refuse_if_journal_pending()?;
+        let index = self.require_index()?;
+        let layout = index.block_layout()?;
+        let current = index.generation()?.unwrap_or(0);
+        let to = to.unwrap_or(current.saturating_sub(1));
+        if to >= current {
+            return Err(Error::RollbackTarget { to, current });
+        }
+        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        self.check_trusted(&index, &model)?;
+        // The undo data of every generation after `to`, newest first.
+        let undo: HashMap<u64, PathBuf> = self
+            .undo_files()?
+            .into_iter()
+            .map(|(g, p, _)| (g, p))
+            .collect();
+        let earliest = (0..=current)
+            .rev()
+            .take_while(|g| *g == current || undo.contains_key(&(g + 1)))
+            .last()
+            .unwrap_or(current);
+        let mut journals = Vec::new();
+        for g in (to + 1..=current).rev() {
+            let kind = index
+                .generation_record(g)?
+                .map(|r| r.kind)
+                .unwrap_or_default();
+            let why = if kind == "reindex" {
+                "it re-indexed files changed by another program, so there is nothing to undo"
+                    .to_string()
+            } else {
+                "it was pruned by the retention limits".to_string()
+            };
+            let missing = || Error::NoUndo {
+                to,
+                missing: g,
+                why: why.clone(),
+                earliest,
+            };
+            let path = undo.get(&g).ok_or_else(missing)?;
+            match Journal::open(self.io.as_ref(), path)? {
+                JournalState::Committed(j) if j.header.target_generation == g => journals.push(j),
+                _ => return Err(missing()),
+            }
+        }
+        // Compose the XORs of every block, keyed by (file, offset).
+        let mut composed: BTreeMap<(String, u64), ComposedBlock> = BTreeMap::new();
+        for j in &journals {
+            j.for_each_batch(64 << 20, |batch| {
+                for r in batch {
+                    let key = (j.header.files[r.file as usize].name.clone(), r.block_offset);
+                    match composed.get_mut(&key) {
+                        None => {
+                            composed.insert(key, (r.tensor_offset, r.len, r.payload));
+                        }
+                        Some(entry) => {
+                            let mut delta = vec![0u8; r.len as usize];
+                            let bad = || JournalError::Corrupt {
+                                path: j.path.clone(),
+                                what: "malformed payload".into(),
+                            };
+                            crate::journal::apply_xor(&entry.2, &mut delta).ok_or_else(bad)?;
+                            crate::journal::apply_xor(&r.payload, &mut delta).ok_or_else(bad)?;
+                            let mut payload = Vec::new();
+                            encode_xor(&vec![0u8; delta.len()], &delta, &mut payload);
+                            entry.2 = payload;
+                        }
+                    }
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
+        drop(journals);
+        // One rollback journal: the current bytes as old, current ⊕ composed as new.
+        let mut names: Vec<String> = composed.keys().map(|(f, _)| f.clone()).collect();
+        names.dedup();
+        let mut files = Vec::new();
+        let mut handles = Vec::new();
+        for name in &names {
+            let f = model
+                .files
+                .iter()
+                .find(|f| &f.name == name)
+                .ok_or_else(|| Error::ForeignJournal {
+                    path: self.state_dir.join(UNDO_DIR),
+                    what: format!("the undo data names {name}, which is not a file of the model"),
+                })?;
+            files.push(JournalFile {
+                name: name.clone(),
+                size: f.stat.size,
+            });
+            let p = self.model_dir.join(name);
+            handles.push(self.io.open(&p, OpenMode::Read).map_err(Self::io_err(&p))?);
+        }
+        let header = JournalHeader {
+            kind: JournalKind::Rollback,
+            block_size: layout.block_size as u32,
+            model_id: index.meta("model_id")?.unwrap_or_default(),
+            base_generation: current,
+            target_generation: current + 1,
+            created_ms: unix_ms() as u64,
+            files,
+            info: serde_json::json!({
+                "source": format!("rollback from generation {current} to generation {to}"),
+                "tensors": model.tensors.len(),
+                "bytes_compared": 0,
+                "restored_generation": to,
+            }),
+        };
+        let path = self.journal_path();
+        let entries: Vec<((String, u64), ComposedBlock)> = composed.into_iter().collect();
+        let written = (|| {
+            let mut writer = JournalWriter::create(self.io.as_ref(), &path, &header)?;
+            let (mut blocks, mut bytes) = (0u64, 0u64);
+            for batch in entries.chunks(BLOCKS_PER_CHUNK * CHUNKS_PER_BATCH) {
+                let encoded: Vec<Option<Vec<u8>>> = batch
+                    .par_iter()
+                    .map(|((name, offset), (tensor_offset, len, payload))| {
+                        let file = names
+                            .binary_search(name)
+                            .expect("names come from these keys");
+                        let h = &handles[file];
+                        let mut block = vec![0u8; *len as usize];
+                        h.read_at(*offset, &mut block)
+                            .map_err(Self::io_err(h.path()))?;
+                        let rel = offset - tensor_offset;
+                        let old = blockhash::subtree_cv(rel, &block);
+                        crate::journal::apply_xor(payload, &mut block).ok_or_else(|| {
+                            JournalError::Corrupt {
+                                path: self.state_dir.join(UNDO_DIR),
+                                what: "malformed payload".into(),
+                            }
+                        })?;
+                        let new = blockhash::subtree_cv(rel, &block);
+                        if new == old {
+                            return Ok(None);
+                        }
+                        let mut out = Vec::new();
+                        Record {
+                            file: file as u32,
+                            tensor_offset: *tensor_offset,
+                            block_offset: *offset,
+                            len: *len,
+                            old: hash_prefix(&old),
+                            new: hash_prefix(&new),
+                            payload: payload.clone(),
+                        }
+                        .encode(&mut out);
+                        Ok(Some(out))
+                    })
+                    .collect::<Result<_, Error>>()?;
+                for ((_, (_, len, _)), e) in batch.iter().zip(encoded) {
+                    if let Some(e) = e {
+                        writer.append(&e, 1)?;
+                        blocks += 1;
+                        bytes += u64::from(*len);
+                    }
+                }
+            }
+            Ok::<_, Error>((writer.commit(self.io.as_ref())?, blocks, bytes))
+        })();
+        let (journal_bytes, blocks_changed, bytes_changed) =
+            written.inspect_err(|_| self.discard_uncommitted(&path))?;
+        drop(handles);
+        drop(index);
+        let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &path)? else {
+            return Err(JournalError::Corrupt {
+                path,
+                what: "not committed after its commit record was written".into(),
+            }
+            .into());
+        };
+        let done = self.complete(journal, false, start)?;
+        Ok(RollbackReport {
+            from_generation: current,
+            restored_generation: to,
+            generation: done.generation,
+            blocks_changed,
+            bytes_changed,
+            journal_bytes,
+            seconds: seconds_since(start),
+        })
+    }
+
+    /// Reads, and with `set` changes, how much undo data is kept (applied at the next sync).
+    pub fn retention(
+        &self,
+        generations: Option<u64>,
+        bytes: Option<u64>,
+    ) -> Result<Retention, Error> {
+        let _lock = self.lock(if generations.is_some() || bytes.is_some() {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        })?;
+        let mut index = self.require_index()?;
+        if let Some(g) = generations {
+            index.set_meta("retain_generations", &g.to_string())?;
+        }
+        if let Some(b) = bytes {
+            index.set_meta("retain_bytes", &b.to_string())?;
+        }
+        Ok(Retention {
+            generations: index
+                .meta("retain_generations")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_RETAIN_GENERATIONS),
+            bytes: index
+                .meta("retain_bytes")?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(u64::MAX),
+        })
     }
 
     /// Reports what the state directory knows, without reading model data.
@@ -1470,7 +1764,30 @@ impl Checkpoint {
             .sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
         report.clean = report.file_problems.is_empty() && report.mismatched_block_count == 0;
 
-        if repair && !report.clean {
+        let same_files = indexed_files.len() == model.files.len()
+            && model
+                .files
+                .iter()
+                .all(|f| indexed_files.iter().any(|i| i.name == f.name));
+        if repair
+            && !report.clean
+            && header_changed.is_empty()
+            && same_files
+            && report.mismatched_block_count == 0
+        {
+            // Only stats changed (a copy, a touch): the bytes are the current generation's, so
+            // the index trusts the new stats and no generation is recorded.
+            let file_stats = model
+                .files
+                .iter()
+                .map(|f| (f.name.clone(), f.stat))
+                .collect();
+            index.commit_sync(&SyncCommit {
+                file_stats,
+                ..SyncCommit::default()
+            })?;
+            report.repaired = true;
+        } else if repair && !report.clean {
             // Whole files whose header changed, and the mismatched blocks of the others.
             let mut ranges: FileRanges = Vec::new();
             for (i, f) in model.files.iter().enumerate() {

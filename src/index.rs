@@ -505,6 +505,11 @@ impl BlockIndex {
         tx.commit().map_err(sql)
     }
 
+    /// Sets one `meta` value.
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), IndexError> {
+        set_meta(&self.conn, key, value).map_err(|e| self.sql(e))
+    }
+
     /// Records the stats of a sync run (used when a run changed nothing).
     pub fn set_last_sync(&mut self, json: &str) -> Result<(), IndexError> {
         set_meta(&self.conn, "last_sync", json).map_err(|e| self.sql(e))

@@ -29,6 +29,7 @@ pub mod source;
 pub mod synthetic;
 
 pub use checkpoint::{
-    Checkpoint, Error, InitReport, RecoverReport, StatusReport, SyncReport, VerifyReport,
+    Checkpoint, Error, InitReport, RecoverReport, Retention, RollbackReport, StatusReport,
+    SyncReport, VerifyReport,
 };
 pub use source::{SafetensorsSource, WeightSource};

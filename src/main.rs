@@ -67,6 +67,29 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Restore the files to an earlier generation from the retained undo data.
+    ///
+    /// Journaled like a sync (a crash during it is recovered) and recorded as a new generation,
+    /// so a rollback can itself be rolled back.
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+        /// The generation to restore [default: the one before the current].
+        #[arg(long, value_name = "GEN")]
+        to: Option<u64>,
+    },
+    /// Show or set how much undo data (for rollback) is kept: the last N generations, at most
+    /// M bytes, whichever is less. Applied at the next sync.
+    Retention {
+        #[command(flatten)]
+        target: Target,
+        /// Keep the undo data of this many generations.
+        #[arg(long, value_name = "N")]
+        generations: Option<u64>,
+        /// Keep at most this many bytes of undo data.
+        #[arg(long, value_name = "BYTES")]
+        bytes: Option<u64>,
+    },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -146,6 +169,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("{}", recover_summary(r));
                 }
                 eprintln!("{}", sync_summary(&report));
+            }
+        }
+        Command::Rollback { target, to } => {
+            let r = checkpoint(&target).rollback(to)?;
+            if target.json {
+                print_json(&r)?;
+            } else {
+                eprintln!(
+                    "rolled back from generation {} to the bytes of generation {}: {} blocks ({}) written; recorded as generation {}",
+                    r.from_generation,
+                    r.restored_generation,
+                    r.blocks_changed,
+                    human_bytes(r.bytes_changed),
+                    r.generation
+                );
+            }
+        }
+        Command::Retention {
+            target,
+            generations,
+            bytes,
+        } => {
+            let r = checkpoint(&target).retention(generations, bytes)?;
+            if target.json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "undo data kept: the last {} generations, at most {}",
+                    r.generations,
+                    human_bytes(r.bytes)
+                );
             }
         }
         Command::Recover { target } => {

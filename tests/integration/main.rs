@@ -4,6 +4,7 @@ mod bad_inputs;
 mod cli;
 mod faults;
 mod kill;
+mod rollback;
 mod sync;
 mod trust;
 mod util;

@@ -130,7 +130,12 @@ fn a_replaced_file_or_changed_header_is_noticed() {
     // Content is the same, so verify finds no block mismatch but still reports the file.
     let v = checkpoint(&p.model).verify(false).unwrap();
     assert!(!v.clean && v.mismatched_block_count == 0 && v.file_problems.len() == 1);
-    assert!(checkpoint(&p.model).verify(true).unwrap().repaired);
+    let r = checkpoint(&p.model).verify(true).unwrap();
+    assert!(r.repaired);
+    assert_eq!(
+        r.generation, 0,
+        "same bytes: the new stats are trusted, no generation is recorded"
+    );
     assert!(checkpoint(&p.model).verify(false).unwrap().clean);
 
     // A rewritten model with other tensors: the header hash differs.

@@ -1,0 +1,166 @@
+//! `rollback`: earlier generations come back byte for byte from the undo data, the history
+//! stays consistent, retention limits what can be reached.
+
+use std::collections::BTreeMap;
+
+use apollo_checkpoint::synthetic::Rng;
+use apollo_checkpoint::{Error, SafetensorsSource};
+
+use crate::util::{
+    T, checkpoint, mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model,
+};
+
+fn model_files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".safetensors"))
+        .collect()
+}
+
+/// Syncs `rounds` different changes; returns the model files at every generation.
+fn history(
+    p: &crate::util::Pair,
+    tensors: &mut [T],
+    rounds: u64,
+) -> Vec<BTreeMap<String, Vec<u8>>> {
+    let mut states = vec![model_files(&p.model)];
+    let mut rng = Rng::new(77);
+    for round in 0..rounds {
+        match round % 3 {
+            0 => {
+                for t in tensors.iter_mut().filter(|t| !t.data.is_empty()) {
+                    let i = rng.below(t.data.len() as u64) as usize;
+                    t.data[i] ^= 0x42;
+                }
+            }
+            1 => {
+                for t in tensors.iter_mut() {
+                    for b in t.data.iter_mut().step_by(50) {
+                        *b = b.wrapping_add(1);
+                    }
+                }
+            }
+            _ => rng.fill(&mut tensors[0].data),
+        }
+        write_model(&p.source, tensors, 1);
+        let r = checkpoint(&p.model)
+            .sync(&SafetensorsSource::open(&p.source).unwrap())
+            .unwrap();
+        assert_eq!(r.generation, round + 1);
+        states.push(model_files(&p.model));
+    }
+    states
+}
+
+#[test]
+fn rollback_restores_earlier_generations_and_can_itself_be_undone() {
+    let mut tensors = mixed_tensors(12);
+    let p = pair(&tensors, 3, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let states = history(&p, &mut tensors, 4);
+
+    let r = checkpoint(&p.model).rollback(Some(1)).unwrap();
+    assert_eq!(
+        (r.from_generation, r.restored_generation, r.generation),
+        (4, 1, 5)
+    );
+    assert_eq!(model_files(&p.model), states[1]);
+    assert!(checkpoint(&p.model).verify(false).unwrap().clean);
+    let index =
+        apollo_checkpoint::index::BlockIndex::open(&p.model.join(".apollo-checkpoint")).unwrap();
+    let g = index.generation_record(5).unwrap().unwrap();
+    assert_eq!(g.kind, "rollback");
+    assert!(g.source.contains("to generation 1"), "{}", g.source);
+    drop(index);
+
+    // The rollback is a generation with undo data: rolling back to 4 undoes it.
+    let r = checkpoint(&p.model).rollback(None).unwrap();
+    assert_eq!((r.restored_generation, r.generation), (4, 6));
+    assert_eq!(model_files(&p.model), states[4]);
+    // All the way back to what init indexed.
+    checkpoint(&p.model).rollback(Some(0)).unwrap();
+    assert_eq!(model_files(&p.model), states[0]);
+    assert!(checkpoint(&p.model).verify(false).unwrap().clean);
+    // And the next sync brings the live weights back.
+    let r = checkpoint(&p.model)
+        .sync(&SafetensorsSource::open(&p.source).unwrap())
+        .unwrap();
+    assert_eq!(r.generation, 8);
+    assert_eq!(model_files(&p.model), states[4]);
+}
+
+#[test]
+fn retention_limits_how_far_back_rollback_reaches() {
+    let mut tensors = mixed_tensors(13);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let r = checkpoint(&p.model).retention(Some(2), None).unwrap();
+    assert_eq!(r.generations, 2);
+    let states = history(&p, &mut tensors, 5);
+    let status = checkpoint(&p.model).status().unwrap();
+    assert_eq!(status.undo_generations, 2);
+    let before = model_files(&p.model);
+    let err = checkpoint(&p.model).rollback(Some(1)).unwrap_err();
+    assert!(matches!(err, Error::NoUndo { earliest: 3, .. }), "{err}");
+    assert!(err.to_string().contains("retention"), "{err}");
+    assert_eq!(err.exit_code(), 78);
+    assert_eq!(model_files(&p.model), before);
+    checkpoint(&p.model).rollback(Some(3)).unwrap();
+    assert_eq!(model_files(&p.model), states[3]);
+    let e = checkpoint(&p.model).rollback(Some(9)).unwrap_err();
+    assert!(matches!(e, Error::RollbackTarget { .. }), "{e}");
+}
+
+#[test]
+fn rollback_cannot_cross_a_reindex() {
+    let mut tensors = mixed_tensors(14);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    history(&p, &mut tensors, 1);
+    // Something else edits the file; the operator re-indexes it.
+    let f = p.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f, bytes).unwrap();
+    checkpoint(&p.model).verify(true).unwrap();
+    let e = checkpoint(&p.model)
+        .rollback(Some(0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("re-indexed"), "{e}");
+}
+
+#[test]
+fn rollback_and_retention_from_the_command_line() {
+    let mut tensors = mixed_tensors(15);
+    let p = pair(&tensors, 2, 1);
+    let m = s(&p.model);
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let states = history(&p, &mut tensors, 2);
+    let o = run(&[
+        "retention",
+        "--model-dir",
+        m,
+        "--generations",
+        "5",
+        "--bytes",
+        "1000000",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)["generations"], 5);
+    let o = run(&["rollback", "--model-dir", m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    assert_eq!(
+        (j["restored_generation"].as_u64(), j["generation"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(model_files(&p.model), states[1]);
+    let o = run(&["rollback", "--model-dir", m, "--to", "7"]);
+    assert_eq!(o.status.code(), Some(78));
+    let o = run(&["status", "--model-dir", m]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("undo data:   3 generations"), "{text}");
+}
