@@ -15,7 +15,8 @@ the whole `apollo-checkpoint` process. The floor is `b3sum` hashing the same fil
 page-cache state of a file (how it was last written) changes how fast any mmap reader can hash
 it, so both are measured on the same files in the same state. The medians of the sync phases
 are reported too; `flush` (msync + fsync of the changed pages) is disk time, not hashing.
-Prints one JSON object on stdout; progress on stderr.
+Each changed sync also reports its journal's size against the targets: sparse <= 5% of the changed
+blocks' bytes, dense <= 6% of the model. Prints one JSON object on stdout; progress on stderr.
 
 Usage: scripts/bench_sync.py [--size BYTES] [--runs N] [--dir DIR] [--keep]
 """
@@ -34,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"nothing": 2.0, "sparse": 3.0}  # max ratio to b3sum on a 2-core machine
+# Journal size targets: sparse <= 5% of the changed blocks' bytes, dense <= 6% of the model.
+JOURNAL_TARGETS = {"sparse": ("journal_vs_changed_blocks", 0.05), "dense": ("journal_vs_model", 0.06)}
 
 
 def log(msg):
@@ -125,12 +128,20 @@ def main():
                 "bytes_changed": last["bytes_changed"],
                 "bytes_differing": last["bytes_differing"],
                 "model_bytes_read": last["model_bytes_read"],
+                "journal_bytes": last["journal_bytes"],
+                "journal_vs_changed_blocks": round(last["journal_bytes"] / max(last["bytes_changed"], 1), 4),
+                "journal_vs_model": round(last["journal_bytes"] / model_bytes, 4),
                 "gib_per_s": round(model_bytes / med / 2**30, 2),
             }
+            if scenario in JOURNAL_TARGETS:
+                key, limit = JOURNAL_TARGETS[scenario]
+                results[scenario]["journal_target"] = {key: limit}
+                results[scenario]["journal_meets_target"] = results[scenario][key] <= limit
             if scenario in TARGETS:
                 results[scenario]["target_ratio"] = TARGETS[scenario]
                 results[scenario]["meets_target"] = med / b3_med <= TARGETS[scenario]
-            log(f"{scenario}: median {med:.3f} s ({med / b3_med:.2f}x b3sum), {last['blocks_changed']} blocks changed")
+            log(f"{scenario}: median {med:.3f} s ({med / b3_med:.2f}x b3sum), {last['blocks_changed']} blocks changed,"
+                f" journal {last['journal_bytes']} bytes")
 
         verify_s, _ = timed([str(binary), "verify", "--model-dir", str(model), "--json"])
         print(json.dumps({

@@ -196,3 +196,59 @@ fn a_separate_state_dir_is_honoured() {
     ]);
     assert_eq!(stdout_json(&o)["generation"], 0);
 }
+
+#[test]
+fn a_second_writer_fails_at_once_with_75_or_waits() {
+    use apollo_checkpoint::lock::{LockKind, StateLock};
+    let p = pair(&mixed_tensors(3), 1, 1);
+    let m = s(&p.model);
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let state = p.model.join(".apollo-checkpoint");
+    let held = StateLock::acquire(&state, LockKind::Exclusive, std::time::Duration::ZERO).unwrap();
+    let o = run(&["sync", "--model-dir", m, "--from", s(&p.source)]);
+    assert_eq!(o.status.code(), Some(75));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())) && err.contains("--wait"),
+        "{err}"
+    );
+    // Readers are refused while a writer holds it, too.
+    assert_eq!(run(&["status", "--model-dir", m]).status.code(), Some(75));
+    // With --wait, the second writer runs once the first is done.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(held);
+    });
+    let o = run(&[
+        "sync",
+        "--model-dir",
+        m,
+        "--from",
+        s(&p.source),
+        "--wait",
+        "20",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    release.join().unwrap();
+}
+
+#[test]
+fn an_unwritable_state_dir_is_a_clear_error_and_the_model_is_untouched() {
+    let p = pair(&mixed_tensors(4), 1, 1);
+    let not_a_dir = p.tmp.path().join("plain-file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let before = snapshot(&p.model);
+    let state = not_a_dir.join("state");
+    let o = run(&[
+        "sync",
+        "--model-dir",
+        s(&p.model),
+        "--from",
+        s(&p.source),
+        "--state-dir",
+        s(&state),
+    ]);
+    assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plain-file/state"), "{}", stderr(&o));
+    assert_eq!(before, snapshot(&p.model));
+}

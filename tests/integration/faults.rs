@@ -13,7 +13,7 @@ use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, SafetensorsSource};
 
-use crate::util::{T, checkpoint, mixed_tensors, snapshot, write_model};
+use crate::util::{T, checkpoint, mixed_tensors, run, s, snapshot, stderr, write_model};
 
 /// What to do to the Nth I/O step.
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +53,7 @@ struct State {
     dir_ops: Vec<(PathBuf, DirOp)>,
     failed_sync: Vec<PathBuf>,
     retried_failed_sync: bool,
+    first_model_write: Option<u64>,
 }
 
 /// The fault-injecting I/O layer.
@@ -83,6 +84,11 @@ impl FaultIo {
     pub fn steps(&self) -> (u64, u64) {
         let s = self.state.lock().unwrap();
         (s.steps, s.syncs)
+    }
+
+    /// The step number of the first write to a model file (the journal is committed by then).
+    pub fn first_model_write(&self) -> Option<u64> {
+        self.state.lock().unwrap().first_model_write
     }
 
     pub fn retried_failed_sync(&self) -> bool {
@@ -256,6 +262,17 @@ impl FileIo for FaultFile {
         self.inner.read_at(offset, buf)
     }
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        {
+            let mut s = self.io.state.lock().unwrap();
+            let model = self
+                .inner
+                .path()
+                .extension()
+                .is_some_and(|e| e == "safetensors");
+            if model && s.first_model_write.is_none() {
+                s.first_model_write = Some(s.steps);
+            }
+        }
         self.io.step(false)?;
         let path = self.inner.path().to_path_buf();
         let f = std::fs::File::open(&path)?;
@@ -439,15 +456,20 @@ fn check(sc: &Scenario, fault: Fault, what: &str) -> (FaultIo, bool, u64) {
     (io, at_after, rec.blocks.repaired)
 }
 
-fn clean_run_steps(sc: &Scenario) -> (u64, u64) {
+fn clean_run(sc: &Scenario) -> FaultIo {
     let dir = sc.tmp.path().join("count");
+    let _ = std::fs::remove_dir_all(&dir);
     trusted_copy(&sc.template, &dir);
     let io = FaultIo::new(Fault::None);
     Checkpoint::new(&dir, None, Arc::new(io.clone()))
         .sync(&SafetensorsSource::open(&sc.live).unwrap())
         .unwrap();
     assert_eq!(model_files(&dir), sc.after);
-    io.steps()
+    io
+}
+
+fn clean_run_steps(sc: &Scenario) -> (u64, u64) {
+    clean_run(sc).steps()
 }
 
 #[test]
@@ -468,9 +490,10 @@ fn a_sync_stopped_after_any_io_step_recovers_to_old_or_new() {
 fn a_sync_failing_with_enospc_or_eio_at_any_step_recovers_and_never_retries_a_failed_fsync() {
     const ENOSPC: i32 = 28;
     const EIO: i32 = 5;
+    const EROFS: i32 = 30;
     let sc = scenario(42);
     let (steps, _) = clean_run_steps(&sc);
-    for errno in [ENOSPC, EIO] {
+    for errno in [ENOSPC, EIO, EROFS] {
         for n in 0..steps {
             let (io, _, _) = check(
                 &sc,
@@ -575,4 +598,129 @@ fn a_rollback_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
         }
     }
     assert!(outcomes.len() == 2, "{outcomes:?}");
+}
+
+/// A copy of the scenario's model whose sync crashed right after its journal committed, before
+/// any model byte was written.
+fn crashed_after_commit(sc: &Scenario, name: &str) -> PathBuf {
+    let first_write = clean_run(sc)
+        .first_model_write()
+        .expect("the sync writes the model");
+    let dir = sc.tmp.path().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    trusted_copy(&sc.template, &dir);
+    let io = FaultIo::new(Fault::Crash(first_write));
+    assert!(
+        Checkpoint::new(&dir, None, Arc::new(io))
+            .sync(&SafetensorsSource::open(&sc.live).unwrap())
+            .is_err()
+    );
+    assert!(dir.join(".apollo-checkpoint/journal").exists());
+    assert_eq!(model_files(&dir), sc.before);
+    dir
+}
+
+#[test]
+fn a_committed_but_corrupt_journal_is_refused_and_the_model_left_as_it_is() {
+    let sc = scenario(45);
+    let dir = crashed_after_commit(&sc, "corrupt");
+    let journal = dir.join(".apollo-checkpoint/journal");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&journal, &bytes).unwrap();
+    let live = s(&sc.live).to_string();
+    for args in [
+        vec!["recover", "--model-dir", s(&dir)],
+        vec!["sync", "--model-dir", s(&dir), "--from", &live],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(65), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("committed but corrupt"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(model_files(&dir), sc.before, "{args:?} touched the model");
+    }
+    let st = checkpoint(&dir).status().unwrap();
+    assert!(
+        st.pending.iter().any(|p| p.contains("interrupted write")),
+        "{:?}",
+        st.pending
+    );
+    // Every other writer refuses while it is pending.
+    let e = checkpoint(&dir).verify(true).unwrap_err();
+    assert!(
+        matches!(e, apollo_checkpoint::Error::JournalPending { .. }),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 78);
+}
+
+#[test]
+fn a_truncated_journal_is_discarded_and_the_model_left_as_it_is() {
+    let sc = scenario(46);
+    let dir = crashed_after_commit(&sc, "truncated");
+    let journal = dir.join(".apollo-checkpoint/journal");
+    let len = std::fs::metadata(&journal).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let r = checkpoint(&dir).recover().unwrap();
+    assert_eq!(r.action, "discarded");
+    assert_eq!(model_files(&dir), sc.before);
+    assert!(!journal.exists());
+    assert!(checkpoint(&dir).verify(false).unwrap().clean);
+}
+
+#[test]
+fn a_journal_from_another_model_is_refused() {
+    let (a, b) = (scenario(47), scenario(48));
+    let dir_a = crashed_after_commit(&a, "foreign-a");
+    let dir_b = b.tmp.path().join("foreign-b");
+    trusted_copy(&b.template, &dir_b);
+    std::fs::copy(
+        dir_a.join(".apollo-checkpoint/journal"),
+        dir_b.join(".apollo-checkpoint/journal"),
+    )
+    .unwrap();
+    let o = run(&["recover", "--model-dir", s(&dir_b)]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains("belongs to model"), "{}", stderr(&o));
+    assert_eq!(model_files(&dir_b), b.before);
+}
+
+#[test]
+fn disk_full_while_journaling_fails_the_sync_leaves_the_model_untouched_and_nothing_pending() {
+    const ENOSPC: i32 = 28;
+    let sc = scenario(49);
+    let first_write = clean_run(&sc).first_model_write().unwrap();
+    for n in 0..first_write {
+        let dir = sc.tmp.path().join("full");
+        let _ = std::fs::remove_dir_all(&dir);
+        trusted_copy(&sc.template, &dir);
+        let io = FaultIo::new(Fault::Fail(n, ENOSPC));
+        let err = Checkpoint::new(&dir, None, Arc::new(io))
+            .sync(&SafetensorsSource::open(&sc.live).unwrap())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("No space left on device"),
+            "step {n}: {err}"
+        );
+        assert_eq!(err.exit_code(), 74);
+        assert_eq!(model_files(&dir), sc.before, "step {n}");
+        assert!(
+            !dir.join(".apollo-checkpoint/journal").exists(),
+            "step {n}: the failed journal was left behind"
+        );
+        // Space is back: the next sync works.
+        checkpoint(&dir)
+            .sync(&SafetensorsSource::open(&sc.live).unwrap())
+            .unwrap();
+        assert_eq!(model_files(&dir), sc.after);
+    }
 }
