@@ -724,3 +724,21 @@ fn disk_full_while_journaling_fails_the_sync_leaves_the_model_untouched_and_noth
         assert_eq!(model_files(&dir), sc.after);
     }
 }
+
+#[test]
+fn sync_recovers_an_interrupted_write_first_and_says_so() {
+    let sc = scenario(50);
+    let dir = crashed_after_commit(&sc, "resume");
+    let o = run(&["sync", "--model-dir", s(&dir), "--from", s(&sc.live)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("recovered: rolled an interrupted write forward to generation 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("no change"),
+        "the recovered write already holds the live weights: {err}"
+    );
+    assert_eq!(model_files(&dir), sc.after);
+}

@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod cli;
 mod faults;
+mod journal_size;
 mod kill;
 mod rollback;
 mod sync;
