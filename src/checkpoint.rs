@@ -182,6 +182,22 @@ pub enum Error {
         /// The earliest generation that can be reached.
         earliest: u64,
     },
+    /// After a journal was applied, a block does not hold the bytes it promised.
+    #[error(
+        "{file}: after applying generation {target}, the block at bytes {offset}..{end} does not hold the expected bytes; run `apollo-checkpoint verify --model-dir {model_dir}`"
+    )]
+    TargetMismatch {
+        /// The file.
+        file: String,
+        /// Start of the block.
+        offset: u64,
+        /// End of the block.
+        end: u64,
+        /// The generation applied.
+        target: u64,
+        /// The model directory.
+        model_dir: PathBuf,
+    },
     /// A committed journal that does not belong to this model or state.
     #[error("{path}: {what}; it is not applied and the model is left as it is")]
     ForeignJournal {
@@ -211,6 +227,7 @@ impl Error {
             | Error::Journal(_)
             | Error::Apply(_)
             | Error::Mismatch(_)
+            | Error::TargetMismatch { .. }
             | Error::OldBlockChanged { .. } => 65,
             Error::Index(_)
             | Error::NotInitialized { .. }
@@ -431,9 +448,9 @@ pub struct StatusReport {
 
 /// One model directory and its state.
 pub struct Checkpoint {
-    model_dir: PathBuf,
-    state_dir: PathBuf,
-    io: Arc<dyn Io>,
+    pub(crate) model_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) io: Arc<dyn Io>,
     progress: bool,
     wait: Duration,
 }
@@ -527,11 +544,11 @@ impl Checkpoint {
         &self.state_dir
     }
 
-    fn journal_path(&self) -> PathBuf {
+    pub(crate) fn journal_path(&self) -> PathBuf {
         self.state_dir.join(JOURNAL_FILE)
     }
 
-    fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -539,7 +556,7 @@ impl Checkpoint {
     }
 
     /// Takes the lock, creating the state directory first for writers.
-    fn lock(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
+    pub(crate) fn lock(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
         if kind == LockKind::Exclusive {
             self.io
                 .create_dir_all(&self.state_dir)
@@ -550,7 +567,7 @@ impl Checkpoint {
         Ok(Some(StateLock::acquire(&self.state_dir, kind, self.wait)?))
     }
 
-    fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
+    pub(crate) fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
         if !self.state_dir.join(crate::index::INDEX_DB).exists() {
             return Ok(None);
         }
@@ -562,14 +579,14 @@ impl Checkpoint {
         })
     }
 
-    fn require_index(&self) -> Result<BlockIndex, Error> {
+    pub(crate) fn require_index(&self) -> Result<BlockIndex, Error> {
         self.open_index()?.ok_or_else(|| Error::NotInitialized {
             state_dir: self.state_dir.clone(),
             model_dir: self.model_dir.clone(),
         })
     }
 
-    fn refuse_if_journal_pending(&self) -> Result<(), Error> {
+    pub(crate) fn refuse_if_journal_pending(&self) -> Result<(), Error> {
         let path = self.journal_path();
         if path.exists() {
             return Err(Error::JournalPending {
@@ -594,6 +611,18 @@ impl Checkpoint {
     }
 
     fn init_locked(&self, block_size: u64) -> Result<InitReport, Error> {
+        self.init_as(block_size, None, 0, "init")
+    }
+
+    /// Indexes the model as generation `generation` of model `model_id` (a fresh id if `None`),
+    /// recording a generation of kind `kind`.
+    pub(crate) fn init_as(
+        &self,
+        block_size: u64,
+        model_id: Option<&str>,
+        generation: u64,
+        kind: &str,
+    ) -> Result<InitReport, Error> {
         let start = Instant::now();
         let layout = BlockLayout::new(block_size)?;
         if self.open_index()?.is_some() {
@@ -603,7 +632,7 @@ impl Checkpoint {
         }
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         let mut index = BlockIndex::open(&self.state_dir)?;
-        let model_id = new_model_id(&model);
+        let model_id = model_id.map_or_else(|| new_model_id(&model), str::to_string);
         let data_bytes = model.data_bytes();
         let blocks = self.rebuild(
             &mut index,
@@ -626,8 +655,8 @@ impl Checkpoint {
                 )
             },
             |bytes, seconds| GenerationRecord {
-                generation: 0,
-                kind: "init".into(),
+                generation,
+                kind: kind.into(),
                 created_at_ms: unix_ms(),
                 source: format!("files:{}", self.model_dir.display()),
                 tensors: model.tensors.len() as u64,
@@ -640,7 +669,7 @@ impl Checkpoint {
             start,
         )?;
         Ok(InitReport {
-            generation: 0,
+            generation,
             files: model.files.len(),
             tensors: model.tensors.len(),
             bytes_hashed: data_bytes,
@@ -704,7 +733,7 @@ impl Checkpoint {
     }
 
     /// Checks that every model file is exactly what the index last recorded.
-    fn check_trusted(
+    pub(crate) fn check_trusted(
         &self,
         index: &BlockIndex,
         model: &ModelLayout,
@@ -992,7 +1021,7 @@ impl Checkpoint {
 
     /// Removes a journal that failed before the model was touched, so the failure leaves
     /// nothing pending. Best effort: if this fails too, recovery discards or finishes it.
-    fn discard_uncommitted(&self, path: &Path) {
+    pub(crate) fn discard_uncommitted(&self, path: &Path) {
         if self.io.remove_file(path).is_ok() {
             let _ = self.io.sync_dir(&self.state_dir);
         }
@@ -1112,7 +1141,7 @@ impl Checkpoint {
     }
 
     /// Undo files, oldest first: (generation, path, bytes).
-    fn undo_files(&self) -> Result<Vec<(u64, PathBuf, u64)>, Error> {
+    pub(crate) fn undo_files(&self) -> Result<Vec<(u64, PathBuf, u64)>, Error> {
         let undo = self.state_dir.join(UNDO_DIR);
         let mut out = Vec::new();
         let entries = match std::fs::read_dir(&undo) {
@@ -1141,7 +1170,7 @@ impl Checkpoint {
         self.recover_locked()
     }
 
-    fn recover_locked(&self) -> Result<RecoverReport, Error> {
+    pub(crate) fn recover_locked(&self) -> Result<RecoverReport, Error> {
         let start = Instant::now();
         let path = self.journal_path();
         let journal = match Journal::open(self.io.as_ref(), &path)? {
@@ -1182,7 +1211,7 @@ impl Checkpoint {
     /// Rolls a committed journal forward, makes the files durable, commits the index (unless it
     /// already holds the journal's target generation) and retires the journal: the end of every
     /// journaled write, and all of recovery.
-    fn complete(
+    pub(crate) fn complete(
         &self,
         journal: Journal,
         recovering: bool,
@@ -1251,7 +1280,7 @@ impl Checkpoint {
         };
         if current == h.base_generation {
             let (updates, ranges, bytes_changed) =
-                Self::hashes_after(&journal, &index, &handles, layout)?;
+                Self::hashes_after(&self.model_dir, &journal, &index, &handles, layout)?;
             let info = &h.info;
             commit.generation = Some(GenerationRecord {
                 generation: h.target_generation,
@@ -1293,6 +1322,7 @@ impl Checkpoint {
     /// The new block hashes, changed ranges and changed bytes of a journal rolled forward, read
     /// back from the files.
     fn hashes_after(
+        model_dir: &Path,
         journal: &Journal,
         index: &BlockIndex,
         handles: &[Box<dyn FileIo>],
@@ -1314,6 +1344,7 @@ impl Checkpoint {
             .map(|f| f.name.as_str())
             .collect();
         let index_path = index.path().to_path_buf();
+        let model_dir = model_dir.to_path_buf();
         let mut updates: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
         let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
         let mut bytes = 0;
@@ -1336,11 +1367,17 @@ impl Checkpoint {
                     h.read_at(r.block_offset, &mut block)
                         .map_err(Self::io_err(h.path()))?;
                     let rel = r.block_offset - r.tensor_offset;
-                    Ok((
-                        t.id,
-                        rel / layout.block_size,
-                        blockhash::subtree_cv(rel, &block),
-                    ))
+                    let cv = blockhash::subtree_cv(rel, &block);
+                    if hash_prefix(&cv) != r.new {
+                        return Err(Error::TargetMismatch {
+                            file: name.to_string(),
+                            offset: r.block_offset,
+                            end: r.block_offset + u64::from(r.len),
+                            target: journal.header.target_generation,
+                            model_dir: model_dir.clone(),
+                        });
+                    }
+                    Ok((t.id, rel / layout.block_size, cv))
                 })
                 .collect::<Result<_, Error>>()?;
             for (r, (id, block, cv)) in batch.iter().zip(hashed) {

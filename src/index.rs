@@ -20,7 +20,10 @@ use crate::io::FileStat;
 use crate::model::{ModelFile, TensorEntry, dtype_name};
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_initial.sql"),
+    include_str!("../migrations/0002_exports.sql"),
+];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 /// File name of the index inside the state directory.
@@ -121,6 +124,27 @@ pub struct GenerationRecord {
 
 /// Byte ranges per file: (file name, sorted merged (offset, len) pairs).
 pub type FileRanges = Vec<(String, Vec<(u64, u64)>)>;
+
+/// One exported delta file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExportRow {
+    /// Base generation (`None` for a full delta).
+    pub base_generation: Option<u64>,
+    /// Target generation.
+    pub target_generation: u64,
+    /// File name in the outbox.
+    pub file: String,
+    /// The outbox.
+    pub outbox: String,
+    /// Size.
+    pub bytes: u64,
+    /// Hex BLAKE3 of the file.
+    pub blake3: String,
+    /// Blocks shipped whole because their undo data was gone.
+    pub full_blocks: u64,
+    /// Whether `--prune-through` removed it.
+    pub pruned: bool,
+}
 
 /// New hashes for some blocks of one tensor.
 #[derive(Clone, Debug, Default)]
@@ -508,6 +532,80 @@ impl BlockIndex {
     /// Sets one `meta` value.
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), IndexError> {
         set_meta(&self.conn, key, value).map_err(|e| self.sql(e))
+    }
+
+    /// Records a delta file written by `export-delta` (after it is durable).
+    pub fn record_export(&mut self, e: &ExportRow) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "INSERT INTO exports (base_generation, target_generation, file, outbox, bytes, blake3, full_blocks, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(file) DO UPDATE SET outbox = excluded.outbox, pruned = 0",
+                params![
+                    e.base_generation.map(|g| g as i64),
+                    e.target_generation as i64,
+                    e.file,
+                    e.outbox,
+                    e.bytes as i64,
+                    e.blake3,
+                    e.full_blocks as i64,
+                    unix_ms()
+                ],
+            )
+            .map(drop)
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Every export recorded, oldest first.
+    pub fn exports(&self) -> Result<Vec<ExportRow>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT base_generation, target_generation, file, outbox, bytes, blake3, full_blocks, pruned FROM exports ORDER BY target_generation, id")
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ExportRow {
+                    base_generation: r.get::<_, Option<i64>>(0)?.map(|g| g as u64),
+                    target_generation: r.get::<_, i64>(1)? as u64,
+                    file: r.get(2)?,
+                    outbox: r.get(3)?,
+                    bytes: r.get::<_, i64>(4)? as u64,
+                    blake3: r.get(5)?,
+                    full_blocks: r.get::<_, i64>(6)? as u64,
+                    pruned: r.get::<_, i64>(7)? != 0,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// The generation the newest export reaches, if any.
+    pub fn exported_through(&self) -> Result<Option<u64>, IndexError> {
+        self.conn
+            .query_row("SELECT max(target_generation) FROM exports", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|g| g.map(|g| g as u64))
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Marks the exports of `files` as pruned.
+    pub fn mark_pruned(&mut self, files: &[String]) -> Result<(), IndexError> {
+        let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        for f in files {
+            tx.execute("UPDATE exports SET pruned = 1 WHERE file = ?1", [f])
+                .map_err(|e| IndexError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+        }
+        tx.commit().map_err(|e| IndexError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })
     }
 
     /// Records the stats of a sync run (used when a run changed nothing).

@@ -24,7 +24,7 @@
 //! ```text
 //! header
 //!   0   8  magic "APJRNL01"
-//!   8   4  kind: 1 sync, 2 rollback
+//!   8   4  kind: 1 sync, 2 rollback, 3 apply-delta
 //!   12  4  block size
 //!   16  16 model id (the index's 32 hex digits as 16 bytes)
 //!   32  8  base generation (the files hold it before the journal is applied)
@@ -82,6 +82,8 @@ pub enum JournalKind {
     Sync,
     /// A rollback to an earlier generation.
     Rollback,
+    /// A delta applied to a replica.
+    ApplyDelta,
 }
 
 impl JournalKind {
@@ -89,12 +91,14 @@ impl JournalKind {
         match self {
             JournalKind::Sync => 1,
             JournalKind::Rollback => 2,
+            JournalKind::ApplyDelta => 3,
         }
     }
     fn from_code(c: u32) -> Option<Self> {
         match c {
             1 => Some(JournalKind::Sync),
             2 => Some(JournalKind::Rollback),
+            3 => Some(JournalKind::ApplyDelta),
             _ => None,
         }
     }
@@ -103,6 +107,7 @@ impl JournalKind {
         match self {
             JournalKind::Sync => "sync",
             JournalKind::Rollback => "rollback",
+            JournalKind::ApplyDelta => "apply-delta",
         }
     }
 }

@@ -13,12 +13,14 @@
 //! - [`journal`]: the fsynced undo/redo journal that makes a sync all-or-nothing.
 //! - [`apply`]: rolling a journal forward onto the files, idempotently, repairing torn blocks.
 //! - [`lock`]: the state-directory lock (one writer or many readers).
+//! - [`delta`]: the delta file format `export-delta` writes and `apply-delta` reads.
 //! - [`checkpoint`]: the operations `init`, `sync`, `recover`, `status` and `verify`.
 //! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
 
 pub mod apply;
 pub mod blockhash;
 pub mod checkpoint;
+pub mod delta;
 pub mod index;
 pub mod io;
 pub mod journal;

@@ -1,0 +1,575 @@
+//! Delta files: what `export-delta` writes and `apply-delta` reads on the backup host.
+//!
+//! A delta takes a replica from a base generation to a target generation. It is self-contained
+//! (header, records, trailer with a checksum of everything before it) and immutable: written under
+//! a hidden temporary name, fsynced, renamed into place, the folder fsynced, never rewritten.
+//! Several generations compose: a block changed in three syncs ships once, as the XOR of its base
+//! and target bytes, so a delta costs in proportion to the bytes that changed.
+//!
+//! A *full* delta (no base) carries whole files, for a replica that has nothing yet.
+//!
+//! # Format (all integers little-endian)
+//!
+//! ```text
+//! header
+//!   0   8  magic "APDELTA1"
+//!   8   16 model id
+//!   24  8  base generation (u64::MAX for a full delta)
+//!   32  8  target generation
+//!   40  4  block size
+//!   44  4  flags: bit 0 full delta
+//!   48  8  created, unix milliseconds
+//!   56  4  file count F
+//!   60  4  reserved (0)
+//!   64  F × { u16 name length, name (UTF-8, a plain file name), u64 size,
+//!             32 base root (zeros if unknown), 32 target root }
+//! records, repeated
+//!   0   1  kind: 'X' = XOR against the base bytes, 'F' = the target bytes themselves
+//!   1   4  file: index into the file table
+//!   5   8  tensor offset: absolute offset of the block's tensor (u64::MAX: raw file bytes)
+//!   13  8  offset: absolute offset of the bytes in the file
+//!   21  4  length L
+//!   25  16 base hash (X only; zeros for F)
+//!   41  16 target hash
+//!   57  4  payload length P
+//!   61  P  payload: X: zero-run coded XOR (see journal); F: the L target bytes
+//! trailer (48 bytes)
+//!   0   8  magic "APDEND01"
+//!   8   8  record count
+//!   16  32 BLAKE3 of every byte before the trailer
+//! ```
+//!
+//! Block hashes are the first 16 bytes of the block's chaining value (see `blockhash`), or, for
+//! raw file bytes (`tensor offset` u64::MAX), of `blake3::hash` of the bytes. A file's *root* is
+//! the BLAKE3 of its header hash followed by the 16-byte hashes of all its tensors' blocks in file
+//! order: two files with equal roots hold the same bytes. The base root lets a replica made by
+//! copying the model files check its copy before the first delta is applied.
+
+use std::path::{Path, PathBuf};
+
+use crate::io::{FileIo, Io, OpenMode};
+use crate::journal::HASH_PREFIX;
+
+const MAGIC: &[u8; 8] = b"APDELTA1";
+const END_MAGIC: &[u8; 8] = b"APDEND01";
+const TRAILER_LEN: u64 = 48;
+const RECORD_HEADER: usize = 61;
+/// `tensor offset` of records that carry raw file bytes.
+pub const RAW: u64 = u64::MAX;
+/// Base generation of a full delta.
+pub const NO_BASE: u64 = u64::MAX;
+
+/// Errors reading deltas.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeltaError {
+    /// An OS error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The delta.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a complete, intact delta.
+    #[error(
+        "{path}: not a valid delta ({what}); it was truncated or corrupted in transit: copy it again from the outbox"
+    )]
+    Corrupt {
+        /// The delta.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A file name in the delta that could escape the replica directory.
+    #[error(
+        "{path}: names the file {name:?}, which is not a plain file name inside the replica; refusing it"
+    )]
+    UnsafePath {
+        /// The delta.
+        path: PathBuf,
+        /// The name.
+        name: String,
+    },
+}
+
+/// A file a delta touches.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeltaFile {
+    /// Name relative to the model directory.
+    pub name: String,
+    /// Size.
+    pub size: u64,
+    /// Root at the base generation (zeros if unknown).
+    #[serde(serialize_with = "hex32")]
+    pub base_root: [u8; 32],
+    /// Root at the target generation.
+    #[serde(serialize_with = "hex32")]
+    pub target_root: [u8; 32],
+}
+
+fn hex32<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::blockhash::hex(v))
+}
+
+/// A delta's header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaHeader {
+    /// The model id (32 hex digits).
+    pub model_id: String,
+    /// Base generation, or [`NO_BASE`] for a full delta.
+    pub base_generation: u64,
+    /// Target generation.
+    pub target_generation: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Whether this is a full delta.
+    pub full: bool,
+    /// Unix milliseconds.
+    pub created_ms: u64,
+    /// Files.
+    pub files: Vec<DeltaFile>,
+}
+
+/// One record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaRecord {
+    /// XOR (`true`) or full bytes.
+    pub xor: bool,
+    /// Index into the file table.
+    pub file: u32,
+    /// Absolute offset of the tensor, or [`RAW`].
+    pub tensor_offset: u64,
+    /// Absolute offset.
+    pub offset: u64,
+    /// Length.
+    pub len: u32,
+    /// Base hash (XOR records).
+    pub base: [u8; HASH_PREFIX],
+    /// Target hash.
+    pub target: [u8; HASH_PREFIX],
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Whether `name` is a plain file name (no directories, not hidden, not `..`).
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.starts_with('.')
+        && !name.contains('\0')
+}
+
+impl DeltaHeader {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = self
+                .model_id
+                .get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+        }
+        out.extend_from_slice(&id);
+        out.extend_from_slice(&self.base_generation.to_le_bytes());
+        out.extend_from_slice(&self.target_generation.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&u32::from(self.full).to_le_bytes());
+        out.extend_from_slice(&self.created_ms.to_le_bytes());
+        out.extend_from_slice(&(self.files.len() as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for f in &self.files {
+            out.extend_from_slice(&(f.name.len() as u16).to_le_bytes());
+            out.extend_from_slice(f.name.as_bytes());
+            out.extend_from_slice(&f.size.to_le_bytes());
+            out.extend_from_slice(&f.base_root);
+            out.extend_from_slice(&f.target_root);
+        }
+        out
+    }
+}
+
+impl DeltaRecord {
+    /// Appends the record's encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(if self.xor { b'X' } else { b'F' });
+        out.extend_from_slice(&self.file.to_le_bytes());
+        out.extend_from_slice(&self.tensor_offset.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.base);
+        out.extend_from_slice(&self.target);
+        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.payload);
+    }
+}
+
+/// Writes a delta under a hidden temporary name; [`DeltaWriter::finish`] makes it durable and
+/// renames it into place.
+pub struct DeltaWriter {
+    file: Box<dyn FileIo>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    pos: u64,
+    hasher: blake3::Hasher,
+    count: u64,
+}
+
+impl DeltaWriter {
+    /// Starts `dest` (written as `.<name>.tmp` in the same folder; an old temporary is replaced).
+    pub fn create(io: &dyn Io, dest: &Path, header: &DeltaHeader) -> Result<Self, DeltaError> {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dest.with_file_name(format!(".{name}.tmp"));
+        let err = |source| DeltaError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        if tmp.exists() {
+            io.remove_file(&tmp).map_err(err)?;
+        }
+        let file = io.create(&tmp).map_err(err)?;
+        let mut w = DeltaWriter {
+            file,
+            tmp: tmp.clone(),
+            dest: dest.to_path_buf(),
+            pos: 0,
+            hasher: blake3::Hasher::new(),
+            count: 0,
+        };
+        w.write(&header.encode())?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), DeltaError> {
+        self.file
+            .write_at(self.pos, bytes)
+            .map_err(|source| DeltaError::Io {
+                path: self.tmp.clone(),
+                source,
+            })?;
+        self.hasher.update(bytes);
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends encoded records.
+    pub fn append(&mut self, encoded: &[u8], count: u64) -> Result<(), DeltaError> {
+        self.write(encoded)?;
+        self.count += count;
+        Ok(())
+    }
+
+    /// Writes the trailer, fsyncs, renames into place and fsyncs the folder; returns the size
+    /// and the BLAKE3 of the whole file.
+    pub fn finish(mut self, io: &dyn Io) -> Result<(u64, [u8; 32]), DeltaError> {
+        let mut trailer = Vec::with_capacity(TRAILER_LEN as usize);
+        trailer.extend_from_slice(END_MAGIC);
+        trailer.extend_from_slice(&self.count.to_le_bytes());
+        trailer.extend_from_slice(self.hasher.finalize().as_bytes());
+        self.write(&trailer)?;
+        let err = |p: &Path, source| DeltaError::Io {
+            path: p.to_path_buf(),
+            source,
+        };
+        self.file.sync().map_err(|e| err(&self.tmp, e))?;
+        io.rename(&self.tmp, &self.dest)
+            .map_err(|e| err(&self.dest, e))?;
+        let dir = self.dest.parent().unwrap_or(Path::new("."));
+        io.sync_dir(dir).map_err(|e| err(dir, e))?;
+        Ok((self.pos, *self.hasher.finalize().as_bytes()))
+    }
+}
+
+/// A verified delta file.
+pub struct Delta {
+    /// Its header.
+    pub header: DeltaHeader,
+    /// Where it is.
+    pub path: PathBuf,
+    file: Box<dyn FileIo>,
+    records_start: u64,
+    records_end: u64,
+    /// Number of records.
+    pub count: u64,
+}
+
+impl std::fmt::Debug for Delta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delta")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+impl Delta {
+    /// Opens `path` and verifies its checksum, structure and file names.
+    pub fn open(io: &dyn Io, path: &Path) -> Result<Self, DeltaError> {
+        let io_err = |source| DeltaError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let corrupt = |what: &str| DeltaError::Corrupt {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        };
+        let file = io.open(path, OpenMode::Read).map_err(io_err)?;
+        let len = file.len();
+        if len < 64 + TRAILER_LEN {
+            return Err(corrupt("too short"));
+        }
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        file.read_at(len - TRAILER_LEN, &mut trailer)
+            .map_err(io_err)?;
+        if &trailer[..8] != END_MAGIC {
+            return Err(corrupt("no trailer: truncated"));
+        }
+        let records_end = len - TRAILER_LEN;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 4 << 20];
+        let mut pos = 0;
+        while pos < records_end {
+            let n = (records_end - pos).min(buf.len() as u64) as usize;
+            file.read_at(pos, &mut buf[..n]).map_err(io_err)?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        if hasher.finalize().as_bytes() != &trailer[16..] {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let mut head = vec![0u8; records_end.min(1 << 24) as usize];
+        file.read_at(0, &mut head).map_err(io_err)?;
+        if &head[..8] != MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        let nfiles = le_u32(&head[56..]) as usize;
+        let mut p = 64;
+        let mut files = Vec::with_capacity(nfiles);
+        for _ in 0..nfiles {
+            let n = usize::from(u16::from_le_bytes(
+                head.get(p..p + 2)
+                    .ok_or_else(|| corrupt("file table"))?
+                    .try_into()
+                    .expect("2"),
+            ));
+            let entry = head
+                .get(p + 2..p + 2 + n + 8 + 64)
+                .ok_or_else(|| corrupt("file table"))?;
+            let name = std::str::from_utf8(&entry[..n])
+                .map_err(|_| corrupt("file name not UTF-8"))?
+                .to_string();
+            if !plain_name(&name) {
+                return Err(DeltaError::UnsafePath {
+                    path: path.to_path_buf(),
+                    name,
+                });
+            }
+            files.push(DeltaFile {
+                name,
+                size: le_u64(&entry[n..]),
+                base_root: entry[n + 8..n + 40].try_into().expect("32"),
+                target_root: entry[n + 40..n + 72].try_into().expect("32"),
+            });
+            p += 2 + n + 72;
+        }
+        let header = DeltaHeader {
+            model_id: crate::blockhash::hex(&head[8..24]),
+            base_generation: le_u64(&head[24..]),
+            target_generation: le_u64(&head[32..]),
+            block_size: le_u32(&head[40..]),
+            full: le_u32(&head[44..]) & 1 == 1,
+            created_ms: le_u64(&head[48..]),
+            files,
+        };
+        let delta = Delta {
+            header,
+            path: path.to_path_buf(),
+            file,
+            records_start: p as u64,
+            records_end,
+            count: le_u64(&trailer[8..]),
+        };
+        let mut seen = 0;
+        delta.for_each_batch(usize::MAX, |b| {
+            seen += b.len() as u64;
+            Ok::<_, DeltaError>(())
+        })?;
+        if seen != delta.count {
+            return Err(corrupt("record count does not match the trailer"));
+        }
+        Ok(delta)
+    }
+
+    /// Calls `f` with consecutive batches of records holding about `batch_bytes` of payload.
+    pub fn for_each_batch<E: From<DeltaError>>(
+        &self,
+        batch_bytes: usize,
+        mut f: impl FnMut(Vec<DeltaRecord>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let corrupt = |what: String| DeltaError::Corrupt {
+            path: self.path.clone(),
+            what,
+        };
+        let io_err = |source| DeltaError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut pos = self.records_start;
+        let mut batch = Vec::new();
+        let mut size = 0usize;
+        let mut head = [0u8; RECORD_HEADER];
+        while pos < self.records_end {
+            if self.records_end - pos < RECORD_HEADER as u64 {
+                return Err(corrupt(format!("record at byte {pos} is truncated")).into());
+            }
+            self.file.read_at(pos, &mut head).map_err(io_err)?;
+            let xor = match head[0] {
+                b'X' => true,
+                b'F' => false,
+                _ => return Err(corrupt(format!("no record at byte {pos}")).into()),
+            };
+            let file = le_u32(&head[1..]);
+            let offset = le_u64(&head[13..]);
+            let len = le_u32(&head[21..]);
+            let plen = u64::from(le_u32(&head[57..]));
+            let end = pos + RECORD_HEADER as u64 + plen;
+            let in_file = self.header.files.get(file as usize).is_some_and(|f| {
+                offset
+                    .checked_add(u64::from(len))
+                    .is_some_and(|e| e <= f.size)
+            });
+            if end > self.records_end || !in_file || (!xor && plen != u64::from(len)) {
+                return Err(corrupt(format!("record at byte {pos} is malformed")).into());
+            }
+            let mut payload = vec![0u8; plen as usize];
+            self.file
+                .read_at(pos + RECORD_HEADER as u64, &mut payload)
+                .map_err(io_err)?;
+            size += payload.len() + len as usize;
+            batch.push(DeltaRecord {
+                xor,
+                file,
+                tensor_offset: le_u64(&head[5..]),
+                offset,
+                len,
+                base: head[25..41].try_into().expect("16"),
+                target: head[41..57].try_into().expect("16"),
+                payload,
+            });
+            pos = end;
+            if size >= batch_bytes {
+                f(std::mem::take(&mut batch))?;
+                size = 0;
+            }
+        }
+        if !batch.is_empty() {
+            f(batch)?;
+        }
+        Ok(())
+    }
+}
+
+/// Name of the delta file taking `base` to `target` (`full` for a full delta).
+pub fn delta_name(base: Option<u64>, target: u64) -> String {
+    match base {
+        Some(b) => format!("delta-{b:06}-{target:06}.apd"),
+        None => format!("delta-full-{target:06}.apd"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::RealIo;
+
+    #[test]
+    fn a_delta_round_trips_and_any_damage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = RealIo::new();
+        let header = DeltaHeader {
+            model_id: "00112233445566778899aabbccddeeff".into(),
+            base_generation: 41,
+            target_generation: 47,
+            block_size: 4096,
+            full: false,
+            created_ms: 5,
+            files: vec![DeltaFile {
+                name: "model.safetensors".into(),
+                size: 1 << 20,
+                base_root: [1; 32],
+                target_root: [2; 32],
+            }],
+        };
+        let dest = dir.path().join(delta_name(Some(41), 47));
+        let mut w = DeltaWriter::create(&io, &dest, &header).unwrap();
+        let rec = |i: u64| DeltaRecord {
+            xor: i % 2 == 0,
+            file: 0,
+            tensor_offset: 100,
+            offset: 100 + 4096 * i,
+            len: 4096,
+            base: [3; 16],
+            target: [4; 16],
+            payload: if i % 2 == 0 {
+                vec![0, 1, 7]
+            } else {
+                vec![9; 4096]
+            },
+        };
+        let mut enc = Vec::new();
+        for i in 0..6 {
+            rec(i).encode(&mut enc);
+        }
+        w.append(&enc, 6).unwrap();
+        assert!(!dest.exists(), "nothing appears before finish");
+        let (len, sum) = w.finish(&io).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap().len() as u64, len);
+        assert_eq!(
+            &sum,
+            blake3::hash(&std::fs::read(&dest).unwrap()).as_bytes()
+        );
+        let d = Delta::open(&io, &dest).unwrap();
+        assert_eq!(d.header, header);
+        let mut all = Vec::new();
+        d.for_each_batch(10_000, |b| {
+            all.extend(b);
+            Ok::<_, DeltaError>(())
+        })
+        .unwrap();
+        assert_eq!(all, (0..6).map(rec).collect::<Vec<_>>());
+
+        let bytes = std::fs::read(&dest).unwrap();
+        for at in [0, 30, 70, bytes.len() / 2, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[at] ^= 1;
+            std::fs::write(&dest, &b).unwrap();
+            assert!(Delta::open(&io, &dest).is_err(), "byte {at}");
+        }
+        std::fs::write(&dest, &bytes[..bytes.len() - 100]).unwrap();
+        assert!(matches!(
+            Delta::open(&io, &dest),
+            Err(DeltaError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn names_that_could_escape_are_not_plain() {
+        for bad in ["", "../x", "/etc/passwd", "a/b", ".hidden", "..", "a\\b"] {
+            assert!(!plain_name(bad), "{bad}");
+        }
+        assert!(plain_name("model-00001-of-00002.safetensors"));
+    }
+}
