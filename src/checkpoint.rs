@@ -182,6 +182,37 @@ pub enum Error {
         /// The earliest generation that can be reached.
         earliest: u64,
     },
+    /// A delta file is damaged or unsafe.
+    #[error(transparent)]
+    Delta(#[from] crate::delta::DeltaError),
+    /// `export-delta` cannot describe the span asked for.
+    #[error("export-delta: {what}")]
+    ExportBase {
+        /// Why.
+        what: String,
+    },
+    /// A delta does not fit this replica; nothing was written.
+    #[error("{delta}: refused: {what}; the replica is left as it is")]
+    ReplicaMismatch {
+        /// The delta file.
+        delta: PathBuf,
+        /// Why.
+        what: String,
+    },
+    /// A replica block does not hold the bytes the delta was made against.
+    #[error(
+        "{delta}: the replica's {file} bytes {offset}..{end} are not the delta's base; nothing was written. The replica was changed by something else: run `apollo-checkpoint verify --model-dir` on it"
+    )]
+    BaseMismatch {
+        /// The delta file.
+        delta: PathBuf,
+        /// The file.
+        file: String,
+        /// Start of the block.
+        offset: u64,
+        /// End of the block.
+        end: u64,
+    },
     /// After a journal was applied, a block does not hold the bytes it promised.
     #[error(
         "{file}: after applying generation {target}, the block at bytes {offset}..{end} does not hold the expected bytes; run `apollo-checkpoint verify --model-dir {model_dir}`"
@@ -221,6 +252,7 @@ impl Error {
             | Error::Index(IndexError::Sqlite { .. })
             | Error::Journal(JournalError::Io { .. })
             | Error::Apply(ApplyError::Io { .. } | ApplyError::Journal(JournalError::Io { .. }))
+            | Error::Delta(crate::delta::DeltaError::Io { .. })
             | Error::Lock(_) => 74,
             Error::Model(_)
             | Error::Source(_)
@@ -228,6 +260,8 @@ impl Error {
             | Error::Apply(_)
             | Error::Mismatch(_)
             | Error::TargetMismatch { .. }
+            | Error::Delta(_)
+            | Error::BaseMismatch { .. }
             | Error::OldBlockChanged { .. } => 65,
             Error::Index(_)
             | Error::NotInitialized { .. }
@@ -237,7 +271,9 @@ impl Error {
             | Error::JournalPending { .. }
             | Error::ForeignJournal { .. }
             | Error::RollbackTarget { .. }
-            | Error::NoUndo { .. } => 78,
+            | Error::NoUndo { .. }
+            | Error::ExportBase { .. }
+            | Error::ReplicaMismatch { .. } => 78,
         }
     }
 }

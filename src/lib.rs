@@ -14,6 +14,7 @@
 //! - [`apply`]: rolling a journal forward onto the files, idempotently, repairing torn blocks.
 //! - [`lock`]: the state-directory lock (one writer or many readers).
 //! - [`delta`]: the delta file format `export-delta` writes and `apply-delta` reads.
+//! - [`replica`]: `export-delta` and `apply-delta`, the nightly copy to a backup host.
 //! - [`checkpoint`]: the operations `init`, `sync`, `recover`, `status` and `verify`.
 //! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
 
@@ -27,6 +28,7 @@ pub mod journal;
 pub mod lock;
 pub mod model;
 pub mod plan;
+pub mod replica;
 pub mod source;
 pub mod synthetic;
 

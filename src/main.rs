@@ -90,6 +90,46 @@ enum Command {
         #[arg(long, value_name = "BYTES")]
         bytes: Option<u64>,
     },
+    /// Write the changes since the last export as one immutable delta file (plus a JSON manifest
+    /// and changed-files.txt) into an outbox folder, for `apply-delta` on a backup host.
+    ExportDelta {
+        #[command(flatten)]
+        target: Target,
+        /// The outbox folder (created if needed).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Base generation [default: the target of the last export].
+        #[arg(long, value_name = "GEN", conflicts_with = "full")]
+        since: Option<u64>,
+        /// Ship whole files, for a replica that has nothing yet.
+        #[arg(long)]
+        full: bool,
+        /// Only remove the delta files whose target generation is at most GEN (the backup host
+        /// has applied them); export nothing.
+        #[arg(long, value_name = "GEN", conflicts_with_all = ["since", "full"])]
+        prune_through: Option<u64>,
+    },
+    /// Apply delta files to a replica (on the backup host): verified, journaled, recoverable.
+    ///
+    /// A replica without state adopts the model files copied into it (checked against the
+    /// delta's base), or is created from a full delta.
+    ApplyDelta {
+        /// The replica directory.
+        #[arg(long, value_name = "DIR")]
+        replica_dir: PathBuf,
+        /// Where the replica's index lives [default: <replica-dir>/.apollo-checkpoint].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Print one JSON object on stdout instead of text on stderr.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to this long for the replica's lock instead of failing at once (exit 75).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+        wait: f64,
+        /// The delta files (.apd), in any order.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -199,6 +239,82 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "undo data kept: the last {} generations, at most {}",
                     r.generations,
                     human_bytes(r.bytes)
+                );
+            }
+        }
+        Command::ExportDelta {
+            target,
+            out,
+            since,
+            full,
+            prune_through,
+        } => {
+            let cp = checkpoint(&target);
+            if let Some(through) = prune_through {
+                let pruned = cp.prune_exports(&out, through)?;
+                if target.json {
+                    print_json(&serde_json::json!({ "pruned": pruned }))?;
+                } else {
+                    eprintln!(
+                        "pruned {} delta file(s) through generation {through}",
+                        pruned.len()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let r = cp.export_delta(&out, since, full)?;
+            if target.json {
+                print_json(&r)?;
+            } else {
+                for n in &r.notes {
+                    eprintln!("note: {n}");
+                }
+                match &r.file {
+                    Some(f) => eprintln!(
+                        "exported generation {} to {}: {} ({} records, {} whole blocks)",
+                        r.target_generation,
+                        f.display(),
+                        human_bytes(r.bytes),
+                        r.records,
+                        r.full_blocks
+                    ),
+                    None => eprintln!(
+                        "nothing to export: the last export already reached generation {}",
+                        r.target_generation
+                    ),
+                }
+            }
+        }
+        Command::ApplyDelta {
+            replica_dir,
+            state_dir,
+            json,
+            wait,
+            files,
+        } => {
+            let target = Target {
+                model_dir: replica_dir,
+                state_dir,
+                json,
+                wait,
+            };
+            let r = checkpoint(&target).apply_delta(&files)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                for d in &r.deltas {
+                    eprintln!(
+                        "{}: {} (generation {}, {} blocks)",
+                        d.file.display(),
+                        d.outcome,
+                        d.target_generation,
+                        d.blocks
+                    );
+                }
+                eprintln!(
+                    "replica {} is at generation {}",
+                    target.model_dir.display(),
+                    r.generation
                 );
             }
         }
