@@ -63,6 +63,8 @@ pub const DEFAULT_RETAIN_GENERATIONS: u64 = 24;
 pub const DEFAULT_RETAIN_FRACTION: u64 = 10;
 /// ... but never less than this.
 pub const MIN_DEFAULT_RETAIN_BYTES: u64 = 64 << 20;
+/// Undo data not yet exported is kept up to this many times the rollback byte limit, by default.
+pub const DEFAULT_BACKLOG_FACTOR: u64 = 4;
 
 /// Everything that can stop an operation. Each variant says what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -480,6 +482,12 @@ pub struct StatusReport {
     pub retain_generations: Option<u64>,
     /// Retention limit: bytes.
     pub retain_bytes: Option<u64>,
+    /// The generation the newest export reaches.
+    pub exported_through: Option<u64>,
+    /// Generations after it, not yet exported.
+    pub unexported_generations: u64,
+    /// Undo bytes of those generations still kept for the next export.
+    pub unexported_bytes: u64,
 }
 
 /// One model directory and its state.
@@ -1161,13 +1169,29 @@ impl Checkpoint {
             .meta("retain_bytes")?
             .and_then(|v| v.parse().ok())
             .unwrap_or(u64::MAX);
+        // Once anything was exported, undo data not yet exported is kept for export-delta too,
+        // up to the backlog limit; beyond it, export ships those generations' blocks whole.
+        let exported = index.exported_through()?;
+        let backlog_limit = index
+            .meta("export_backlog_bytes")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| keep_bytes.saturating_mul(DEFAULT_BACKLOG_FACTOR));
         let mut kept = self.undo_files()?;
         let mut removed = false;
         let mut total: u64 = kept.iter().map(|(_, _, len)| len).sum();
-        while !kept.is_empty() && (kept.len() as u64 > keep_gens || total > keep_bytes) {
-            let (_, path, len) = kept.remove(0);
+        let unexported = |g: u64| exported.is_some_and(|e| g > e);
+        let mut backlog: u64 = kept.iter().filter(|k| unexported(k.0)).map(|k| k.2).sum();
+        while let Some(&(g, _, len)) = kept.first() {
+            let over = kept.len() as u64 > keep_gens || total > keep_bytes;
+            if !over || (unexported(g) && backlog <= backlog_limit) {
+                break;
+            }
+            let (_, path, _) = kept.remove(0);
             self.io.remove_file(&path).map_err(Self::io_err(&path))?;
             total -= len;
+            if unexported(g) {
+                backlog -= len;
+            }
             removed = true;
         }
         if removed {
@@ -1678,6 +1702,9 @@ impl Checkpoint {
             undo_bytes: 0,
             retain_generations: None,
             retain_bytes: None,
+            exported_through: None,
+            unexported_generations: 0,
+            unexported_bytes: 0,
         };
         if self.journal_path().exists() {
             report.pending.push(format!(
@@ -1707,6 +1734,11 @@ impl Checkpoint {
             .and_then(|v| v.parse().ok());
         report.retain_bytes = index.meta("retain_bytes")?.and_then(|v| v.parse().ok());
         let undo = self.undo_files()?;
+        report.exported_through = index.exported_through()?;
+        if let (Some(e), Some(g)) = (report.exported_through, report.generation) {
+            report.unexported_generations = g.saturating_sub(e);
+            report.unexported_bytes = undo.iter().filter(|u| u.0 > e).map(|u| u.2).sum();
+        }
         report.undo_generations = undo.len() as u64;
         report.undo_bytes = undo.iter().map(|u| u.2).sum();
         report.index_bytes = ["", "-wal"]

@@ -481,6 +481,16 @@ fn print_status(r: &StatusReport) {
         r.retain_generations.unwrap_or(0),
         human_bytes(r.retain_bytes.unwrap_or(0))
     );
+    match r.exported_through {
+        Some(e) => println!(
+            "exported:    through generation {e}; {} generations not yet exported ({} of undo data kept for them)",
+            r.unexported_generations,
+            human_bytes(r.unexported_bytes)
+        ),
+        None => {
+            println!("exported:    never (export-delta --full or --since GEN starts a replica)")
+        }
+    }
     println!("files:       {} ({})", r.files.len(), human_bytes(total));
     for f in &r.files {
         println!("  {:<40} {:>12}  {}", f.name, human_bytes(f.size), f.state);

@@ -151,7 +151,7 @@ fn record_hash(tensor_offset: u64, offset: u64, bytes: &[u8]) -> [u8; HASH_PREFI
 
 /// Per-file roots from the index: BLAKE3 of the header hash and every block's 16-byte hash in
 /// file order, each block's hash replaced by `overrides[(file, block offset)]` where given.
-fn file_roots(
+pub fn file_roots(
     index: &BlockIndex,
     layout: BlockLayout,
     overrides: &HashMap<(String, u64), [u8; HASH_PREFIX]>,

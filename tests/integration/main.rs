@@ -5,6 +5,7 @@ mod cli;
 mod faults;
 mod journal_size;
 mod kill;
+mod replica;
 mod rollback;
 mod sync;
 mod trust;

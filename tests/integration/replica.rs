@@ -1,0 +1,456 @@
+//! `export-delta` and `apply-delta`: the replica follows the model byte for byte; every refusal
+//! leaves it untouched.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use apollo_checkpoint::delta::{Delta, DeltaFile, DeltaHeader, DeltaWriter};
+use apollo_checkpoint::io::RealIo;
+use apollo_checkpoint::synthetic::Rng;
+use apollo_checkpoint::{Error, SafetensorsSource};
+
+use crate::util::{
+    T, checkpoint, mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model,
+};
+
+fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".safetensors") || n.ends_with(".index.json"))
+        .collect()
+}
+
+fn deltas_in(outbox: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "apd"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A random training-like change of `tensors`.
+fn change(tensors: &mut [T], rng: &mut Rng) {
+    match rng.below(3) {
+        0 => {
+            for t in tensors.iter_mut().filter(|t| !t.data.is_empty()) {
+                let i = rng.below(t.data.len() as u64) as usize;
+                t.data[i] ^= 0x21;
+            }
+        }
+        1 => {
+            for t in tensors.iter_mut() {
+                for b in t.data.iter_mut().step_by(37) {
+                    *b = b.wrapping_add(3);
+                }
+            }
+        }
+        _ => {
+            let nonempty: Vec<usize> = (0..tensors.len())
+                .filter(|&i| !tensors[i].data.is_empty())
+                .collect();
+            let i = nonempty[rng.below(nonempty.len() as u64) as usize];
+            let mut d = std::mem::take(&mut tensors[i].data);
+            rng.fill(&mut d);
+            tensors[i].data = d;
+        }
+    }
+}
+
+fn sync(p: &crate::util::Pair, tensors: &[T]) {
+    write_model(&p.source, tensors, 1);
+    checkpoint(&p.model)
+        .sync(&SafetensorsSource::open(&p.source).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn after_many_random_syncs_and_exports_the_replica_equals_the_model() {
+    let mut tensors = mixed_tensors(60);
+    let p = pair(&tensors, 3, 1);
+    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
+    checkpoint(&p.model).init(4096).unwrap();
+    let full = checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap();
+    assert!(full.exported);
+    checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap();
+    assert_eq!(model_files(&replica), model_files(&p.model));
+    let mut rng = Rng::new(61);
+    for night in 0..6 {
+        for _ in 0..1 + rng.below(3) {
+            change(&mut tensors, &mut rng);
+            sync(&p, &tensors);
+        }
+        let r = checkpoint(&p.model)
+            .export_delta(&outbox, None, false)
+            .unwrap();
+        assert!(r.exported, "night {night}");
+        // Some nights the backup host is down: deltas pile up and are applied together, in
+        // whatever order the shell lists them.
+        if rng.below(3) > 0 {
+            let mut files = deltas_in(&outbox);
+            files.reverse();
+            let a = checkpoint(&replica).apply_delta(&files).unwrap();
+            assert_eq!(a.generation, r.target_generation);
+            assert_eq!(
+                model_files(&replica),
+                model_files(&p.model),
+                "night {night}"
+            );
+        }
+    }
+    let files = deltas_in(&outbox);
+    checkpoint(&replica).apply_delta(&files).unwrap();
+    assert_eq!(model_files(&replica), model_files(&p.model));
+    assert!(checkpoint(&replica).verify(false).unwrap().clean);
+    // Re-applying everything is a no-op that says so.
+    let again = checkpoint(&replica).apply_delta(&files).unwrap();
+    assert!(
+        again.deltas.iter().all(|d| d.outcome == "already applied"),
+        "{:?}",
+        again.deltas
+    );
+}
+
+#[test]
+fn a_block_changed_in_three_syncs_ships_once() {
+    let mut tensors = mixed_tensors(62);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let outbox = p.tmp.path().join("outbox");
+    checkpoint(&p.model)
+        .export_delta(&outbox, Some(0), false)
+        .unwrap();
+    for round in 0..3u8 {
+        tensors[0].data[10] = round.wrapping_mul(7).wrapping_add(1);
+        tensors[0].data[5000 + usize::from(round)] ^= 0xff;
+        sync(&p, &tensors);
+    }
+    let r = checkpoint(&p.model)
+        .export_delta(&outbox, Some(0), false)
+        .unwrap();
+    // Block 0 (byte 10) changed three times, block 1 (bytes 5000..5002) three times: two records.
+    assert_eq!(
+        (r.base_generation, r.target_generation, r.records),
+        (Some(0), Some(3).unwrap(), 2)
+    );
+    assert_eq!(r.full_blocks, 0);
+}
+
+#[test]
+fn a_copied_replica_is_adopted_when_it_matches_and_refused_untouched_otherwise() {
+    let mut tensors = mixed_tensors(63);
+    let p = pair(&tensors, 2, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let mut rng = Rng::new(64);
+    change(&mut tensors, &mut rng);
+    sync(&p, &tensors);
+    // The operator copies the model at generation 1.
+    let replica = p.tmp.path().join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    for (name, bytes) in model_files(&p.model) {
+        std::fs::write(replica.join(name), bytes).unwrap();
+    }
+    let bad = p.tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    for (name, mut bytes) in model_files(&p.model) {
+        if name == "model-00002-of-00002.safetensors" {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+        }
+        std::fs::write(bad.join(name), bytes).unwrap();
+    }
+    change(&mut tensors, &mut rng);
+    sync(&p, &tensors);
+    let outbox = p.tmp.path().join("outbox");
+    let r = checkpoint(&p.model)
+        .export_delta(&outbox, Some(1), false)
+        .unwrap();
+    assert_eq!(r.target_generation, 2);
+
+    let before = model_files(&bad);
+    let e = checkpoint(&bad)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("model-00002-of-00002.safetensors is not the model's file at generation 1"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 78);
+    assert_eq!(model_files(&bad), before);
+    assert!(
+        !bad.join(".apollo-checkpoint").exists(),
+        "a refused adoption leaves no state behind"
+    );
+
+    let a = checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap();
+    assert_eq!(a.deltas[0].outcome, "adopted and applied");
+    assert_eq!(model_files(&replica), model_files(&p.model));
+}
+
+#[test]
+fn deltas_that_do_not_fit_are_refused_and_the_replica_left_untouched() {
+    let mut tensors = mixed_tensors(65);
+    let p = pair(&tensors, 1, 1);
+    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
+    checkpoint(&p.model).init(4096).unwrap();
+    checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap();
+    checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap();
+    let mut rng = Rng::new(66);
+    let mut exported = Vec::new();
+    for _ in 0..3 {
+        change(&mut tensors, &mut rng);
+        sync(&p, &tensors);
+        exported.push(
+            checkpoint(&p.model)
+                .export_delta(&outbox, None, false)
+                .unwrap()
+                .file
+                .unwrap(),
+        );
+    }
+    let before = model_files(&replica);
+    // A gap: generation 2..3 while the replica is at 0.
+    let e = checkpoint(&replica)
+        .apply_delta(&exported[2..])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("apply the deltas from 0 first"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 78);
+    assert_eq!(model_files(&replica), before);
+
+    // Corrupted and truncated deltas.
+    let bytes = std::fs::read(&exported[0]).unwrap();
+    let damaged = p.tmp.path().join("damaged.apd");
+    let mut b = bytes.clone();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x10;
+    std::fs::write(&damaged, &b).unwrap();
+    let e = checkpoint(&replica)
+        .apply_delta(std::slice::from_ref(&damaged))
+        .unwrap_err();
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    assert_eq!(e.exit_code(), 65);
+    std::fs::write(&damaged, &bytes[..bytes.len() - 7]).unwrap();
+    let e = checkpoint(&replica)
+        .apply_delta(std::slice::from_ref(&damaged))
+        .unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+    assert_eq!(model_files(&replica), before);
+
+    // A delta of another model.
+    let other = pair(&mixed_tensors(67), 1, 1);
+    checkpoint(&other.model).init(4096).unwrap();
+    let other_out = other.tmp.path().join("outbox");
+    let mut t2 = mixed_tensors(67);
+    change(&mut t2, &mut rng);
+    sync(&other, &t2);
+    let o = checkpoint(&other.model)
+        .export_delta(&other_out, Some(0), false)
+        .unwrap();
+    let e = checkpoint(&replica)
+        .apply_delta(&[o.file.unwrap()])
+        .unwrap_err();
+    assert!(e.to_string().contains("it is for model"), "{e}");
+
+    // A replica block changed by something that kept size and mtime: the base check refuses
+    // before writing.
+    let f = replica.join("model.safetensors");
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    let mtime = handle.metadata().unwrap().modified().unwrap();
+    let mut rb = std::fs::read(&f).unwrap();
+    let n = u64::from_le_bytes(rb[..8].try_into().unwrap()) as usize;
+    for b in &mut rb[8 + n..] {
+        *b ^= 0x01;
+    }
+    std::os::unix::fs::FileExt::write_all_at(&handle, &rb, 0).unwrap();
+    handle.set_modified(mtime).unwrap();
+    drop(handle);
+    let before = model_files(&replica);
+    let e = checkpoint(&replica)
+        .apply_delta(&exported[..1])
+        .unwrap_err();
+    assert!(e.to_string().contains("not the delta's base"), "{e}");
+    assert_eq!(model_files(&replica), before);
+    assert!(!replica.join(".apollo-checkpoint/journal").exists());
+}
+
+#[test]
+fn names_that_escape_the_replica_and_symlinks_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let io = RealIo::new();
+    for name in ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors"] {
+        let header = DeltaHeader {
+            model_id: "00112233445566778899aabbccddeeff".into(),
+            base_generation: 0,
+            target_generation: 1,
+            block_size: 4096,
+            full: false,
+            created_ms: 0,
+            files: vec![DeltaFile {
+                name: name.into(),
+                size: 10,
+                base_root: [1; 32],
+                target_root: [2; 32],
+            }],
+        };
+        let path = tmp.path().join("evil.apd");
+        let w = DeltaWriter::create(&io, &path, &header).unwrap();
+        w.finish(&io).unwrap();
+        let e = checkpoint(&tmp.path().join("replica"))
+            .apply_delta(std::slice::from_ref(&path))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not a plain file name"),
+            "{name}: {e}"
+        );
+        assert!(matches!(
+            Delta::open(&io, &path),
+            Err(apollo_checkpoint::delta::DeltaError::UnsafePath { .. })
+        ));
+    }
+    // A replica whose model file is a symlink (to somewhere outside) is refused.
+    let tensors = mixed_tensors(68);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let outbox = p.tmp.path().join("outbox");
+    checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap();
+    let replica = p.tmp.path().join("replica");
+    std::fs::create_dir_all(&replica).unwrap();
+    std::os::unix::fs::symlink(
+        p.source.join("model.safetensors"),
+        replica.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap_err();
+    assert!(matches!(e, Error::Delta(_)), "{e}");
+    assert_eq!(
+        std::fs::read(p.source.join("model.safetensors")).unwrap(),
+        std::fs::read(p.model.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn when_the_backlog_overflows_export_ships_whole_blocks_and_says_so() {
+    let mut tensors = mixed_tensors(69);
+    let p = pair(&tensors, 1, 1);
+    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
+    checkpoint(&p.model).init(4096).unwrap();
+    checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap();
+    checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap();
+    // Keep one generation of undo data and almost no backlog.
+    checkpoint(&p.model).retention(Some(1), Some(1)).unwrap();
+    let mut rng = Rng::new(70);
+    for _ in 0..3 {
+        change(&mut tensors, &mut rng);
+        sync(&p, &tensors);
+    }
+    let st = checkpoint(&p.model).status().unwrap();
+    assert_eq!(
+        (st.exported_through, st.unexported_generations),
+        (Some(0), 3)
+    );
+    let r = checkpoint(&p.model)
+        .export_delta(&outbox, None, false)
+        .unwrap();
+    assert!(r.full_blocks > 0, "{r:?}");
+    assert!(
+        r.notes.iter().any(|n| n.contains("ship whole")),
+        "{:?}",
+        r.notes
+    );
+    checkpoint(&replica)
+        .apply_delta(&deltas_in(&outbox))
+        .unwrap();
+    assert_eq!(model_files(&replica), model_files(&p.model));
+}
+
+#[test]
+fn pruning_removes_confirmed_deltas_and_the_cli_round_trip_works() {
+    let mut tensors = mixed_tensors(71);
+    let p = pair(&tensors, 2, 1);
+    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
+    let (m, o, r) = (s(&p.model), s(&outbox), s(&replica));
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let x = run(&["export-delta", "--model-dir", m, "--out", o]);
+    assert_eq!(
+        x.status.code(),
+        Some(78),
+        "no export yet and no --since: {}",
+        stderr(&x)
+    );
+    assert!(stderr(&x).contains("--full"), "{}", stderr(&x));
+    assert!(
+        run(&["export-delta", "--model-dir", m, "--out", o, "--full"])
+            .status
+            .success()
+    );
+    let mut rng = Rng::new(72);
+    change(&mut tensors, &mut rng);
+    sync(&p, &tensors);
+    let x = run(&["export-delta", "--model-dir", m, "--out", o, "--json"]);
+    assert!(x.status.success(), "{}", stderr(&x));
+    let j = stdout_json(&x);
+    assert_eq!(j["target_generation"], 1);
+    let changed = std::fs::read_to_string(outbox.join("changed-files.txt")).unwrap();
+    assert!(
+        changed.lines().all(|l| l.ends_with(".safetensors")) && !changed.is_empty(),
+        "{changed}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(outbox.join("delta-000000-000001.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["delta_bytes"], j["bytes"]);
+    assert_eq!(manifest["delta_blake3"].as_str().unwrap().len(), 64);
+    let mut args = vec!["apply-delta", "--replica-dir", r, "--json"];
+    let files: Vec<String> = deltas_in(&outbox)
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect();
+    args.extend(files.iter().map(String::as_str));
+    let x = run(&args);
+    assert!(x.status.success(), "{}", stderr(&x));
+    assert_eq!(stdout_json(&x)["generation"], 1);
+    assert_eq!(model_files(&replica), model_files(&p.model));
+    // Nothing new: exporting again writes nothing.
+    let x = run(&["export-delta", "--model-dir", m, "--out", o]);
+    assert!(stderr(&x).contains("nothing to export"), "{}", stderr(&x));
+    let x = run(&[
+        "export-delta",
+        "--model-dir",
+        m,
+        "--out",
+        o,
+        "--prune-through",
+        "1",
+        "--json",
+    ]);
+    assert!(x.status.success(), "{}", stderr(&x));
+    assert_eq!(stdout_json(&x)["pruned"].as_array().unwrap().len(), 2);
+    assert!(deltas_in(&outbox).is_empty());
+}
