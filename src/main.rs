@@ -488,7 +488,7 @@ fn print_status(r: &StatusReport) {
             human_bytes(r.unexported_bytes)
         ),
         None => {
-            println!("exported:    never (export-delta --full or --since GEN starts a replica)")
+            println!("exported:    never (export-delta --full or --since GEN starts a replica)");
         }
     }
     println!("files:       {} ({})", r.files.len(), human_bytes(total));

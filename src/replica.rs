@@ -151,10 +151,10 @@ fn record_hash(tensor_offset: u64, offset: u64, bytes: &[u8]) -> [u8; HASH_PREFI
 
 /// Per-file roots from the index: BLAKE3 of the header hash and every block's 16-byte hash in
 /// file order, each block's hash replaced by `overrides[(file, block offset)]` where given.
-pub fn file_roots(
+pub fn file_roots<S: std::hash::BuildHasher>(
     index: &BlockIndex,
     layout: BlockLayout,
-    overrides: &HashMap<(String, u64), [u8; HASH_PREFIX]>,
+    overrides: &HashMap<(String, u64), [u8; HASH_PREFIX], S>,
 ) -> Result<BTreeMap<String, [u8; 32]>, Error> {
     let files = index.files()?;
     let tensors = index.tensors()?;
@@ -251,7 +251,7 @@ impl Checkpoint {
             .filter(|(_, c)| c.base.is_none())
             .map(|(k, _)| k.0.as_str())
             .collect();
-        let target_roots = file_roots(&index, layout, &HashMap::new())?;
+        let target_roots = file_roots(&index, layout, &HashMap::<_, _>::new())?;
         let base_roots = file_roots(&index, layout, &overrides)?;
         let mut files: Vec<DeltaFile> = model
             .files
@@ -787,7 +787,7 @@ impl Checkpoint {
                 "adopt",
             )?;
             let index = self.require_index()?;
-            let roots = file_roots(&index, index.block_layout()?, &HashMap::new())?;
+            let roots = file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?;
             for f in &h.files {
                 if roots.get(&f.name) != Some(&f.base_root) {
                     return Err(Error::ReplicaMismatch {
@@ -890,7 +890,7 @@ impl Checkpoint {
             "full-delta",
         )?;
         let index = self.require_index()?;
-        let roots = file_roots(&index, index.block_layout()?, &HashMap::new())?;
+        let roots = file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?;
         for f in h.files.iter().filter(|f| f.name != INDEX_FILE) {
             if roots.get(&f.name) != Some(&f.target_root) {
                 return Err(Error::ReplicaMismatch {
