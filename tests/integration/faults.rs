@@ -742,3 +742,113 @@ fn sync_recovers_an_interrupted_write_first_and_says_so() {
     );
     assert_eq!(model_files(&dir), sc.after);
 }
+
+/// Model files of `dir` copied into a fresh directory, without any state: a replica made by cp.
+fn files_only_copy(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn apd_files(outbox: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "apd"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_export_stopped_at_any_step_is_simply_repeated() {
+    let sc = scenario(51);
+    let model = sc.tmp.path().join("clean"); // generation 2, holding `after`
+    let count_out = sc.tmp.path().join("count-out");
+    let io = FaultIo::new(Fault::None);
+    Checkpoint::new(&model, None, Arc::new(io.clone()))
+        .export_delta(&count_out, Some(1), false)
+        .unwrap();
+    let reference = std::fs::read(apd_files(&count_out)[0].clone()).unwrap();
+    let (steps, _) = io.steps();
+    for n in 0..=steps {
+        let dir = sc.tmp.path().join("exp");
+        let _ = std::fs::remove_dir_all(&dir);
+        trusted_copy(&model, &dir);
+        let outbox = sc.tmp.path().join("exp-out");
+        let _ = std::fs::remove_dir_all(&outbox);
+        let io = FaultIo::new(Fault::Crash(n));
+        let first = Checkpoint::new(&dir, None, Arc::new(io)).export_delta(&outbox, Some(1), false);
+        let rerun = checkpoint(&dir)
+            .export_delta(&outbox, Some(1), false)
+            .unwrap();
+        assert!(rerun.exported, "crash at {n}");
+        let files = apd_files(&outbox);
+        assert_eq!(files.len(), 1, "crash at {n}: {files:?}");
+        if first.is_ok() {
+            assert_eq!(
+                std::fs::read(&files[0]).unwrap().len(),
+                reference.len(),
+                "crash at {n}"
+            );
+        }
+        // The delta is whole and takes a copy of the old files to the new ones.
+        let replica = sc.tmp.path().join("exp-replica");
+        files_only_copy(&sc.template, &replica);
+        checkpoint(&replica)
+            .apply_delta(&files)
+            .unwrap_or_else(|e| panic!("crash at {n}: {e}"));
+        assert_eq!(model_files(&replica), sc.after, "crash at {n}");
+    }
+}
+
+#[test]
+fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
+    let sc = scenario(52);
+    let model = sc.tmp.path().join("clean");
+    let outbox = sc.tmp.path().join("outbox");
+    checkpoint(&model)
+        .export_delta(&outbox, Some(1), false)
+        .unwrap();
+    let deltas = apd_files(&outbox);
+    let count = sc.tmp.path().join("apply-count");
+    files_only_copy(&sc.template, &count);
+    let io = FaultIo::new(Fault::None);
+    Checkpoint::new(&count, None, Arc::new(io.clone()))
+        .apply_delta(&deltas)
+        .unwrap();
+    assert_eq!(model_files(&count), sc.after);
+    let (steps, syncs) = io.steps();
+    let mut faults: Vec<Fault> = (0..=steps).map(Fault::Crash).collect();
+    faults.extend((0..syncs).flat_map(|k| (0..3).map(move |seed| Fault::PowerCut(k, seed))));
+    for fault in faults {
+        let replica = sc.tmp.path().join("apply-run");
+        files_only_copy(&sc.template, &replica);
+        let io = FaultIo::new(fault);
+        let first = Checkpoint::new(&replica, None, Arc::new(io)).apply_delta(&deltas);
+        // recover, then the next apply, finish the job; in between the files are old or new.
+        if replica.join(".apollo-checkpoint").exists() {
+            checkpoint(&replica)
+                .recover()
+                .unwrap_or_else(|e| panic!("{fault:?}: recover: {e}"));
+        }
+        let now = model_files(&replica);
+        assert!(
+            now == sc.before || now == sc.after,
+            "{fault:?}: the replica is neither generation ({first:?})"
+        );
+        checkpoint(&replica)
+            .apply_delta(&deltas)
+            .unwrap_or_else(|e| panic!("{fault:?}: the next apply: {e}"));
+        assert_eq!(model_files(&replica), sc.after, "{fault:?}");
+        assert!(
+            checkpoint(&replica).verify(false).unwrap().clean,
+            "{fault:?}"
+        );
+    }
+}
