@@ -345,7 +345,7 @@ impl Checkpoint {
         write_atomic(
             self.io.as_ref(),
             &manifest_path,
-            serde_json::to_string_pretty(&manifest)
+            serde_json::to_string(&manifest)
                 .unwrap_or_default()
                 .as_bytes(),
         )?;
