@@ -47,6 +47,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
 use crate::journal::HASH_PREFIX;
 
@@ -165,15 +166,7 @@ impl DeltaHeader {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);
-        let mut id = [0u8; 16];
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = self
-                .model_id
-                .get(2 * i..2 * i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .unwrap_or(0);
-        }
-        out.extend_from_slice(&id);
+        out.extend_from_slice(&model_id_bytes(&self.model_id));
         out.extend_from_slice(&self.base_generation.to_le_bytes());
         out.extend_from_slice(&self.target_generation.to_le_bytes());
         out.extend_from_slice(&self.block_size.to_le_bytes());
@@ -210,12 +203,8 @@ impl DeltaRecord {
 /// Writes a delta under a hidden temporary name; [`DeltaWriter::finish`] makes it durable and
 /// renames it into place.
 pub struct DeltaWriter {
-    file: Box<dyn FileIo>,
-    tmp: PathBuf,
+    out: HashedWriter,
     dest: PathBuf,
-    pos: u64,
-    hasher: blake3::Hasher,
-    count: u64,
 }
 
 impl DeltaWriter {
@@ -233,36 +222,22 @@ impl DeltaWriter {
         if tmp.exists() {
             io.remove_file(&tmp).map_err(err)?;
         }
-        let file = io.create(&tmp).map_err(err)?;
-        let mut w = DeltaWriter {
-            file,
-            tmp: tmp.clone(),
+        let mut out = HashedWriter::new(io.create(&tmp).map_err(err)?, &tmp);
+        out.write(&header.encode()).map_err(err)?;
+        Ok(DeltaWriter {
+            out,
             dest: dest.to_path_buf(),
-            pos: 0,
-            hasher: blake3::Hasher::new(),
-            count: 0,
-        };
-        w.write(&header.encode())?;
-        Ok(w)
+        })
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), DeltaError> {
-        self.file
-            .write_at(self.pos, bytes)
-            .map_err(|source| DeltaError::Io {
-                path: self.tmp.clone(),
-                source,
-            })?;
-        self.hasher.update(bytes);
-        self.pos += bytes.len() as u64;
-        Ok(())
+    fn err(&self) -> impl FnOnce(std::io::Error) -> DeltaError + use<> {
+        let path = self.out.path().to_path_buf();
+        move |source| DeltaError::Io { path, source }
     }
 
     /// Appends encoded records.
     pub fn append(&mut self, encoded: &[u8], count: u64) -> Result<(), DeltaError> {
-        self.write(encoded)?;
-        self.count += count;
-        Ok(())
+        self.out.append(encoded, count).map_err(self.err())
     }
 
     /// Writes the trailer, fsyncs, renames into place and fsyncs the folder; returns the size
@@ -270,19 +245,19 @@ impl DeltaWriter {
     pub fn finish(mut self, io: &dyn Io) -> Result<(u64, [u8; 32]), DeltaError> {
         let mut trailer = Vec::with_capacity(TRAILER_LEN as usize);
         trailer.extend_from_slice(END_MAGIC);
-        trailer.extend_from_slice(&self.count.to_le_bytes());
-        trailer.extend_from_slice(self.hasher.finalize().as_bytes());
-        self.write(&trailer)?;
+        trailer.extend_from_slice(&self.out.count().to_le_bytes());
+        trailer.extend_from_slice(&self.out.digest());
+        self.out.write(&trailer).map_err(self.err())?;
+        self.out.sync().map_err(self.err())?;
         let err = |p: &Path, source| DeltaError::Io {
             path: p.to_path_buf(),
             source,
         };
-        self.file.sync().map_err(|e| err(&self.tmp, e))?;
-        io.rename(&self.tmp, &self.dest)
+        io.rename(self.out.path(), &self.dest)
             .map_err(|e| err(&self.dest, e))?;
         let dir = self.dest.parent().unwrap_or(Path::new("."));
         io.sync_dir(dir).map_err(|e| err(dir, e))?;
-        Ok((self.pos, *self.hasher.finalize().as_bytes()))
+        Ok((self.out.pos(), self.out.digest()))
     }
 }
 
@@ -338,16 +313,7 @@ impl Delta {
             return Err(corrupt("no trailer: truncated"));
         }
         let records_end = len - TRAILER_LEN;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 4 << 20];
-        let mut pos = 0;
-        while pos < records_end {
-            let n = (records_end - pos).min(buf.len() as u64) as usize;
-            file.read_at(pos, &mut buf[..n]).map_err(io_err)?;
-            hasher.update(&buf[..n]);
-            pos += n as u64;
-        }
-        if hasher.finalize().as_bytes() != &trailer[16..] {
+        if hash_prefix_of(file.as_ref(), records_end).map_err(io_err)? != trailer[16..] {
             return Err(corrupt("checksum mismatch"));
         }
         let mut head = vec![0u8; records_end.min(1 << 24) as usize];

@@ -157,7 +157,7 @@ impl Io for RealIo {
             file,
             len,
             map,
-            poisoned: AtomicBool::new(false),
+            poisoned: Poison::default(),
             stats: Arc::clone(&self.stats),
         }))
     }
@@ -171,7 +171,7 @@ impl Io for RealIo {
         Ok(Box::new(PlainFile {
             path: path.to_path_buf(),
             file,
-            poisoned: AtomicBool::new(false),
+            poisoned: Poison::default(),
         }))
     }
 
@@ -258,6 +258,30 @@ pub fn ordered_copy(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// Refuses all I/O on a handle after one of its writes or syncs failed.
+#[derive(Debug, Default)]
+struct Poison(AtomicBool);
+
+impl Poison {
+    fn check(&self, path: &Path) -> io::Result<()> {
+        if self.0.load(Ordering::Acquire) {
+            return Err(io::Error::other(format!(
+                "{}: an earlier write or sync failed; this handle refuses further I/O",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Passes `r` through, poisoning the handle if it is an error.
+    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.0.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
 enum Mapping {
     Empty,
     Read(Mmap),
@@ -269,21 +293,11 @@ struct MappedFile {
     file: File,
     len: u64,
     map: Mapping,
-    poisoned: AtomicBool,
+    poisoned: Poison,
     stats: Arc<IoStats>,
 }
 
 impl MappedFile {
-    fn check_poisoned(&self) -> io::Result<()> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(io::Error::other(format!(
-                "{}: an earlier write or sync failed; this handle refuses further I/O",
-                self.path.display()
-            )));
-        }
-        Ok(())
-    }
-
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
         let end = offset
             .checked_add(len as u64)
@@ -299,13 +313,6 @@ impl MappedFile {
                 )
             })?;
         Ok(offset as usize..end as usize)
-    }
-
-    fn poison<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.poisoned.store(true, Ordering::Release);
-        }
-        r
     }
 }
 
@@ -323,7 +330,7 @@ impl FileIo for MappedFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         let range = self.range(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
@@ -344,7 +351,7 @@ impl FileIo for MappedFile {
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         let range = self.range(offset, data.len())?;
         if data.is_empty() {
             return Ok(());
@@ -370,7 +377,7 @@ impl FileIo for MappedFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         let r = match &self.map {
             Mapping::ReadWrite(m) => m
                 .read()
@@ -379,7 +386,7 @@ impl FileIo for MappedFile {
                 .and_then(|()| self.file.sync_all()),
             _ => Ok(()),
         };
-        let r = self.poison(r);
+        let r = self.poisoned.guard(r);
         if r.is_ok() {
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         }
@@ -391,26 +398,7 @@ impl FileIo for MappedFile {
 struct PlainFile {
     path: PathBuf,
     file: File,
-    poisoned: AtomicBool,
-}
-
-impl PlainFile {
-    fn guard<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.poisoned.store(true, Ordering::Release);
-        }
-        r
-    }
-
-    fn check_poisoned(&self) -> io::Result<()> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(io::Error::other(format!(
-                "{}: an earlier write or sync failed; this handle refuses further I/O",
-                self.path.display()
-            )));
-        }
-        Ok(())
-    }
+    poisoned: Poison,
 }
 
 impl FileIo for PlainFile {
@@ -428,20 +416,20 @@ impl FileIo for PlainFile {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         let r = self.file.write_all_at(data, offset);
-        self.guard(r)
+        self.poisoned.guard(r)
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.check_poisoned()?;
+        self.poisoned.check(&self.path)?;
         let r = self.file.sync_all();
-        self.guard(r)
+        self.poisoned.guard(r)
     }
 }

@@ -60,6 +60,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::blockhash::Cv;
+use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
 
 /// File name of the pending journal inside the state directory.
@@ -306,15 +307,7 @@ impl JournalHeader {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.kind.code().to_le_bytes());
         out.extend_from_slice(&self.block_size.to_le_bytes());
-        let mut id = [0u8; 16];
-        for (i, b) in id.iter_mut().enumerate() {
-            *b = self
-                .model_id
-                .get(2 * i..2 * i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .unwrap_or(0);
-        }
-        out.extend_from_slice(&id);
+        out.extend_from_slice(&model_id_bytes(&self.model_id));
         out.extend_from_slice(&self.base_generation.to_le_bytes());
         out.extend_from_slice(&self.target_generation.to_le_bytes());
         out.extend_from_slice(&self.created_ms.to_le_bytes());
@@ -386,11 +379,7 @@ impl JournalHeader {
 
 /// Writes a journal: header, then records, then the commit record.
 pub struct JournalWriter {
-    file: Box<dyn FileIo>,
-    path: PathBuf,
-    pos: u64,
-    hasher: blake3::Hasher,
-    count: u64,
+    out: HashedWriter,
 }
 
 impl JournalWriter {
@@ -400,69 +389,56 @@ impl JournalWriter {
             path: path.to_path_buf(),
             source,
         };
-        let file = io.create(path).map_err(err)?;
-        let mut w = JournalWriter {
-            file,
-            path: path.to_path_buf(),
-            pos: 0,
-            hasher: blake3::Hasher::new(),
-            count: 0,
-        };
-        w.write(&header.encode())?;
-        Ok(w)
+        let mut out = HashedWriter::new(io.create(path).map_err(err)?, path);
+        out.write(&header.encode()).map_err(err)?;
+        Ok(JournalWriter { out })
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), JournalError> {
-        self.file
-            .write_at(self.pos, bytes)
-            .map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.hasher.update(bytes);
-        self.pos += bytes.len() as u64;
-        Ok(())
+    fn err(&self) -> impl FnOnce(std::io::Error) -> JournalError + use<> {
+        let path = self.out.path().to_path_buf();
+        move |source| JournalError::Io { path, source }
     }
 
     /// Appends `count` encoded records.
     pub fn append(&mut self, encoded: &[u8], count: u64) -> Result<(), JournalError> {
-        self.write(encoded)?;
-        self.count += count;
-        Ok(())
+        self.out.append(encoded, count).map_err(self.err())
     }
 
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
-        self.pos
+        self.out.pos()
     }
 
     /// Whether nothing has been written (never true after `create`).
     pub fn is_empty(&self) -> bool {
-        self.pos == 0
+        self.out.pos() == 0
     }
 
     /// Makes the records durable (file and directory), then writes and syncs the commit record.
     /// When this returns `Ok`, the journal will be rolled forward after any crash.
-    pub fn commit(self, io: &dyn Io) -> Result<u64, JournalError> {
-        let err = |path: &Path, source| JournalError::Io {
-            path: path.to_path_buf(),
+    pub fn commit(mut self, io: &dyn Io) -> Result<u64, JournalError> {
+        self.out.sync().map_err(self.err())?;
+        let dir = self
+            .out
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        io.sync_dir(&dir).map_err(|source| JournalError::Io {
+            path: dir.clone(),
             source,
-        };
-        self.file.sync().map_err(|e| err(&self.path, e))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        io.sync_dir(dir).map_err(|e| err(dir, e))?;
+        })?;
+        let records_end = self.out.pos();
         let mut commit = Vec::with_capacity(COMMIT_LEN as usize);
         commit.extend_from_slice(COMMIT_MAGIC);
-        commit.extend_from_slice(&self.pos.to_le_bytes());
-        commit.extend_from_slice(&self.count.to_le_bytes());
-        commit.extend_from_slice(self.hasher.finalize().as_bytes());
+        commit.extend_from_slice(&records_end.to_le_bytes());
+        commit.extend_from_slice(&self.out.count().to_le_bytes());
+        commit.extend_from_slice(&self.out.digest());
         let self_sum = blake3::hash(&commit);
         commit.extend_from_slice(self_sum.as_bytes());
-        self.file
-            .write_at(self.pos, &commit)
-            .map_err(|e| err(&self.path, e))?;
-        self.file.sync().map_err(|e| err(&self.path, e))?;
-        Ok(self.pos + COMMIT_LEN)
+        self.out.write(&commit).map_err(self.err())?;
+        self.out.sync().map_err(self.err())?;
+        Ok(records_end + COMMIT_LEN)
     }
 }
 
@@ -500,9 +476,6 @@ impl std::fmt::Debug for Journal {
     }
 }
 
-/// Bytes read from a journal at a time.
-const READ_CHUNK: usize = 4 << 20;
-
 impl Journal {
     /// Reads the journal at `path`: absent, uncommitted, or committed and verified.
     pub fn open(io: &dyn Io, path: &Path) -> Result<JournalState, JournalError> {
@@ -532,17 +505,8 @@ impl Journal {
             return Ok(JournalState::Uncommitted);
         }
         let records_end = len - COMMIT_LEN;
-        // Verify the checksum of everything before the commit record, in chunks.
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; READ_CHUNK];
-        let mut pos = 0;
-        while pos < records_end {
-            let n = (records_end - pos).min(READ_CHUNK as u64) as usize;
-            file.read_at(pos, &mut buf[..n]).map_err(io_err)?;
-            hasher.update(&buf[..n]);
-            pos += n as u64;
-        }
-        if hasher.finalize().as_bytes() != &commit[24..56] {
+        // Verify the checksum of everything before the commit record.
+        if hash_prefix_of(file.as_ref(), records_end).map_err(io_err)? != commit[24..56] {
             return Err(corrupt(
                 "checksum of the records does not match the commit record".into(),
             ));

@@ -14,6 +14,7 @@
 //! - [`apply`]: rolling a journal forward onto the files, idempotently, repairing torn blocks.
 //! - [`lock`]: the state-directory lock (one writer or many readers).
 //! - [`delta`]: the delta file format `export-delta` writes and `apply-delta` reads.
+//! - [`fileformat`]: the hashed append-only writer and checks the journal and delta formats share.
 //! - [`replica`]: `export-delta` and `apply-delta`, the nightly copy to a backup host.
 //! - [`checkpoint`]: the operations `init`, `sync`, `recover`, `status` and `verify`.
 //! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
@@ -22,6 +23,7 @@ pub mod apply;
 pub mod blockhash;
 pub mod checkpoint;
 pub mod delta;
+pub mod fileformat;
 pub mod index;
 pub mod io;
 pub mod journal;

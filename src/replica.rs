@@ -763,6 +763,19 @@ impl Checkpoint {
         Ok(report)
     }
 
+    /// Indexes the replica's files as generation `generation` of the delta's model and returns
+    /// their roots.
+    fn index_replica(
+        &self,
+        h: &DeltaHeader,
+        generation: u64,
+        kind: &str,
+    ) -> Result<BTreeMap<String, [u8; 32]>, Error> {
+        self.init_as(u64::from(h.block_size), Some(&h.model_id), generation, kind)?;
+        let index = self.require_index()?;
+        file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())
+    }
+
     /// Adopts the files of a replica made by copying: indexes them as the delta's base
     /// generation and checks them against its base roots. On a mismatch the state created here is
     /// removed again and the files are untouched.
@@ -780,14 +793,7 @@ impl Checkpoint {
                     what: "the replica has no state and this delta cannot check a copied replica (some of its blocks ship whole); copy the model again, or create the replica from `export-delta --full`".into(),
                 });
             }
-            self.init_as(
-                u64::from(h.block_size),
-                Some(&h.model_id),
-                h.base_generation,
-                "adopt",
-            )?;
-            let index = self.require_index()?;
-            let roots = file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?;
+            let roots = self.index_replica(h, h.base_generation, "adopt")?;
             for f in &h.files {
                 if roots.get(&f.name) != Some(&f.base_root) {
                     return Err(Error::ReplicaMismatch {
@@ -883,14 +889,7 @@ impl Checkpoint {
                 path: self.model_dir.clone(),
                 source,
             })?;
-        self.init_as(
-            u64::from(h.block_size),
-            Some(&h.model_id),
-            h.target_generation,
-            "full-delta",
-        )?;
-        let index = self.require_index()?;
-        let roots = file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?;
+        let roots = self.index_replica(h, h.target_generation, "full-delta")?;
         for f in h.files.iter().filter(|f| f.name != INDEX_FILE) {
             if roots.get(&f.name) != Some(&f.target_root) {
                 return Err(Error::ReplicaMismatch {

@@ -1,0 +1,109 @@
+//! Pieces shared by the two self-checking file formats, the journal and the delta: an
+//! append-only writer that hashes everything it writes, the chunked hash of a file's first bytes
+//! used to verify them, and the 16-byte encoding of the model id.
+
+use std::path::{Path, PathBuf};
+
+use crate::io::FileIo;
+
+/// Bytes read at a time when verifying a file.
+const CHUNK: usize = 4 << 20;
+
+/// Appends to a new file, keeping the BLAKE3 of everything written and a record count.
+pub struct HashedWriter {
+    file: Box<dyn FileIo>,
+    path: PathBuf,
+    pos: u64,
+    hasher: blake3::Hasher,
+    count: u64,
+}
+
+impl HashedWriter {
+    /// Wraps a file just created (empty).
+    pub fn new(file: Box<dyn FileIo>, path: &Path) -> Self {
+        HashedWriter {
+            file,
+            path: path.to_path_buf(),
+            pos: 0,
+            hasher: blake3::Hasher::new(),
+            count: 0,
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_at(self.pos, bytes)?;
+        self.hasher.update(bytes);
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `count` encoded records.
+    pub fn append(&mut self, encoded: &[u8], count: u64) -> std::io::Result<()> {
+        self.write(encoded)?;
+        self.count += count;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Records appended so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// BLAKE3 of everything written so far.
+    pub fn digest(&self) -> [u8; 32] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Makes everything written durable.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync()
+    }
+}
+
+/// BLAKE3 of the first `len` bytes of `file`, read in chunks.
+pub fn hash_prefix_of(file: &dyn FileIo, len: u64) -> std::io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0;
+    while pos < len {
+        let n = (len - pos).min(CHUNK as u64) as usize;
+        file.read_at(pos, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+/// The model id (32 hex digits) as the 16 bytes the formats store.
+pub fn model_id_bytes(model_id: &str) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = model_id
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_ids_round_trip_through_hex() {
+        let id = "00112233445566778899aabbccddeeff";
+        assert_eq!(crate::blockhash::hex(&model_id_bytes(id)), id);
+    }
+}
