@@ -9,6 +9,7 @@
 //! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at the speed of larger ones.
 //! - [`index`]: the SQLite block index, its migrations and the generation history.
 //! - [`source`]: [`WeightSource`], where live weights come from.
+//! - [`layout`]: how HF tensors lie in a serving engine's packed, tensor-parallel parameters.
 //! - [`plan`]: deciding which blocks changed, without reading the model files.
 //! - [`journal`]: the fsynced undo/redo journal that makes a sync all-or-nothing.
 //! - [`apply`]: rolling a journal forward onto the files, idempotently, repairing torn blocks.
@@ -27,6 +28,7 @@ pub mod fileformat;
 pub mod index;
 pub mod io;
 pub mod journal;
+pub mod layout;
 pub mod lock;
 pub mod model;
 pub mod plan;

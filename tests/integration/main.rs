@@ -5,6 +5,7 @@ mod cli;
 mod faults;
 mod journal_size;
 mod kill;
+mod layout;
 mod nightly;
 mod replica;
 mod rollback;

@@ -1,0 +1,171 @@
+//! A sync whose live weights are packed, tensor-parallel parameters (vLLM's layout, two ranks,
+//! held in host memory here), read as HF tensors through the layout map.
+
+use apollo_checkpoint::layout::{HostParams, LayoutMap, LayoutSource, LiveParam, PackedPart};
+use apollo_checkpoint::synthetic::Rng;
+use safetensors::Dtype;
+
+use crate::util::{T, checkpoint, write_model};
+
+/// HF tensors: q/k/v and gate/up (packed by the engine), o_proj (row-parallel), embed
+/// (column-parallel), a norm (replicated).
+fn hf_tensors(rng: &mut Rng) -> Vec<T> {
+    let l = "model.language_model.layers.3";
+    vec![
+        T::random(
+            &format!("{l}.self_attn.q_proj.weight"),
+            Dtype::BF16,
+            &[64, 96],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.self_attn.k_proj.weight"),
+            Dtype::BF16,
+            &[16, 96],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.self_attn.v_proj.weight"),
+            Dtype::BF16,
+            &[16, 96],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.self_attn.o_proj.weight"),
+            Dtype::BF16,
+            &[96, 32],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.mlp.gate_proj.weight"),
+            Dtype::BF16,
+            &[128, 96],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.mlp.up_proj.weight"),
+            Dtype::BF16,
+            &[128, 96],
+            rng,
+        ),
+        T::random(
+            "model.language_model.embed_tokens.weight",
+            Dtype::BF16,
+            &[256, 96],
+            rng,
+        ),
+        T::random(
+            &format!("{l}.input_layernorm.weight"),
+            Dtype::BF16,
+            &[96],
+            rng,
+        ),
+    ]
+}
+
+fn rows(t: &T, a: usize, b: usize) -> Vec<u8> {
+    let row = t.data.len() / t.shape[0];
+    t.data[a * row..b * row].to_vec()
+}
+
+/// Packs the HF tensors the way the engine holds them on each of `tp` ranks.
+fn pack(hf: &[T], tp: usize) -> (Vec<LiveParam>, HostParams) {
+    let by = |suffix: &str| hf.iter().find(|t| t.name.ends_with(suffix)).unwrap();
+    let mut params = Vec::new();
+    let mut data = Vec::new();
+    for r in 0..tp {
+        let base = LiveParam {
+            name: String::new(),
+            dtype: Dtype::BF16,
+            shape: vec![],
+            tp_rank: r as u64,
+            tp_size: tp as u64,
+            shard_dim: Some(0),
+            parts: vec![],
+            hf_name: String::new(),
+        };
+        let mut packed = |names: &[&str], engine: &str| {
+            let mut bytes = Vec::new();
+            let mut parts = Vec::new();
+            for n in names {
+                let t = by(n);
+                let per = t.shape[0] / tp;
+                bytes.extend(rows(t, r * per, (r + 1) * per));
+                parts.push(PackedPart {
+                    hf_name: t.name.clone(),
+                    rows: t.shape[0] as u64,
+                    local_rows: per as u64,
+                    first_row: (r * per) as u64,
+                });
+            }
+            let local: u64 = parts.iter().map(|p| p.local_rows).sum();
+            params.push(LiveParam {
+                name: engine.into(),
+                shape: vec![local, 96],
+                parts,
+                ..base.clone()
+            });
+            data.push(bytes);
+        };
+        packed(
+            &["q_proj.weight", "k_proj.weight", "v_proj.weight"],
+            "qkv_proj",
+        );
+        packed(&["gate_proj.weight", "up_proj.weight"], "gate_up_proj");
+        let o = by("o_proj.weight");
+        let piece: Vec<u8> = (0..96)
+            .flat_map(|row| rows(o, row, row + 1)[r * 64 / tp..(r + 1) * 64 / tp].to_vec())
+            .collect();
+        params.push(LiveParam {
+            name: "o_proj".into(),
+            shape: vec![96, 32 / tp as u64],
+            shard_dim: Some(1),
+            hf_name: o.name.clone(),
+            ..base.clone()
+        });
+        data.push(piece);
+        let e = by("embed_tokens.weight");
+        params.push(LiveParam {
+            name: "embed".into(),
+            shape: vec![256 / tp as u64, 96],
+            hf_name: e.name.clone(),
+            ..base.clone()
+        });
+        data.push(rows(e, r * 256 / tp, (r + 1) * 256 / tp));
+        let n = by("input_layernorm.weight");
+        params.push(LiveParam {
+            name: "norm".into(),
+            shape: vec![96],
+            shard_dim: None,
+            hf_name: n.name.clone(),
+            ..base
+        });
+        data.push(n.data.clone());
+    }
+    (params, HostParams(data))
+}
+
+#[test]
+fn a_model_syncs_from_packed_tensor_parallel_live_weights() {
+    let mut rng = Rng::new(90);
+    let mut hf = hf_tensors(&mut rng);
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, expected) = (tmp.path().join("model"), tmp.path().join("expected"));
+    write_model(&model, &hf, 2);
+    checkpoint(&model).init(4096).unwrap();
+    for round in 0..3 {
+        // A training step on the HF view, then the engine's packed TP=2 layout of it.
+        for t in &mut hf {
+            for b in t.data.iter_mut().step_by(97 + round) {
+                *b = b.wrapping_add(1);
+            }
+        }
+        let (params, live) = pack(&hf, 2);
+        let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), live);
+        let r = checkpoint(&model).sync(&source).unwrap();
+        assert!(r.changed && r.blocks_changed > 0, "round {round}: {r:?}");
+        write_model(&expected, &hf, 2);
+        crate::util::assert_same_tensors(&model, &expected);
+    }
+    assert!(checkpoint(&model).verify(false).unwrap().clean);
+}
