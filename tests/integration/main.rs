@@ -8,6 +8,7 @@ mod kill;
 mod layout;
 mod nightly;
 mod replica;
+mod robustness;
 mod rollback;
 mod sync;
 mod trust;

@@ -1,0 +1,129 @@
+//! Parsers of files we did not write never panic: random and mutated safetensors headers,
+//! journals and deltas give errors (or, for an unlucky mutation that keeps a file valid, a
+//! result), never a crash.
+
+use std::path::Path;
+
+use apollo_checkpoint::SafetensorsSource;
+use apollo_checkpoint::delta::Delta;
+use apollo_checkpoint::io::RealIo;
+use apollo_checkpoint::journal::Journal;
+use apollo_checkpoint::model::ModelLayout;
+use apollo_checkpoint::synthetic::Rng;
+
+use crate::util::{checkpoint, mixed_tensors, pair, write_model};
+
+/// Variants of `bytes`: random bytes, truncations, bit flips, and a header-length field that lies.
+fn mutations(bytes: &[u8], rng: &mut Rng, n: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut b = bytes.to_vec();
+        match i % 4 {
+            0 => {
+                let len = rng.below(b.len() as u64 + 1) as usize;
+                b.truncate(len);
+            }
+            1 => {
+                for _ in 0..=rng.below(8) {
+                    let at = rng.below(b.len() as u64) as usize;
+                    b[at] ^= 1 << rng.below(8);
+                }
+            }
+            2 => {
+                let at = rng.below(b.len().min(4096) as u64) as usize;
+                let end = (at + 1 + rng.below(64) as usize).min(b.len());
+                rng.fill(&mut b[at..end]);
+            }
+            _ => {
+                let fake = rng.next_u64() % (b.len() as u64 * 2 + 16);
+                b[..8].copy_from_slice(&fake.to_le_bytes());
+            }
+        }
+        out.push(b);
+    }
+    let mut random = vec![0u8; 1 + rng.below(4096) as usize];
+    rng.fill(&mut random);
+    out.push(random);
+    out
+}
+
+#[test]
+fn mutated_safetensors_files_give_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    write_model(&dir, &mixed_tensors(5), 1);
+    let f = dir.join("model.safetensors");
+    let good = std::fs::read(&f).unwrap();
+    let mut rng = Rng::new(7);
+    let io = RealIo::new();
+    for (i, bad) in mutations(&good, &mut rng, 400).into_iter().enumerate() {
+        std::fs::write(&f, &bad).unwrap();
+        let result = ModelLayout::open(&dir, &io);
+        let _ = SafetensorsSource::open(&dir);
+        // A truncated file, or one whose header length changed, is never accepted.
+        let truncated = bad.len() < good.len();
+        let length_changed = bad.len() >= 8 && bad[..8] != good[..8];
+        if truncated || length_changed {
+            assert!(
+                result.is_err(),
+                "mutation {i} ({} bytes) was accepted",
+                bad.len()
+            );
+        }
+    }
+}
+
+fn committed_journal_and_delta(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let mut tensors = mixed_tensors(8);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    for t in &mut tensors {
+        if let Some(b) = t.data.first_mut() {
+            *b ^= 1;
+        }
+    }
+    write_model(&p.source, &tensors, 1);
+    checkpoint(&p.model)
+        .sync(&SafetensorsSource::open(&p.source).unwrap())
+        .unwrap();
+    let undo = p.model.join(".apollo-checkpoint/undo");
+    let journal = std::fs::read_dir(&undo)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let outbox = dir.join("outbox");
+    let r = checkpoint(&p.model)
+        .export_delta(&outbox, Some(0), false)
+        .unwrap();
+    (
+        std::fs::read(journal).unwrap(),
+        std::fs::read(r.file.unwrap()).unwrap(),
+    )
+}
+
+#[test]
+fn mutated_journals_and_deltas_give_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (journal, delta) = committed_journal_and_delta(tmp.path());
+    let io = RealIo::new();
+    let mut rng = Rng::new(9);
+    let jp = tmp.path().join("journal");
+    for bad in mutations(&journal, &mut rng, 300) {
+        std::fs::write(&jp, &bad).unwrap();
+        if let Ok(apollo_checkpoint::journal::JournalState::Committed(j)) = Journal::open(&io, &jp)
+        {
+            // Only an intact journal may pass its checksums.
+            assert_eq!(bad, journal, "a damaged journal passed its checksums");
+            drop(j);
+        }
+    }
+    let dp = tmp.path().join("d.apd");
+    for bad in mutations(&delta, &mut rng, 300) {
+        std::fs::write(&dp, &bad).unwrap();
+        if Delta::open(&io, &dp).is_ok() {
+            assert_eq!(bad, delta, "a damaged delta passed its checksum");
+        }
+    }
+}
