@@ -599,9 +599,16 @@ impl Checkpoint {
         }
     }
 
-    /// Takes the lock, creating the state directory first for writers.
+    /// Takes the lock, creating the state directory first for writers; a writer refuses a model
+    /// directory that does not exist (rather than creating state inside a mistyped path).
     pub(crate) fn lock(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
         if kind == LockKind::Exclusive {
+            if !self.model_dir.is_dir() {
+                return Err(ModelError::NoModel {
+                    dir: self.model_dir.clone(),
+                }
+                .into());
+            }
             self.io
                 .create_dir_all(&self.state_dir)
                 .map_err(Self::io_err(&self.state_dir))?;

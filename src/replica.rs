@@ -683,6 +683,13 @@ impl Checkpoint {
             }
         }
         let state_existed = self.state_dir.exists();
+        // A replica created from a full delta may not exist yet.
+        self.io
+            .create_dir_all(&self.model_dir)
+            .map_err(|source| Error::Io {
+                path: self.model_dir.clone(),
+                source,
+            })?;
         let _lock = self.lock(LockKind::Exclusive)?;
         self.recover_locked()?;
         let mut report = ApplyDeltaReport {

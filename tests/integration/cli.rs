@@ -146,8 +146,13 @@ fn exit_codes_and_messages_for_common_mistakes() {
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("no index yet"), "{}", stderr(&o));
 
-    let o = run(&["init", "--model-dir", s(&tmp.path().join("nope"))]);
-    assert_eq!(o.status.code(), Some(66));
+    // A mistyped model directory: refused, and no state is created inside it.
+    let nope = tmp.path().join("nope");
+    for cmd in ["init", "recover", "rollback"] {
+        let o = run(&[cmd, "--model-dir", s(&nope)]);
+        assert_eq!(o.status.code(), Some(66), "{cmd}: {}", stderr(&o));
+        assert!(!nope.exists(), "{cmd} created {}", nope.display());
+    }
 
     let p = pair(&mixed_tensors(1), 1, 1);
     let mut other = mixed_tensors(1);
