@@ -184,6 +184,9 @@ pub enum Error {
         /// The earliest generation that can be reached.
         earliest: u64,
     },
+    /// A handles manifest is unreadable or inconsistent.
+    #[error(transparent)]
+    Handles(#[from] crate::handles::HandlesError),
     /// A delta file is damaged or unsafe.
     #[error(transparent)]
     Delta(#[from] crate::delta::DeltaError),
@@ -255,6 +258,7 @@ impl Error {
             | Error::Journal(JournalError::Io { .. })
             | Error::Apply(ApplyError::Io { .. } | ApplyError::Journal(JournalError::Io { .. }))
             | Error::Delta(crate::delta::DeltaError::Io { .. })
+            | Error::Handles(crate::handles::HandlesError::Io { .. })
             | Error::Lock(_) => 74,
             Error::Model(_)
             | Error::Source(_)
@@ -263,6 +267,7 @@ impl Error {
             | Error::Mismatch(_)
             | Error::TargetMismatch { .. }
             | Error::Delta(_)
+            | Error::Handles(_)
             | Error::BaseMismatch { .. }
             | Error::OldBlockChanged { .. } => 65,
             Error::Index(_)

@@ -130,6 +130,19 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Compare the live weights described by export-hook manifests with the model files:
+    /// matched, live-only and disk-only tensors, and every dtype or shape mismatch.
+    Diagnose {
+        /// The model directory.
+        #[arg(long, value_name = "DIR")]
+        model_dir: PathBuf,
+        /// A manifest written by scripts/vllm_export_hook.py, or a folder of them (one per rank).
+        #[arg(long, value_name = "PATH")]
+        handles: PathBuf,
+        /// Print one JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -316,6 +329,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     target.model_dir.display(),
                     r.generation
                 );
+            }
+        }
+        Command::Diagnose {
+            model_dir,
+            handles,
+            json,
+        } => {
+            let model = apollo_checkpoint::model::ModelLayout::open(&model_dir, &RealIo::new())
+                .map_err(apollo_checkpoint::Error::from)?;
+            let paths = apollo_checkpoint::handles::manifest_paths(&handles)
+                .map_err(apollo_checkpoint::Error::from)?;
+            let (map, params) = apollo_checkpoint::handles::layout_from_manifests(&paths)
+                .map_err(apollo_checkpoint::Error::from)?;
+            let d = apollo_checkpoint::handles::diagnose(&model, &map, params);
+            if json {
+                print_json(&d)?;
+            } else {
+                println!(
+                    "live parameters: {} (from {} manifest(s)), as {} HF tensors",
+                    d.live_params,
+                    paths.len(),
+                    map.tensors.len()
+                );
+                println!("matched:         {}", d.matched.len());
+                for (what, list) in [
+                    ("live only (would not be synced)", &d.live_only),
+                    ("disk only (left untouched)", &d.disk_only),
+                    ("dtype or shape differs", &d.mismatched),
+                ] {
+                    println!("{what}: {}", list.len());
+                    for n in list {
+                        println!("  {n}");
+                    }
+                }
             }
         }
         Command::Recover { target } => {

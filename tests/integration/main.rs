@@ -2,6 +2,7 @@
 
 mod bad_inputs;
 mod cli;
+mod diagnose;
 mod faults;
 mod journal_size;
 mod kill;
