@@ -187,6 +187,9 @@ pub enum Error {
     /// A handles manifest is unreadable or inconsistent.
     #[error(transparent)]
     Handles(#[from] crate::handles::HandlesError),
+    /// Live weights on the GPU cannot be read.
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
     /// A delta file is damaged or unsafe.
     #[error(transparent)]
     Delta(#[from] crate::delta::DeltaError),
@@ -278,6 +281,7 @@ impl Error {
             | Error::JournalPending { .. }
             | Error::ForeignJournal { .. }
             | Error::RollbackTarget { .. }
+            | Error::Cuda(_)
             | Error::NoUndo { .. }
             | Error::ExportBase { .. }
             | Error::ReplicaMismatch { .. } => 78,

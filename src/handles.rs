@@ -51,7 +51,7 @@ pub enum HandlesError {
 }
 
 /// Layout facts of one parameter.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub struct LayoutFacts {
     /// Tensor-parallel rank.
     #[serde(default)]
@@ -72,6 +72,19 @@ pub struct LayoutFacts {
 
 fn one() -> u64 {
     1
+}
+
+impl Default for LayoutFacts {
+    /// A whole, unsharded parameter.
+    fn default() -> Self {
+        LayoutFacts {
+            tp_rank: 0,
+            tp_size: 1,
+            shard_dim: None,
+            packed: None,
+            parts: Vec::new(),
+        }
+    }
 }
 
 /// One packed part.
@@ -237,11 +250,13 @@ pub fn diagnose(model: &ModelLayout, map: &LayoutMap, params: usize) -> Diagnosi
     d
 }
 
-/// Reads manifests and builds their layout map.
-pub fn layout_from_manifests(paths: &[PathBuf]) -> Result<(LayoutMap, usize), HandlesError> {
+/// Reads manifests and builds their layout map; the map's parameter `i` is manifest tensor `i`.
+pub fn layout_from_manifests(
+    paths: &[PathBuf],
+) -> Result<(LayoutMap, Vec<ManifestTensor>), HandlesError> {
     let tensors = read_manifests(paths)?;
     let params = live_params(&tensors);
-    Ok((LayoutMap::build(&params)?, params.len()))
+    Ok((LayoutMap::build(&params)?, tensors))
 }
 
 /// The manifest files of a path: the file itself, or every `*.json` in a directory.

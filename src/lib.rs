@@ -9,6 +9,7 @@
 //! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at the speed of larger ones.
 //! - [`index`]: the SQLite block index, its migrations and the generation history.
 //! - [`source`]: [`WeightSource`], where live weights come from.
+//! - [`cuda`]: reading live weights through CUDA IPC handles (the only raw CUDA calls).
 //! - [`handles`]: manifests of live weights written by the export hook, and `diagnose`.
 //! - [`layout`]: how HF tensors lie in a serving engine's packed, tensor-parallel parameters.
 //! - [`plan`]: deciding which blocks changed, without reading the model files.
@@ -24,6 +25,7 @@
 pub mod apply;
 pub mod blockhash;
 pub mod checkpoint;
+pub mod cuda;
 pub mod delta;
 pub mod fileformat;
 pub mod handles;

@@ -56,8 +56,17 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// The live weights: a safetensors directory in the same HuggingFace layout.
-        #[arg(long, value_name = "DIR")]
-        from: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "handles",
+            conflicts_with = "handles"
+        )]
+        from: Option<PathBuf>,
+        /// The live weights: a manifest of CUDA IPC handles written by
+        /// scripts/vllm_export_hook.py, or a folder of them (one per rank).
+        #[arg(long, value_name = "PATH")]
+        handles: Option<PathBuf>,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
     ///
@@ -204,17 +213,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Sync { target, from } => {
+        Command::Sync {
+            target,
+            from,
+            handles,
+        } => {
             let cp = checkpoint(&target);
-            if !target.json && !cp.is_initialized()? {
-                eprintln!(
-                    "no index for {} yet: indexing it first",
-                    target.model_dir.display()
-                );
-            }
-            let source = SafetensorsSource::open(&from)
-                .with_context(|| format!("opening the source {}", from.display()))?;
-            let report = cp.sync(&source)?;
+            let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
+                if !target.json && !cp.is_initialized()? {
+                    eprintln!(
+                        "no index for {} yet: indexing it first",
+                        target.model_dir.display()
+                    );
+                }
+                Ok(())
+            };
+            let report = if let Some(handles) = handles {
+                let paths = apollo_checkpoint::handles::manifest_paths(&handles)
+                    .map_err(apollo_checkpoint::Error::from)?;
+                let (map, tensors) = apollo_checkpoint::handles::layout_from_manifests(&paths)
+                    .map_err(apollo_checkpoint::Error::from)?;
+                let reader = apollo_checkpoint::cuda::CudaIpcReader::open(&tensors)
+                    .map_err(apollo_checkpoint::Error::from)?;
+                announce(&cp)?;
+                cp.sync(&apollo_checkpoint::layout::LayoutSource::new(map, reader))?
+            } else {
+                let from = from.expect("clap requires --from or --handles");
+                let source = SafetensorsSource::open(&from)
+                    .with_context(|| format!("opening the source {}", from.display()))?;
+                announce(&cp)?;
+                cp.sync(&source)?
+            };
             if target.json {
                 print_json(&report)?;
             } else {
@@ -340,9 +369,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(apollo_checkpoint::Error::from)?;
             let paths = apollo_checkpoint::handles::manifest_paths(&handles)
                 .map_err(apollo_checkpoint::Error::from)?;
-            let (map, params) = apollo_checkpoint::handles::layout_from_manifests(&paths)
+            let (map, tensors) = apollo_checkpoint::handles::layout_from_manifests(&paths)
                 .map_err(apollo_checkpoint::Error::from)?;
-            let d = apollo_checkpoint::handles::diagnose(&model, &map, params);
+            let d = apollo_checkpoint::handles::diagnose(&model, &map, tensors.len());
             if json {
                 print_json(&d)?;
             } else {

@@ -160,3 +160,41 @@ fn diagnose_lists_matched_live_only_disk_only_and_mismatched_tensors() {
         stderr(&o)
     );
 }
+
+/// Without a CUDA driver (CI), `sync --handles` fails with a clear message and writes nothing;
+/// the GPU path itself is tested by scripts/gpu_sync_test.py on a GPU machine.
+#[test]
+fn sync_from_handles_without_a_cuda_driver_is_a_clear_error() {
+    let has_driver = [
+        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+        "/usr/lib64/libcuda.so.1",
+        "/usr/local/nvidia/lib64/libcuda.so.1",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if has_driver {
+        eprintln!("skipping: this machine has a CUDA driver; scripts/gpu_sync_test.py covers it");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let mut rng = Rng::new(4);
+    write_model(
+        &model,
+        &[T::random("lm_head.weight", Dtype::BF16, &[4, 4], &mut rng)],
+        1,
+    );
+    let manifest = tmp.path().join("h.json");
+    let doc = serde_json::json!({ "format": "apollo-checkpoint-handles", "version": 1, "meta": {},
+        "tensors": [entry("language_model.lm_head.weight", "BF16", &[4, 4], &serde_json::Value::Null)] });
+    std::fs::write(&manifest, doc.to_string()).unwrap();
+    let before = std::fs::read(model.join("model.safetensors")).unwrap();
+    let o = run(&["sync", "--model-dir", s(&model), "--handles", s(&manifest)]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no CUDA driver"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        before
+    );
+    assert!(!model.join(".apollo-checkpoint").exists());
+}

@@ -1,0 +1,297 @@
+//! Reading live weights from another process's GPU memory through CUDA IPC handles (cudarc).
+//!
+//! [`CudaIpcReader`] opens each distinct allocation of a set of manifests once, on the GPU whose
+//! UUID the manifest names, and copies bytes device→host through one bounded pinned staging
+//! buffer (never the whole model in host memory). It owns the mappings and closes them, and frees
+//! the staging buffer, when dropped. cudarc is built with dynamic loading: without a CUDA driver
+//! the binary still runs its CPU paths, and opening a reader fails with a clear error.
+//!
+//! All raw CUDA calls of the project are in this module.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, DriverError, sys};
+
+use crate::handles::ManifestTensor;
+use crate::layout::ParamReader;
+use crate::source::SourceError;
+
+/// Bytes of the pinned staging buffer.
+pub const STAGING_BYTES: usize = 64 << 20;
+
+/// Why live weights cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// No CUDA driver library on this machine.
+    #[error(
+        "no CUDA driver (libcuda.so) on this machine: --handles needs the GPU host the weights live on"
+    )]
+    NoDriver,
+    /// The process that owns the weights is gone.
+    #[error(
+        "the process that exported the handles (pid {pid}) is gone; export fresh handles from the running server"
+    )]
+    ProducerGone {
+        /// Its pid.
+        pid: u32,
+    },
+    /// No local GPU has the manifest's UUID.
+    #[error(
+        "tensor {tensor} lives on GPU {uuid}, which this machine does not see (check CUDA_VISIBLE_DEVICES)"
+    )]
+    DifferentGpu {
+        /// The tensor.
+        tensor: String,
+        /// The GPU's UUID.
+        uuid: String,
+    },
+    /// The handle could not be opened (stale, foreign, or from another boot).
+    #[error(
+        "tensor {tensor}: its IPC handle cannot be opened ({error}); the handles are stale or not from this machine: export fresh ones"
+    )]
+    BadHandle {
+        /// The tensor.
+        tensor: String,
+        /// The driver's error.
+        error: String,
+    },
+    /// Another driver error.
+    #[error("CUDA: {what}: {error}")]
+    Driver {
+        /// What was being done.
+        what: String,
+        /// The driver's error.
+        error: String,
+    },
+}
+
+fn driver(what: &str) -> impl FnOnce(DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver {
+        what: what.to_string(),
+        error: format!("{e:?}"),
+    }
+}
+
+fn uuid_hex(s: &str) -> String {
+    s.strip_prefix("GPU-")
+        .unwrap_or(s)
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pinned buffer is plain host memory owned by this struct; it is only touched while
+// the reader's mutex is held.
+unsafe impl Send for Pinned {}
+
+struct Mapping {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+}
+
+/// Live parameters of another process, read through their CUDA IPC handles.
+pub struct CudaIpcReader {
+    mappings: Vec<Mapping>,
+    /// Per parameter: (mapping, byte offset in the allocation, bytes).
+    params: Vec<(usize, u64, u64)>,
+    staging: Mutex<Pinned>,
+    staging_ctx: Arc<CudaContext>,
+    describe: String,
+}
+
+impl CudaIpcReader {
+    /// Opens every distinct allocation of `tensors` (the manifests' entries, in the order the
+    /// layout map numbers them).
+    pub fn open(tensors: &[ManifestTensor]) -> Result<Self, CudaError> {
+        // SAFETY: only tries to load the library; no CUDA function is called.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        for t in tensors {
+            if !std::path::Path::new(&format!("/proc/{}", t.pid)).exists() {
+                return Err(CudaError::ProducerGone { pid: t.pid });
+            }
+        }
+        let count = CudaContext::device_count().map_err(driver("counting GPUs"))?;
+        let mut by_uuid: HashMap<String, Arc<CudaContext>> = HashMap::new();
+        for ordinal in 0..usize::try_from(count).unwrap_or(0) {
+            let ctx = CudaContext::new(ordinal).map_err(driver("opening a GPU"))?;
+            let uuid = ctx.uuid().map_err(driver("reading a GPU's UUID"))?;
+            let raw: Vec<u8> = uuid.bytes.iter().map(|b| *b as u8).collect();
+            let hex = crate::blockhash::hex(&raw);
+            by_uuid.insert(hex, ctx);
+        }
+        let mut mappings: Vec<Mapping> = Vec::new();
+        let mut opened: HashMap<(String, String), usize> = HashMap::new();
+        let mut params = Vec::with_capacity(tensors.len());
+        let mut reader_ctx = None;
+        for t in tensors {
+            let ctx =
+                by_uuid
+                    .get(&uuid_hex(&t.device_uuid))
+                    .ok_or_else(|| CudaError::DifferentGpu {
+                        tensor: t.name.clone(),
+                        uuid: t.device_uuid.clone(),
+                    })?;
+            reader_ctx.get_or_insert_with(|| Arc::clone(ctx));
+            let key = (uuid_hex(&t.device_uuid), t.ipc_handle.clone());
+            let index = if let Some(&i) = opened.get(&key) {
+                i
+            } else {
+                ctx.bind_to_thread()
+                    .map_err(driver("binding a GPU context"))?;
+                let mut handle = sys::CUipcMemHandle { reserved: [0; 64] };
+                for (i, b) in handle.reserved.iter_mut().enumerate() {
+                    let byte = u8::from_str_radix(&t.ipc_handle[2 * i..2 * i + 2], 16).unwrap_or(0);
+                    *b = byte as std::ffi::c_char;
+                }
+                let mut ptr: sys::CUdeviceptr = 0;
+                // SAFETY: `ptr` is a valid out-pointer and the context of the handle's GPU is
+                // current; the mapping is recorded and closed exactly once in `Drop`.
+                let rc = unsafe {
+                    sys::cuIpcOpenMemHandle_v2(
+                        &raw mut ptr,
+                        handle,
+                        sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+                    )
+                };
+                if rc != sys::CUresult::CUDA_SUCCESS {
+                    return Err(CudaError::BadHandle {
+                        tensor: t.name.clone(),
+                        error: format!("{rc:?}"),
+                    });
+                }
+                mappings.push(Mapping {
+                    ctx: Arc::clone(ctx),
+                    ptr,
+                });
+                opened.insert(key, mappings.len() - 1);
+                mappings.len() - 1
+            };
+            params.push((index, t.offset, t.nbytes));
+        }
+        let staging_ctx = match reader_ctx {
+            Some(c) => c,
+            None => CudaContext::new(0).map_err(driver("opening a GPU"))?,
+        };
+        staging_ctx
+            .bind_to_thread()
+            .map_err(driver("binding a GPU context"))?;
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; the buffer is freed exactly once in `Drop`.
+        let rc = unsafe { sys::cuMemHostAlloc(&raw mut host, STAGING_BYTES, 0) };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver {
+                what: "allocating pinned memory".into(),
+                error: format!("{rc:?}"),
+            });
+        }
+        let describe = format!(
+            "CUDA IPC ({} tensors in {} allocations)",
+            tensors.len(),
+            mappings.len()
+        );
+        Ok(CudaIpcReader {
+            mappings,
+            params,
+            staging: Mutex::new(Pinned {
+                ptr: host.cast(),
+                len: STAGING_BYTES,
+            }),
+            staging_ctx,
+            describe,
+        })
+    }
+}
+
+impl ParamReader for CudaIpcReader {
+    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let (m, base, nbytes) = self.params[param];
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > nbytes)
+        {
+            return Err(SourceError::OutOfRange {
+                tensor: format!("live parameter {param}"),
+                offset,
+                len: buf.len() as u64,
+                tensor_len: nbytes,
+            });
+        }
+        let mapping = &self.mappings[m];
+        let staging = self
+            .staging
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let io = |e: String| SourceError::Io {
+            path: std::path::PathBuf::from(format!("<GPU live parameter {param}>")),
+            source: std::io::Error::other(e),
+        };
+        mapping
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| io(format!("{e:?}")))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(staging.len);
+            let src = mapping.ptr + base + offset + done as u64;
+            // SAFETY: `src..src+n` lies inside the opened allocation (the manifest's offset and
+            // size, checked above against the tensor's bytes); the staging buffer holds `n` bytes
+            // and is ours under the lock; the copy is synchronous.
+            let rc = unsafe { sys::cuMemcpyDtoH_v2(staging.ptr.cast(), src, n) };
+            if rc != sys::CUresult::CUDA_SUCCESS {
+                return Err(io(format!("copying from the GPU: {rc:?}")));
+            }
+            // SAFETY: the driver wrote `n` bytes at `staging.ptr`.
+            let copied = unsafe { std::slice::from_raw_parts(staging.ptr, n) };
+            buf[done..done + n].copy_from_slice(copied);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl Drop for CudaIpcReader {
+    fn drop(&mut self) {
+        for m in &self.mappings {
+            if m.ctx.bind_to_thread().is_ok() {
+                // SAFETY: `m.ptr` was returned by cuIpcOpenMemHandle and is closed only here.
+                let _ = unsafe { sys::cuIpcCloseMemHandle(m.ptr) };
+            }
+        }
+        let staging = self
+            .staging
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !staging.ptr.is_null() && self.staging_ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc in `open`, freed only here.
+            let _ = unsafe { sys::cuMemFreeHost(staging.ptr.cast()) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_compare_as_hex_digits() {
+        assert_eq!(
+            uuid_hex("GPU-1a2b3c4d-0000-1111-2222-33334444aaaa"),
+            "1a2b3c4d00001111222233334444aaaa"
+        );
+        assert_eq!(uuid_hex("1A2B"), "1a2b");
+    }
+}
