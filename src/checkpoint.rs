@@ -321,6 +321,8 @@ pub struct SyncReport {
     pub source: String,
     /// Tensors compared.
     pub tensors: usize,
+    /// Model tensors the (partial) source does not hold, left untouched (e.g. `mtp.*`).
+    pub untouched: Vec<String>,
     /// Bytes compared.
     pub bytes_compared: u64,
     /// Tensors with at least one changed block.
@@ -854,15 +856,26 @@ impl Checkpoint {
             .tensors
             .iter()
             .enumerate()
-            .map(|(i, t)| (i, pairs[i], by_name[t.entry.name.as_str()]))
+            .filter_map(|(i, t)| Some((i, pairs[i]?, by_name[t.entry.name.as_str()])))
             .collect();
+        let untouched: Vec<String> = model
+            .tensors
+            .iter()
+            .zip(&pairs)
+            .filter(|(_, p)| p.is_none())
+            .map(|(t, _)| t.entry.name.clone())
+            .collect();
+        let bytes_compared: u64 = comparisons
+            .iter()
+            .map(|c| model.tensors[c.0].entry.len)
+            .sum();
 
         let mut phases = SyncPhases {
             check: seconds_since(start),
             ..SyncPhases::default()
         };
         let mut lap = Instant::now();
-        let pb = progress_bar(self.progress, model.data_bytes(), "comparing");
+        let pb = progress_bar(self.progress, bytes_compared, "comparing");
         let plans: Vec<TensorPlan> =
             plan::find_changed::<Error>(&index, &model, source, &comparisons, layout, &pb)?;
         pb.finish_and_clear();
@@ -874,8 +887,9 @@ impl Checkpoint {
             changed: false,
             initialized_first,
             source: source.describe(),
-            tensors: model.tensors.len(),
-            bytes_compared: model.data_bytes(),
+            tensors: comparisons.len(),
+            untouched,
+            bytes_compared,
             tensors_changed: 0,
             blocks_changed: 0,
             bytes_changed: 0,
@@ -2009,7 +2023,12 @@ fn file_problems(indexed: &[IndexedFile], model: &ModelLayout) -> Vec<(String, S
 }
 
 /// For each model tensor, the index of the source tensor of the same name; or every difference.
-fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<usize>, Error> {
+/// For each model tensor, the index of the source tensor of the same name (`None`: a partial
+/// source lacks it, and it is left untouched); or every difference.
+fn match_tensors(
+    model: &ModelLayout,
+    source: &dyn WeightSource,
+) -> Result<Vec<Option<usize>>, Error> {
     let by_name: HashMap<&str, usize> = source
         .tensors()
         .iter()
@@ -2021,6 +2040,7 @@ fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<u
     for t in &model.tensors {
         let e = &t.entry;
         match by_name.get(e.name.as_str()) {
+            None if source.is_partial() => pairs.push(None),
             None => problems.push(format!("{}: in the model but not in the source", e.name)),
             Some(&i) => {
                 let s = &source.tensors()[i];
@@ -2037,7 +2057,7 @@ fn match_tensors(model: &ModelLayout, source: &dyn WeightSource) -> Result<Vec<u
                         e.name, e.shape, s.shape
                     ));
                 }
-                pairs.push(i);
+                pairs.push(Some(i));
             }
         }
     }

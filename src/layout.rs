@@ -419,6 +419,10 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
         &self.tensors
     }
 
+    fn is_partial(&self) -> bool {
+        true
+    }
+
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let t = &self.map.tensors[&self.order[tensor]];
         if offset

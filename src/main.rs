@@ -251,6 +251,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("{}", recover_summary(r));
                 }
                 eprintln!("{}", sync_summary(&report));
+                if !report.untouched.is_empty() {
+                    eprintln!(
+                        "left untouched ({} tensors the live weights do not hold): {}",
+                        report.untouched.len(),
+                        report.untouched.join(", ")
+                    );
+                }
             }
         }
         Command::Rollback { target, to } => {

@@ -78,6 +78,13 @@ pub trait WeightSource: Sync {
     /// Copies `buf.len()` bytes of tensor `tensor` starting at `offset` into `buf`.
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 
+    /// Whether this source may hold only some of the model's tensors: a serving engine does not
+    /// load everything a checkpoint holds (e.g. `mtp.*`). Model tensors such a source lacks are
+    /// left untouched and listed; for a complete source (the default) they are an error.
+    fn is_partial(&self) -> bool {
+        false
+    }
+
     /// Writes to `out` the chaining values (see [`crate::blockhash`]) of `out.len()` consecutive
     /// units of `unit` bytes of tensor `tensor`, starting at unit `first`; the tensor's last unit
     /// may be partial. Sources that can hash where their data lives override this; the default

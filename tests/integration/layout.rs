@@ -169,3 +169,39 @@ fn a_model_syncs_from_packed_tensor_parallel_live_weights() {
     }
     assert!(checkpoint(&model).verify(false).unwrap().clean);
 }
+
+/// A serving engine does not load every tensor of the checkpoint (`mtp.*`): such tensors are
+/// left untouched and listed, while the rest syncs.
+#[test]
+fn tensors_the_engine_does_not_hold_are_left_untouched_and_listed() {
+    let mut rng = Rng::new(91);
+    let mut hf = hf_tensors(&mut rng);
+    let mtp = T::random(
+        "mtp.layers.0.mlp.up_proj.weight",
+        Dtype::BF16,
+        &[8, 96],
+        &mut rng,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let mut on_disk = hf.clone();
+    on_disk.push(mtp.clone());
+    write_model(&model, &on_disk, 1);
+    checkpoint(&model).init(4096).unwrap();
+    for t in &mut hf {
+        if let Some(b) = t.data.first_mut() {
+            *b ^= 1;
+        }
+    }
+    let (params, live) = pack(&hf, 1);
+    let r = checkpoint(&model)
+        .sync(&LayoutSource::new(LayoutMap::build(&params).unwrap(), live))
+        .unwrap();
+    assert_eq!(r.untouched, vec![mtp.name.clone()]);
+    assert_eq!(r.tensors, hf.len());
+    let mut expected = hf.clone();
+    expected.push(mtp);
+    let exp_dir = tmp.path().join("expected");
+    write_model(&exp_dir, &expected, 1);
+    crate::util::assert_same_tensors(&model, &exp_dir);
+}
