@@ -169,6 +169,39 @@ def main():
         ok("a producer that exited gives a clear error", r.returncode != 0 and "is gone" in r.stderr, r.stderr)
         ok("and nothing is written", open(os.path.join(model, "model.safetensors"), "rb").read() == before)
 
+        # The prototype's torch.save handles file, converted without unpickling arbitrary code.
+        legacy_model = os.path.join(tmp, "legacy-model")
+        os.makedirs(legacy_model)
+        plain = {"model.norm.weight": rnd(h), "lm_head.weight": rnd(512, h), "model.embed_tokens.weight": rnd(512, h)}
+        write_safetensors(os.path.join(legacy_model, "model.safetensors"), {k: v.cpu() for k, v in plain.items()})
+        from torch.multiprocessing.reductions import reduce_tensor
+        old = os.path.join(tmp, "vllm_weight_handles.pt")
+        torch.save({**{k: {"handle": reduce_tensor(v)} for k, v in plain.items()}, "__metadata__": {"n": 3}}, old)
+        converted = os.path.join(tmp, "converted.json")
+        conv = os.path.join(HERE, "convert_legacy_handles.py")
+        r = subprocess.run([sys.executable, conv, old, converted], capture_output=True, text=True)
+        ok("legacy handles file converted", r.returncode == 0, r.stderr)
+        subprocess.run([binary, "init", "--model-dir", legacy_model], capture_output=True, check=True)
+        with torch.no_grad():
+            for v in plain.values():
+                v.view(-1)[::97] += 0.5
+        torch.cuda.synchronize()
+        r = subprocess.run([binary, "sync", "--model-dir", legacy_model, "--handles", converted, "--json"], capture_output=True, text=True)
+        got = read_safetensors(os.path.join(legacy_model, "model.safetensors"))
+        want = {k: v.contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes() for k, v in plain.items()}
+        ok("sync from converted legacy handles", r.returncode == 0 and got == want, r.stderr)
+        # A pickle that would run code is refused, and the code does not run.
+        evil = os.path.join(tmp, "evil.pt")
+        marker = os.path.join(tmp, "pwned")
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch " + marker,))
+
+        torch.save({"x": {"handle": Evil()}}, evil)
+        r = subprocess.run([sys.executable, conv, evil, os.path.join(tmp, "evil.json")], capture_output=True, text=True)
+        ok("a malicious handles file is refused without running it", r.returncode != 0 and "refusing" in r.stderr and not os.path.exists(marker), r.stderr)
+
     for name, passed, detail in results:
         print(f"{'PASS' if passed else 'FAIL'}: {name}" + (f" ({detail.strip()})" if detail and not passed else ""))
     failed = sum(1 for _, p, _ in results if not p)

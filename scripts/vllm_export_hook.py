@@ -105,7 +105,11 @@ def write_manifest(path, named_tensors, meta=None, layouts=None):
     """Writes the manifest of `named_tensors` to `path` atomically; returns the entry count."""
     check_allocator()
     layouts = layouts or {}
-    entries = [manifest_entry(n, t, layouts.get(n)) for n, t in named_tensors]
+    return write_entries(path, [manifest_entry(n, t, layouts.get(n)) for n, t in named_tensors], meta)
+
+
+def write_entries(path, entries, meta=None):
+    """Writes manifest entries to `path` atomically (temporary file, fsync, rename, fsync dir)."""
     doc = {"format": "apollo-checkpoint-handles", "version": MANIFEST_VERSION, "meta": meta or {}, "tensors": entries}
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".apollo-handles-", suffix=".tmp", dir=directory)

@@ -115,9 +115,9 @@ impl CudaIpcReader {
         if !unsafe { sys::is_culib_present() } {
             return Err(CudaError::NoDriver);
         }
-        for t in tensors {
-            if !std::path::Path::new(&format!("/proc/{}", t.pid)).exists() {
-                return Err(CudaError::ProducerGone { pid: t.pid });
+        for pid in tensors.iter().filter_map(|t| t.pid) {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(CudaError::ProducerGone { pid });
             }
         }
         let count = CudaContext::device_count().map_err(driver("counting GPUs"))?;

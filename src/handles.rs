@@ -6,7 +6,7 @@
 //! { "format": "apollo-checkpoint-handles", "version": 1, "meta": {...},
 //!   "tensors": [ { "name", "dtype" (safetensors name), "shape", "strides", "nbytes", "device",
 //!                  "device_uuid", "ipc_handle" (128 hex digits), "offset", "allocation_bytes",
-//!                  "pid", "layout" (optional) } ] }
+//!                  "pid" (or null if unknown), "layout" (optional) } ] }
 //! ```
 //!
 //! `layout` carries the facts that map a packed or sharded parameter back to HF tensors (read
@@ -119,8 +119,9 @@ pub struct ManifestTensor {
     pub ipc_handle: String,
     /// Byte offset in the allocation.
     pub offset: u64,
-    /// Owning process.
-    pub pid: u32,
+    /// Owning process (absent in manifests converted from the prototype's handles file).
+    #[serde(default)]
+    pub pid: Option<u32>,
     /// Layout facts.
     #[serde(default)]
     pub layout: Option<LayoutFacts>,

@@ -176,10 +176,24 @@ fn main() -> ExitCode {
                 .chain()
                 .find_map(|e| e.downcast_ref::<apollo_checkpoint::Error>())
                 .map_or(1, apollo_checkpoint::Error::exit_code);
-            eprintln!("apollo-checkpoint: error: {err:#}");
+            eprintln!("apollo-checkpoint: error: {}", error_chain(&err));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }
+}
+
+/// The error and its causes, each cause once: our errors already name their cause in their
+/// message (`{path}: {source}`), so a cause already in the text is not repeated.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn checkpoint(target: &Target) -> Checkpoint {
