@@ -12,10 +12,20 @@ bin=${1:-target/release/apollo-checkpoint}
 if [ $# -eq 0 ] && command -v cargo >/dev/null 2>&1; then
   cargo build --release --quiet --bin apollo-checkpoint || exit 1
 fi
-status=0
+failed=0
+skipped=0
+run() {
+  python3 "$@"
+  case $? in
+    0) ;;
+    77) skipped=$((skipped + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+  esac
+}
 echo "== export hook core"
-python3 scripts/gpu_hook_test.py || status=1
+run scripts/gpu_hook_test.py
 echo "== sync --handles"
-python3 scripts/gpu_sync_test.py "$bin" || status=1
-[ "$status" = 0 ] && echo "GPU tests: PASS" || echo "GPU tests: FAIL"
-exit "$status"
+run scripts/gpu_sync_test.py "$bin"
+if [ "$failed" -gt 0 ]; then echo "GPU tests: FAIL"; exit 1; fi
+if [ "$skipped" -gt 0 ]; then echo "GPU tests: SKIPPED (no PyTorch or no GPU here)"; exit 0; fi
+echo "GPU tests: PASS"

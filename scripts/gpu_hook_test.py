@@ -6,7 +6,7 @@ shared allocation, as vLLM's packed parameters are — and writes a manifest wit
 process opens every 64-byte IPC handle with the CUDA driver API (ctypes, no PyTorch), copies each
 tensor's bytes at its manifest offset, and the producer checks they equal the tensors' bytes. It
 also checks that a non-contiguous tensor and expandable segments are refused.
-Prints a pass/fail summary; exits non-zero on failure. Skips (exit 0, saying so) without a GPU.
+Prints a pass/fail summary; exits non-zero on failure. Skips (exit 77, saying so) without PyTorch or a GPU.
 """
 
 import ctypes
@@ -64,10 +64,10 @@ def main():
         import torch
     except ImportError:
         print("SKIP: PyTorch is not installed")
-        return 0
+        return 77
     if not torch.cuda.is_available():
         print("SKIP: no CUDA GPU")
-        return 0
+        return 77
     import vllm_export_hook as hook
 
     results = []

@@ -8,7 +8,7 @@ modules would give. It writes the HF files, runs `apollo-checkpoint init`, then 
 changes the live weights in place and runs `apollo-checkpoint sync --handles`, checking after each
 that the files equal the HF view of the live weights byte for byte. Finally a manifest from a
 producer that has exited must give a clear error. Prints a pass/fail summary; exits non-zero on
-failure; skips (exit 0, saying so) without PyTorch or a GPU.
+failure; skips (exit 77, saying so) without PyTorch or a GPU.
 
 Usage: scripts/gpu_sync_test.py PATH/TO/apollo-checkpoint
 """
@@ -58,10 +58,10 @@ def main():
         import torch
     except ImportError:
         print("SKIP: PyTorch is not installed")
-        return 0
+        return 77
     if not torch.cuda.is_available():
         print("SKIP: no CUDA GPU")
-        return 0
+        return 77
     import vllm_export_hook as hook
 
     results = []
