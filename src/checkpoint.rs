@@ -519,7 +519,8 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
-fn seconds_since(start: Instant) -> f64 {
+/// Seconds since `start`, to the microsecond.
+pub(crate) fn seconds_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1e6).round() / 1e6
 }
 

@@ -47,7 +47,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
+use crate::fileformat::{HashedWriter, hash_prefix_of, le_u32, le_u64, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
 use crate::journal::HASH_PREFIX;
 
@@ -281,13 +281,6 @@ impl std::fmt::Debug for Delta {
             .field("header", &self.header)
             .finish_non_exhaustive()
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
-}
-fn le_u64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
 impl Delta {

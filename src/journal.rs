@@ -60,7 +60,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::blockhash::Cv;
-use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
+use crate::fileformat::{HashedWriter, hash_prefix_of, le_u32, le_u64, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
 
 /// File name of the pending journal inside the state directory.
@@ -291,13 +291,6 @@ impl Record {
         out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.payload);
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
-}
-fn le_u64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
 }
 
 impl JournalHeader {

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::blockhash::{self, BlockLayout};
-use crate::checkpoint::{Checkpoint, Error};
+use crate::checkpoint::{Checkpoint, Error, seconds_since};
 use crate::delta::{
     self, Delta, DeltaError, DeltaFile, DeltaHeader, DeltaRecord, DeltaWriter, NO_BASE, RAW,
 };
@@ -122,10 +122,7 @@ fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let err = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io { path: p, source }
-    };
+    let err = Checkpoint::io_err;
     if tmp.exists() {
         io.remove_file(&tmp).map_err(err(&tmp))?;
     }
@@ -149,19 +146,24 @@ fn record_hash(tensor_offset: u64, offset: u64, bytes: &[u8]) -> [u8; HASH_PREFI
     }
 }
 
+/// A root hash per file name.
+pub type FileRoots = BTreeMap<String, [u8; 32]>;
+
 /// Per-file roots from the index: BLAKE3 of the header hash and every block's 16-byte hash in
-/// file order, each block's hash replaced by `overrides[(file, block offset)]` where given.
+/// file order. Returns (roots with each block's hash replaced by `overrides[(file, block
+/// offset)]` where given, roots of the index as it is), computed in one pass over the hashes.
 pub fn file_roots<S: std::hash::BuildHasher>(
     index: &BlockIndex,
     layout: BlockLayout,
     overrides: &HashMap<(String, u64), [u8; HASH_PREFIX], S>,
-) -> Result<BTreeMap<String, [u8; 32]>, Error> {
+) -> Result<(FileRoots, FileRoots), Error> {
     let files = index.files()?;
     let tensors = index.tensors()?;
-    let mut roots = BTreeMap::new();
+    let (mut with_overrides, mut as_is) = (BTreeMap::new(), BTreeMap::new());
     for f in &files {
-        let mut h = blake3::Hasher::new();
-        h.update(&f.header_hash);
+        let (mut over, mut plain) = (blake3::Hasher::new(), blake3::Hasher::new());
+        over.update(&f.header_hash);
+        plain.update(&f.header_hash);
         let mut mine: Vec<&IndexedTensor> = tensors
             .iter()
             .filter(|t| t.file_id == f.id && t.len > 0)
@@ -170,15 +172,17 @@ pub fn file_roots<S: std::hash::BuildHasher>(
         for t in mine {
             for (i, cv) in index.tensor_hashes(t, layout)?.iter().enumerate() {
                 let at = t.offset + i as u64 * layout.block_size;
+                plain.update(&cv[..HASH_PREFIX]);
                 match overrides.get(&(f.name.clone(), at)) {
-                    Some(p) => h.update(p),
-                    None => h.update(&cv[..HASH_PREFIX]),
+                    Some(p) => over.update(p),
+                    None => over.update(&cv[..HASH_PREFIX]),
                 };
             }
         }
-        roots.insert(f.name.clone(), *h.finalize().as_bytes());
+        with_overrides.insert(f.name.clone(), *over.finalize().as_bytes());
+        as_is.insert(f.name.clone(), *plain.finalize().as_bytes());
     }
-    Ok(roots)
+    Ok((with_overrides, as_is))
 }
 
 impl Checkpoint {
@@ -226,14 +230,13 @@ impl Checkpoint {
                 });
             }
             if b == current {
-                report.seconds = (start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+                report.seconds = seconds_since(start);
                 return Ok(report);
             }
         }
-        self.io.create_dir_all(outbox).map_err(|source| Error::Io {
-            path: outbox.to_path_buf(),
-            source,
-        })?;
+        self.io
+            .create_dir_all(outbox)
+            .map_err(Checkpoint::io_err(outbox))?;
         let name = delta::delta_name(base, current);
         let dest = outbox.join(&name);
 
@@ -251,8 +254,7 @@ impl Checkpoint {
             .filter(|(_, c)| c.base.is_none())
             .map(|(k, _)| k.0.as_str())
             .collect();
-        let target_roots = file_roots(&index, layout, &HashMap::<_, _>::new())?;
-        let base_roots = file_roots(&index, layout, &overrides)?;
+        let (base_roots, target_roots) = file_roots(&index, layout, &overrides)?;
         let mut files: Vec<DeltaFile> = model
             .files
             .iter()
@@ -270,10 +272,7 @@ impl Checkpoint {
         let index_json = self.model_dir.join(INDEX_FILE);
         if base.is_none() && index_json.is_file() {
             let size = std::fs::metadata(&index_json)
-                .map_err(|source| Error::Io {
-                    path: index_json.clone(),
-                    source,
-                })?
+                .map_err(Checkpoint::io_err(&index_json))?
                 .len();
             files.push(DeltaFile {
                 name: INDEX_FILE.into(),
@@ -306,10 +305,7 @@ impl Checkpoint {
                 });
             }
             report.records = d.count;
-            let bytes = std::fs::read(&dest).map_err(|source| Error::Io {
-                path: dest.clone(),
-                source,
-            })?;
+            let bytes = std::fs::read(&dest).map_err(Checkpoint::io_err(&dest))?;
             (bytes.len() as u64, *blake3::hash(&bytes).as_bytes())
         } else {
             let mut w = DeltaWriter::create(self.io.as_ref(), &dest, &header)?;
@@ -381,7 +377,7 @@ impl Checkpoint {
         report.file = Some(dest);
         report.manifest = Some(manifest_path);
         report.bytes = bytes;
-        report.seconds = (start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+        report.seconds = seconds_since(start);
         Ok(report)
     }
 
@@ -525,10 +521,7 @@ impl Checkpoint {
                 f.name.clone(),
                 self.io
                     .open(&p, OpenMode::Read)
-                    .map_err(|source| Error::Io {
-                        path: p.clone(),
-                        source,
-                    })?,
+                    .map_err(Checkpoint::io_err(&p))?,
             );
         }
         let entries: Vec<((String, u64), Composed)> = composed.into_iter().collect();
@@ -551,10 +544,8 @@ impl Checkpoint {
                     } else {
                         let h = &handles[file];
                         let mut bytes = vec![0u8; c.len as usize];
-                        h.read_at(*offset, &mut bytes).map_err(|source| Error::Io {
-                            path: h.path().to_path_buf(),
-                            source,
-                        })?;
+                        h.read_at(*offset, &mut bytes)
+                            .map_err(Checkpoint::io_err(h.path()))?;
                         let target = record_hash(c.tensor_offset, *offset, &bytes);
                         DeltaRecord {
                             xor: false,
@@ -591,19 +582,13 @@ impl Checkpoint {
             let h = self
                 .io
                 .open(&p, OpenMode::Read)
-                .map_err(|source| Error::Io {
-                    path: p.clone(),
-                    source,
-                })?;
+                .map_err(Checkpoint::io_err(&p))?;
             let mut offset = 0u64;
             let mut buf = vec![0u8; RAW_CHUNK];
             while offset < f.size {
                 let n = (f.size - offset).min(RAW_CHUNK as u64) as usize;
                 h.read_at(offset, &mut buf[..n])
-                    .map_err(|source| Error::Io {
-                        path: p.clone(),
-                        source,
-                    })?;
+                    .map_err(Checkpoint::io_err(&p))?;
                 let mut out = Vec::with_capacity(n + 64);
                 DeltaRecord {
                     xor: false,
@@ -637,19 +622,15 @@ impl Checkpoint {
             for name in [e.file.clone(), e.file.replace(".apd", ".json")] {
                 let p = outbox.join(&name);
                 if p.exists() {
-                    self.io.remove_file(&p).map_err(|source| Error::Io {
-                        path: p.clone(),
-                        source,
-                    })?;
+                    self.io.remove_file(&p).map_err(Checkpoint::io_err(&p))?;
                 }
             }
             removed.push(e.file);
         }
         if !removed.is_empty() {
-            self.io.sync_dir(outbox).map_err(|source| Error::Io {
-                path: outbox.to_path_buf(),
-                source,
-            })?;
+            self.io
+                .sync_dir(outbox)
+                .map_err(Checkpoint::io_err(outbox))?;
             index.mark_pruned(&removed)?;
         }
         Ok(removed)
@@ -686,10 +667,7 @@ impl Checkpoint {
         // A replica created from a full delta may not exist yet.
         self.io
             .create_dir_all(&self.model_dir)
-            .map_err(|source| Error::Io {
-                path: self.model_dir.clone(),
-                source,
-            })?;
+            .map_err(Checkpoint::io_err(&self.model_dir))?;
         let _lock = self.lock(LockKind::Exclusive)?;
         self.recover_locked()?;
         let mut report = ApplyDeltaReport {
@@ -766,7 +744,7 @@ impl Checkpoint {
         report.generation = self
             .open_index()?
             .map_or(Ok(0), |i| i.generation().map(|g| g.unwrap_or(0)))?;
-        report.seconds = (start.elapsed().as_secs_f64() * 1e6).round() / 1e6;
+        report.seconds = seconds_since(start);
         Ok(report)
     }
 
@@ -777,10 +755,10 @@ impl Checkpoint {
         h: &DeltaHeader,
         generation: u64,
         kind: &str,
-    ) -> Result<BTreeMap<String, [u8; 32]>, Error> {
+    ) -> Result<FileRoots, Error> {
         self.init_as(u64::from(h.block_size), Some(&h.model_id), generation, kind)?;
         let index = self.require_index()?;
-        file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())
+        Ok(file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?.1)
     }
 
     /// Adopts the files of a replica made by copying: indexes them as the delta's base
@@ -829,23 +807,14 @@ impl Checkpoint {
         let tmp_of = |name: &str| self.model_dir.join(format!(".{name}.apd-tmp"));
         self.io
             .create_dir_all(&self.model_dir)
-            .map_err(|source| Error::Io {
-                path: self.model_dir.clone(),
-                source,
-            })?;
+            .map_err(Checkpoint::io_err(&self.model_dir))?;
         let mut handles = Vec::new();
         for f in &h.files {
             let t = tmp_of(&f.name);
             if t.exists() {
-                self.io.remove_file(&t).map_err(|source| Error::Io {
-                    path: t.clone(),
-                    source,
-                })?;
+                self.io.remove_file(&t).map_err(Checkpoint::io_err(&t))?;
             }
-            handles.push(self.io.create(&t).map_err(|source| Error::Io {
-                path: t.clone(),
-                source,
-            })?);
+            handles.push(self.io.create(&t).map_err(Checkpoint::io_err(&t))?);
         }
         d.for_each_batch(64 << 20, |batch| {
             for r in batch {
@@ -860,18 +829,12 @@ impl Checkpoint {
                 }
                 let f = &handles[r.file as usize];
                 f.write_at(r.offset, &r.payload)
-                    .map_err(|source| Error::Io {
-                        path: f.path().to_path_buf(),
-                        source,
-                    })?;
+                    .map_err(Checkpoint::io_err(f.path()))?;
             }
             Ok(())
         })?;
         for (f, handle) in h.files.iter().zip(&handles) {
-            handle.sync().map_err(|source| Error::Io {
-                path: handle.path().to_path_buf(),
-                source,
-            })?;
+            handle.sync().map_err(Checkpoint::io_err(handle.path()))?;
             if handle.len() != f.size {
                 return Err(DeltaError::Corrupt {
                     path: d.path.clone(),
@@ -885,17 +848,11 @@ impl Checkpoint {
             let dest = self.model_dir.join(&f.name);
             self.io
                 .rename(&tmp_of(&f.name), &dest)
-                .map_err(|source| Error::Io {
-                    path: dest.clone(),
-                    source,
-                })?;
+                .map_err(Checkpoint::io_err(&dest))?;
         }
         self.io
             .sync_dir(&self.model_dir)
-            .map_err(|source| Error::Io {
-                path: self.model_dir.clone(),
-                source,
-            })?;
+            .map_err(Checkpoint::io_err(&self.model_dir))?;
         let roots = self.index_replica(h, h.target_generation, "full-delta")?;
         for f in h.files.iter().filter(|f| f.name != INDEX_FILE) {
             if roots.get(&f.name) != Some(&f.target_root) {
@@ -931,10 +888,7 @@ impl Checkpoint {
             handles.push(
                 self.io
                     .open(&p, OpenMode::Read)
-                    .map_err(|source| Error::Io {
-                        path: p.clone(),
-                        source,
-                    })?,
+                    .map_err(Checkpoint::io_err(&p))?,
             );
         }
         let header = JournalHeader {
@@ -972,10 +926,7 @@ impl Checkpoint {
                         let f = &handles[r.file as usize];
                         let mut block = vec![0u8; r.len as usize];
                         f.read_at(r.offset, &mut block)
-                            .map_err(|source| Error::Io {
-                                path: f.path().to_path_buf(),
-                                source,
-                            })?;
+                            .map_err(Checkpoint::io_err(f.path()))?;
                         let now = record_hash(r.tensor_offset, r.offset, &block);
                         let payload = if r.xor {
                             if now != r.base {
