@@ -17,7 +17,8 @@ Each scenario runs --runs times on fresh copies; medians are printed as one JSON
 with the targets (delta <= 1% of rsync's bytes for sparse, <= 6% of the model for dense; >= 20x
 faster end to end). Files are in page cache for both tools.
 
-Usage: scripts/bench_delta.py [--size BYTES] [--runs N] [--dir DIR] [--keep]
+Usage: scripts/bench_delta.py [--size BYTES] [--runs N] [--dir DIR] [--keep] [--bin-dir DIR]
+  --bin-dir: use apollo-checkpoint and synth from DIR instead of building them (another machine)
 """
 
 import argparse
@@ -60,12 +61,16 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--bin-dir")
     args = ap.parse_args()
     if not shutil.which("rsync"):
         sys.exit("bench_delta: rsync is not installed (apt-get install rsync)")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "apollo-checkpoint", "--example", "synth"],
-                   cwd=ROOT, check=True)
-    binary, synth = str(ROOT / "target/release/apollo-checkpoint"), str(ROOT / "target/release/examples/synth")
+    if args.bin_dir:
+        binary, synth = str(Path(args.bin_dir) / "apollo-checkpoint"), str(Path(args.bin_dir) / "synth")
+    else:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "apollo-checkpoint", "--example", "synth"],
+                       cwd=ROOT, check=True)
+        binary, synth = str(ROOT / "target/release/apollo-checkpoint"), str(ROOT / "target/release/examples/synth")
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="apollo-bench-delta-"))
     try:
         results = {}
@@ -91,7 +96,10 @@ def main():
                                    stdout=subprocess.DEVNULL)
                     subprocess.run([binary, "sync", "--model-dir", str(model), "--from", str(live)], check=True,
                                    stderr=subprocess.DEVNULL)
-                # Warm the page cache for both tools.
+                # Let the kernel finish writing back the copies made above (2 GiB not yet
+                # synced would otherwise compete with whichever tool runs first), then warm the
+                # page cache for both tools.
+                os.sync()
                 for d in (model, replica, rcopy):
                     for f in d.glob("*.safetensors"):
                         with open(f, "rb") as fh:

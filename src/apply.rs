@@ -11,8 +11,8 @@
 //!     holding either its old or its new bytes. Only sectors the XOR changes can differ; every
 //!     combination of flipping them is tried until the block hashes to *new* (written) or *old*
 //!     (then applied). A 4 KiB block spans at most 9 sectors: at most 2⁹ hashes;
-//!   - a *killed process* leaves a prefix of the block new and the rest old, because writes into
-//!     the map store in ascending order ([`crate::io::ordered_copy`]). Every cut point where the
+//!   - a *killed process* leaves a prefix of the block new and the rest old, because the kernel
+//!     copies a write in ascending page order (see [`crate::io`]). Every cut point where the
 //!     XOR is non-zero is tried: at most one hash per changed byte.
 //!
 //!   A block that matches no candidate is reported and left as it is.
@@ -79,11 +79,11 @@ pub fn roll_forward(
 ) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
     journal.for_each_batch(BATCH_BYTES, |batch: Vec<Record>| {
-        let outcomes: Vec<Outcome> = batch
+        let outcomes: Vec<Vec<Outcome>> = runs(&batch)
             .par_iter()
-            .map(|r| apply_record(journal, files[r.file as usize].as_ref(), r))
+            .map(|run| apply_run(journal, files[run[0].file as usize].as_ref(), run))
             .collect::<Result<_, ApplyError>>()?;
-        for o in outcomes {
+        for o in outcomes.into_iter().flatten() {
             match o {
                 Outcome::Applied => stats.applied += 1,
                 Outcome::AlreadyNew => stats.already_new += 1,
@@ -93,6 +93,59 @@ pub fn roll_forward(
         Ok::<_, ApplyError>(())
     })?;
     Ok(stats)
+}
+
+/// Most records written with one `pwrite`.
+const MAX_RUN: usize = 64;
+
+/// Splits records into runs of adjacent blocks of one file (at most [`MAX_RUN`] each), so a
+/// dense change costs one write per run instead of one per 4 KiB block.
+fn runs(batch: &[Record]) -> Vec<&[Record]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=batch.len() {
+        let split = i == batch.len()
+            || i - start == MAX_RUN
+            || batch[i].file != batch[i - 1].file
+            || batch[i].block_offset != batch[i - 1].block_offset + u64::from(batch[i - 1].len);
+        if split {
+            out.push(&batch[start..i]);
+            start = i;
+        }
+    }
+    out
+}
+
+/// Applies a run of adjacent records: each block is judged on its own, then the run is written
+/// back at once (blocks already new are written unchanged).
+fn apply_run(
+    journal: &Journal,
+    file: &dyn FileIo,
+    run: &[Record],
+) -> Result<Vec<Outcome>, ApplyError> {
+    let first = &run[0];
+    let len: usize = run.iter().map(|r| r.len as usize).sum();
+    let mut bytes = vec![0u8; len];
+    file.read_at(first.block_offset, &mut bytes)
+        .map_err(|source| ApplyError::Io {
+            file: journal.header.files[first.file as usize].name.clone(),
+            source,
+        })?;
+    let mut outcomes = Vec::with_capacity(run.len());
+    let mut at = 0;
+    for r in run {
+        let block = &mut bytes[at..at + r.len as usize];
+        outcomes.push(apply_record(journal, r, block)?);
+        at += r.len as usize;
+    }
+    if outcomes.iter().any(|o| !matches!(o, Outcome::AlreadyNew)) {
+        file.write_at(first.block_offset, &bytes)
+            .map_err(|source| ApplyError::Io {
+                file: journal.header.files[first.file as usize].name.clone(),
+                source,
+            })?;
+    }
+    Ok(outcomes)
 }
 
 enum Outcome {
@@ -105,12 +158,9 @@ fn prefix_of(r: &Record, block: &[u8]) -> [u8; HASH_PREFIX] {
     hash_prefix(&subtree_cv(r.block_offset - r.tensor_offset, block))
 }
 
-fn apply_record(journal: &Journal, file: &dyn FileIo, r: &Record) -> Result<Outcome, ApplyError> {
+/// Judges one block (its current bytes in `block`) and turns it into its new bytes in place.
+fn apply_record(journal: &Journal, r: &Record, block: &mut [u8]) -> Result<Outcome, ApplyError> {
     let name = || journal.header.files[r.file as usize].name.clone();
-    let io = |source| ApplyError::Io {
-        file: name(),
-        source,
-    };
     let corrupt = || {
         ApplyError::Journal(JournalError::Corrupt {
             path: journal.path.clone(),
@@ -121,15 +171,12 @@ fn apply_record(journal: &Journal, file: &dyn FileIo, r: &Record) -> Result<Outc
             ),
         })
     };
-    let mut block = vec![0u8; r.len as usize];
-    file.read_at(r.block_offset, &mut block).map_err(io)?;
-    let now = prefix_of(r, &block);
+    let now = prefix_of(r, block);
     if now == r.new {
         return Ok(Outcome::AlreadyNew);
     }
     if now == r.old {
-        apply_xor(&r.payload, &mut block).ok_or_else(corrupt)?;
-        file.write_at(r.block_offset, &block).map_err(io)?;
+        apply_xor(&r.payload, block).ok_or_else(corrupt)?;
         return Ok(Outcome::Applied);
     }
     let mut delta = vec![0u8; block.len()];
@@ -141,7 +188,7 @@ fn apply_record(journal: &Journal, file: &dyn FileIo, r: &Record) -> Result<Outc
         target: journal.header.target_generation,
     };
     let in_sector = (r.block_offset % SECTOR as u64) as usize;
-    let repaired = repair_torn_at(&block, &delta, in_sector, |candidate| {
+    let repaired = repair_torn_at(block, &delta, in_sector, |candidate| {
         let p = prefix_of(r, candidate);
         if p == r.new {
             Some(false)
@@ -160,7 +207,7 @@ fn apply_record(journal: &Journal, file: &dyn FileIo, r: &Record) -> Result<Outc
             *c ^= d;
         }
     }
-    file.write_at(r.block_offset, &fixed.0).map_err(io)?;
+    block.copy_from_slice(&fixed.0);
     Ok(Outcome::Repaired)
 }
 
