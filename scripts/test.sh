@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, then every test (unit, integration, CLI).
-# Runs in a few minutes on 2 cores; needs only cargo (SQLite is bundled).
+# Runs in a few minutes on 2 cores; needs cargo (SQLite is bundled) and python3 (the export
+# hook's tests use mock vLLM modules: no torch, no vLLM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --release --all-targets --locked -- -D warnings
 cargo test --release --locked
+python3 scripts/test_vllm_export_hook.py

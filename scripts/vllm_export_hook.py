@@ -7,9 +7,12 @@ handle of the allocation holding it (hex), the byte offset of the tensor inside 
 and the owning pid. Several parameters usually share one allocation (one handle, other offsets).
 
 The core, `manifest_entry`, works on plain PyTorch tensors. `write_manifest` writes a manifest
-for any iterable of (name, tensor). The vLLM integration (`ApolloExportExtension`, a worker
-extension class for `--worker-extension-cls`, called through `collective_rpc`) is a thin layer on
-top; it has not yet been exercised against a real vLLM server.
+for any iterable of (name, tensor). `layout_facts` reads, from vLLM's modules, how each parameter
+maps back to the HF tensors of the checkpoint (packed parts and their sizes, tensor-parallel rank
+and size, the sharded dimension); it needs no torch and no vLLM import, only the modules'
+classes and attributes, so mock modules test it. The vLLM integration (`ApolloExportExtension`, a
+worker extension class for `--worker-extension-cls`, called through `collective_rpc`) joins the
+two; it has been tested with mock modules and plain PyTorch tensors, not inside a vLLM server.
 
 PyTorch's expandable-segments allocator cannot share memory through cudaIpc handles; the hook
 refuses it with a clear message (set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False).
@@ -131,6 +134,147 @@ def write_entries(path, entries, meta=None):
     return len(entries)
 
 
+def _classes(obj):
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def _closure(fn):
+    """The variables a closure captured (vLLM's weight loaders keep their shard specs there)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    out = {}
+    if code is not None:
+        for name, cell in zip(code.co_freevars, cells):
+            try:
+                out[name] = cell.cell_contents
+            except ValueError:
+                pass
+    return out
+
+
+def _piece(total, tp_size, tp_rank):
+    local = int(total) // tp_size
+    return {"rows": int(total), "local_rows": local, "first_row": tp_rank * local}
+
+
+def param_facts(module_name, module, param_name, param, packed_mapping, tp_rank=0, tp_size=1):
+    """How one parameter of `module` maps back to HF tensors (see src/handles.rs for the format).
+
+    Read from the module: its class (vLLM's parallel layers), `tp_rank`/`tp_size`,
+    `output_sizes`, the QKV head counts and sizes, the vocabulary shard indices, and the shard
+    specs captured by the parameter's weight loader; the packed parts' HF names come from the
+    model's `packed_modules_mapping`.
+    """
+    full = f"{module_name}.{param_name}" if module_name else param_name
+    classes = _classes(module)
+    rank = int(getattr(module, "tp_rank", tp_rank))
+    size = int(getattr(module, "tp_size", tp_size))
+    sharded = 0 if size > 1 else None
+    facts = {"tp_rank": rank, "tp_size": size, "shard_dim": None}
+    short = module_name.rsplit(".", 1)[-1]
+    loader = getattr(param, "weight_loader", None)
+    loader_name = getattr(loader, "__qualname__", "") or ""
+    if "mamba_v2_sharded_weight_loader" in loader_name:
+        # GDN's conv1d: one HF tensor whose q, k, v row blocks are sharded separately.
+        c = _closure(loader)
+        rank, size = int(c.get("tp_rank", rank)), int(c.get("tp_size", size))
+        pieces = []
+        for full_dim, extra, duplicate in c.get("shard_spec", []):
+            if extra or duplicate:
+                raise ExportError(f"{full}: its shard spec replicates groups across ranks, which apollo-checkpoint does not map yet")
+            pieces.append(_piece(full_dim, size, rank))
+        facts.update(tp_rank=rank, tp_size=size, shard_dim=0 if size > 1 else None, packed=short, names=[short], pieces=pieces)
+        return facts
+    if "sharded_weight_loader" in loader_name:
+        # Plain parameters split along one axis (GDN's A_log, dt_bias).
+        axis = _closure(loader).get("shard_axis", 0)
+        facts["shard_dim"] = int(axis) if size > 1 else None
+        return facts
+    if "VocabParallelEmbedding" in classes:  # ParallelLMHead too
+        si = module.shard_indices
+        if int(si.added_vocab_end_index) > int(si.added_vocab_start_index):
+            raise ExportError(f"{full}: LoRA's added vocabulary is not in the checkpoint; export without LoRA")
+        start, end = int(si.org_vocab_start_index), int(si.org_vocab_end_index)
+        local = int(param.shape[0])
+        parts = [{"name": short, "rows": int(module.org_vocab_size), "local_rows": end - start, "first_row": start}]
+        if local > end - start:  # padding to a multiple of 64 rows
+            pad = local - (end - start)
+            parts.append({"name": "", "rows": pad, "local_rows": pad, "first_row": 0})
+        facts.update(shard_dim=sharded, packed=short, parts=parts)
+        return facts
+    if "RowParallelLinear" in classes:
+        if size > 1 and getattr(param, "input_dim", None) is not None:
+            facts["shard_dim"] = int(param.input_dim)
+        return facts
+    if "ColumnParallelLinear" in classes:  # QKV and merged ones too
+        out_dim = getattr(param, "output_dim", None)
+        if out_dim is None:
+            return facts  # not split (per-tensor scales)
+        if int(out_dim) != 0:
+            raise ExportError(f"{full}: split along dim {out_dim}; apollo-checkpoint maps dim 0 only")
+        if "QKVParallelLinear" in classes:
+            names = list(packed_mapping.get(short, ["q_proj", "k_proj", "v_proj"]))
+            if len(names) != 3:
+                raise ExportError(f"{full}: packed_modules_mapping names {names} for a q/k/v projection")
+            hs = int(module.head_size)
+            vhs = int(getattr(module, "v_head_size", None) or hs)
+            heads, kv_heads = int(module.num_heads), int(module.num_kv_heads)
+            kv_rank = rank // int(getattr(module, "num_kv_head_replicas", 1))
+            parts = [
+                {"name": names[0], "rows": int(module.total_num_heads) * hs, "local_rows": heads * hs, "first_row": rank * heads * hs},
+                {"name": names[1], "rows": int(module.total_num_kv_heads) * hs, "local_rows": kv_heads * hs, "first_row": kv_rank * kv_heads * hs},
+                {"name": names[2], "rows": int(module.total_num_kv_heads) * vhs, "local_rows": kv_heads * vhs, "first_row": kv_rank * kv_heads * vhs},
+            ]
+            facts.update(shard_dim=sharded, packed=short, parts=parts)
+            return facts
+        sizes = getattr(module, "output_sizes", None)
+        if sizes and short in packed_mapping:
+            facts.update(shard_dim=sharded, packed=short, names=list(packed_mapping[short]),
+                         pieces=[_piece(s, size, rank) for s in sizes])
+        elif sizes and len(sizes) > 1:
+            raise ExportError(f"{full}: packs {len(sizes)} blocks but the model's packed_modules_mapping has no entry {short!r}")
+        else:
+            facts["shard_dim"] = sharded
+        return facts
+    return facts  # replicated: norms, biases of row-parallel layers, ReplicatedLinear
+
+
+def layout_facts(model, tp_rank=0, tp_size=1):
+    """{parameter name: layout facts} for every parameter of `model` (a vLLM model)."""
+    mapping = dict(getattr(model, "packed_modules_mapping", None) or {})
+    out, seen = {}, set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # tied weights: the first name only, as named_parameters() does
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            out[name] = param_facts(module_name, module, param_name, param, mapping, tp_rank, tp_size)
+    return out
+
+
+CONFIG_KEYS = ("architectures", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+               "num_key_value_heads", "intermediate_size", "head_dim")
+
+
+def config_meta(hf_config, hf_text_config=None):
+    """The model-config keys apollo-checkpoint checks against the files' config.json."""
+    text = hf_text_config or hf_config
+    out = {}
+    for key in CONFIG_KEYS:
+        value = getattr(hf_config if key == "architectures" else text, key, None)
+        if isinstance(value, (int, str)) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            out[key] = value
+    return out
+
+
+def _tp():
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
+    except Exception:  # noqa: BLE001 - outside vLLM: one rank
+        return 0, 1
+
+
 class ApolloExportExtension:
     """vLLM worker extension (`--worker-extension-cls scripts.vllm_export_hook.ApolloExportExtension`).
 
@@ -140,7 +284,17 @@ class ApolloExportExtension:
 
     def apollo_export_handles(self, out_dir):
         model = self.model_runner.model  # vLLM's GPU worker holds the model here
-        rank = getattr(self, "rank", 0)
-        meta = {"rank": rank}
-        path = os.path.join(out_dir, f"handles-rank{rank}.json")
-        return write_manifest(path, model.named_parameters(), meta=meta)
+        tp_rank, tp_size = _tp()
+        model_config = getattr(self.model_runner, "model_config", None)
+        meta = {
+            "rank": int(getattr(self, "rank", tp_rank)),
+            "tp_rank": tp_rank,
+            "tp_size": tp_size,
+            "packed_modules_mapping": {k: list(v) for k, v in (getattr(model, "packed_modules_mapping", None) or {}).items()},
+        }
+        if model_config is not None:
+            meta["served_model"] = str(getattr(model_config, "model", ""))
+            meta["config"] = config_meta(model_config.hf_config, getattr(model_config, "hf_text_config", None))
+        path = os.path.join(out_dir, f"handles-rank{tp_rank}.json")
+        facts = layout_facts(model, tp_rank, tp_size)
+        return write_manifest(path, model.named_parameters(), meta=meta, layouts=facts)

@@ -10,10 +10,28 @@
 //! ```
 //!
 //! `layout` carries the facts that map a packed or sharded parameter back to HF tensors (read
-//! from the engine's modules, never hard-coded): `tp_rank`, `tp_size`, `shard_dim` (null, 0 or 1)
-//! and, for packed parameters, `packed` (the packed module's name in the parameter name, e.g.
-//! `qkv_proj`) with `parts`: `[{ "name": "q_proj", "rows", "local_rows", "first_row" }]`. Without
-//! it a parameter is taken as whole and unsharded, with its name mapped by [`layout::hf_name`].
+//! from the engine's modules by the hook, never hard-coded): `tp_rank`, `tp_size`, `shard_dim`
+//! (null, 0 or 1) and, for packed parameters, `packed` (the packed module's name in the parameter
+//! name, e.g. `qkv_proj`) with either
+//! - `parts`: `[{ "name": "q_proj", "rows", "local_rows", "first_row" }]`, one per HF tensor
+//!   piece this rank holds (a name may repeat: conv1d's q, k and v pieces all belong to
+//!   `conv1d.weight`; an empty name marks padding rows), or
+//! - `names` (the HF parts, in packing order) and `pieces`: `[{ "rows", "local_rows",
+//!   "first_row" }]`, the engine's own sub-blocks (vLLM's `output_sizes`). With as many pieces as
+//!   names they pair up; otherwise consecutive pieces are grouped into each name so that their
+//!   rows add up to that HF tensor's rows in the model files (vLLM packs Qwen3.5's
+//!   `in_proj_qkvz` as four pieces q, k, v, z for two HF tensors, `in_proj_qkv` and `in_proj_z`;
+//!   GDN's `conv1d` is one name with three pieces q, k, v, each sharded on its own).
+//!
+//! Without `layout` (manifests converted from the prototype's handles file) a parameter is taken
+//! as unsharded; if its name holds a packed module of `meta.packed_modules_mapping` (or, absent
+//! that, of vLLM's common packings: qkv_proj, gate_up_proj, in_proj_qkvz, in_proj_ba), its parts
+//! are the HF tensors the files hold, with their rows in the files.
+//!
+//! `meta` may carry `config`: the engine's model config (`architectures`, `hidden_size`,
+//! `num_hidden_layers`, `vocab_size`, ...). Every key also in the model directory's
+//! `config.json` (or its `text_config`) must agree, or the manifests are refused as another
+//! model's; all manifests must agree with each other, and hold each tp rank once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +66,18 @@ pub enum HandlesError {
     /// The layout facts do not add up.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The manifests describe another model than the one in the model directory.
+    #[error(
+        "{path}: these live weights are not the model in {model_dir}: {what}. Point --handles at the manifests of the engine that serves this model"
+    )]
+    OtherModel {
+        /// The manifest.
+        path: PathBuf,
+        /// The model directory.
+        model_dir: PathBuf,
+        /// What differs.
+        what: String,
+    },
 }
 
 /// Layout facts of one parameter.
@@ -68,6 +98,23 @@ pub struct LayoutFacts {
     /// The packed parts.
     #[serde(default)]
     pub parts: Vec<PartFacts>,
+    /// The HF parts of a packed parameter, when given with `pieces`.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The engine's sub-blocks of a packed parameter, grouped into `names`.
+    #[serde(default)]
+    pub pieces: Vec<PieceFacts>,
+}
+
+/// One sub-block of a packed parameter (vLLM's `output_sizes` entry) on one rank.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct PieceFacts {
+    /// Rows of the whole sub-block (all ranks).
+    pub rows: u64,
+    /// Rows on this rank.
+    pub local_rows: u64,
+    /// First row of the sub-block on this rank.
+    pub first_row: u64,
 }
 
 fn one() -> u64 {
@@ -83,6 +130,8 @@ impl Default for LayoutFacts {
             shard_dim: None,
             packed: None,
             parts: Vec::new(),
+            names: Vec::new(),
+            pieces: Vec::new(),
         }
     }
 }
@@ -131,12 +180,28 @@ pub struct ManifestTensor {
 struct Manifest {
     format: String,
     version: u32,
+    #[serde(default)]
+    meta: serde_json::Map<String, serde_json::Value>,
     tensors: Vec<ManifestTensor>,
+}
+
+/// The manifests of one engine (all its ranks).
+#[derive(Clone, Debug, Default)]
+pub struct Manifests {
+    /// Every tensor of every manifest.
+    pub tensors: Vec<ManifestTensor>,
+    /// Each manifest's path and `meta`.
+    pub metas: Vec<(PathBuf, serde_json::Map<String, serde_json::Value>)>,
 }
 
 /// Reads and checks manifests (all ranks of one engine).
 pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestTensor>, HandlesError> {
-    let mut out = Vec::new();
+    Ok(read_all(paths)?.tensors)
+}
+
+/// Reads and checks manifests, keeping their `meta`.
+pub fn read_all(paths: &[PathBuf]) -> Result<Manifests, HandlesError> {
+    let mut out = Manifests::default();
     for path in paths {
         let text = std::fs::read(path).map_err(|source| HandlesError::Io {
             path: path.clone(),
@@ -166,23 +231,68 @@ pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestTensor>, HandlesE
                 )));
             }
         }
-        out.extend(m.tensors);
+        out.tensors.extend(m.tensors);
+        out.metas.push((path.clone(), m.meta));
     }
     Ok(out)
 }
 
-/// The live parameters the manifests describe, with HF names.
-pub fn live_params(tensors: &[ManifestTensor]) -> Vec<LiveParam> {
-    tensors
+/// vLLM's common packings, used for parameters without layout facts when the manifest names
+/// no `packed_modules_mapping`.
+const DEFAULT_PACKING: &[(&str, &[&str])] = &[
+    ("qkv_proj", &["q_proj", "k_proj", "v_proj"]),
+    ("gate_up_proj", &["gate_proj", "up_proj"]),
+    ("in_proj_qkvz", &["in_proj_qkv", "in_proj_z"]),
+    ("in_proj_ba", &["in_proj_b", "in_proj_a"]),
+];
+
+/// The live parameters the manifests describe, with HF names. `model` (the files' tensors) is
+/// needed to group `pieces` into unequal HF parts and to unpack parameters that came without
+/// layout facts; without it those are refused or taken whole.
+pub fn live_params(
+    manifests: &Manifests,
+    model: Option<&ModelLayout>,
+) -> Result<Vec<LiveParam>, HandlesError> {
+    let disk_rows = |name: &str| {
+        model.and_then(|m| {
+            m.tensors
+                .iter()
+                .find(|t| t.entry.name == name)
+                .and_then(|t| t.entry.shape.first().copied())
+        })
+    };
+    let mapping = packing(manifests);
+    manifests
+        .tensors
         .iter()
         .map(|t| {
-            let facts = t.layout.clone().unwrap_or_default();
+            let bad = |what: String| {
+                HandlesError::Layout(LayoutError::BadParam {
+                    param: t.name.clone(),
+                    what,
+                })
+            };
+            let part_name = |packed: &str, part: &str| {
+                if part.is_empty() {
+                    String::new()
+                } else {
+                    layout::hf_name(&t.name.replacen(packed, part, 1))
+                }
+            };
+            let mut facts = t.layout.clone();
+            if facts.is_none() {
+                facts = unpacked_by_files(t, &mapping, &disk_rows);
+            }
+            let facts = facts.unwrap_or_default();
             let parts = match &facts.packed {
+                Some(packed) if !facts.pieces.is_empty() => {
+                    group_pieces(&facts, |n| part_name(packed, n), &disk_rows).map_err(bad)?
+                }
                 Some(packed) => facts
                     .parts
                     .iter()
                     .map(|p| PackedPart {
-                        hf_name: layout::hf_name(&t.name.replacen(packed.as_str(), &p.name, 1)),
+                        hf_name: part_name(packed, &p.name),
                         rows: p.rows,
                         local_rows: p.local_rows,
                         first_row: p.first_row,
@@ -190,7 +300,7 @@ pub fn live_params(tensors: &[ManifestTensor]) -> Vec<LiveParam> {
                     .collect(),
                 None => Vec::new(),
             };
-            LiveParam {
+            Ok(LiveParam {
                 name: t.name.clone(),
                 dtype: parse_dtype(&t.dtype).expect("checked by read_manifests"),
                 shape: t.shape.clone(),
@@ -199,9 +309,148 @@ pub fn live_params(tensors: &[ManifestTensor]) -> Vec<LiveParam> {
                 shard_dim: facts.shard_dim,
                 parts,
                 hf_name: layout::hf_name(&t.name),
-            }
+            })
         })
         .collect()
+}
+
+/// The packed modules of the manifests' `meta.packed_modules_mapping`, or vLLM's common ones.
+fn packing(manifests: &Manifests) -> Vec<(String, Vec<String>)> {
+    for (_, meta) in &manifests.metas {
+        if let Some(m) = meta
+            .get("packed_modules_mapping")
+            .and_then(serde_json::Value::as_object)
+        {
+            return m
+                .iter()
+                .filter_map(|(k, v)| {
+                    let names: Vec<String> = v
+                        .as_array()?
+                        .iter()
+                        .map(|n| n.as_str().map(str::to_string))
+                        .collect::<Option<_>>()?;
+                    Some((k.clone(), names))
+                })
+                .collect();
+        }
+    }
+    DEFAULT_PACKING
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_string(),
+                v.iter().map(|n| (*n).to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Layout facts for a parameter that came without any: when its name holds a packed module
+/// whose parts the files all hold and whose rows add up to the parameter's, those parts.
+fn unpacked_by_files(
+    t: &ManifestTensor,
+    mapping: &[(String, Vec<String>)],
+    disk_rows: &impl Fn(&str) -> Option<u64>,
+) -> Option<LayoutFacts> {
+    let segments: Vec<&str> = t.name.split('.').collect();
+    for (packed, names) in mapping {
+        if !segments.contains(&packed.as_str()) {
+            continue;
+        }
+        let rows: Option<Vec<u64>> = names
+            .iter()
+            .map(|n| disk_rows(&layout::hf_name(&t.name.replacen(packed.as_str(), n, 1))))
+            .collect();
+        let rows = rows?;
+        if rows.iter().sum::<u64>() != t.shape.first().copied().unwrap_or(0) {
+            return None;
+        }
+        return Some(LayoutFacts {
+            packed: Some(packed.clone()),
+            parts: names
+                .iter()
+                .zip(rows)
+                .map(|(n, r)| PartFacts {
+                    name: n.clone(),
+                    rows: r,
+                    local_rows: r,
+                    first_row: 0,
+                })
+                .collect(),
+            ..LayoutFacts::default()
+        });
+    }
+    None
+}
+
+/// Groups a packed parameter's pieces into its HF parts (see the module documentation).
+fn group_pieces(
+    facts: &LayoutFacts,
+    hf: impl Fn(&str) -> String,
+    disk_rows: &impl Fn(&str) -> Option<u64>,
+) -> Result<Vec<PackedPart>, String> {
+    let (names, pieces) = (&facts.names, &facts.pieces);
+    if names.is_empty() {
+        return Err("packed pieces without part names".into());
+    }
+    let distinct = names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == names.len();
+    if names.len() == pieces.len() && distinct {
+        return Ok(names
+            .iter()
+            .zip(pieces)
+            .map(|(n, p)| PackedPart {
+                hf_name: hf(n),
+                rows: p.rows,
+                local_rows: p.local_rows,
+                first_row: p.first_row,
+            })
+            .collect());
+    }
+    if !distinct {
+        return Err(format!("its part names repeat: {names:?}"));
+    }
+    let mut out = Vec::new();
+    let mut next = pieces.iter();
+    for n in names {
+        let name = hf(n);
+        let Some(want) = disk_rows(&name) else {
+            return Err(format!(
+                "its {} pieces cannot be matched to its {} parts: the files hold no {name}",
+                pieces.len(),
+                names.len()
+            ));
+        };
+        let mut group = Vec::new();
+        let mut rows = 0;
+        while rows < want {
+            let Some(p) = next.next() else { break };
+            rows += p.rows;
+            group.push(p);
+        }
+        if rows != want {
+            return Err(format!(
+                "its pieces do not add up to {name}'s {want} rows in the files"
+            ));
+        }
+        let mut offset = 0;
+        for p in group {
+            out.push(PackedPart {
+                hf_name: name.clone(),
+                rows: want,
+                local_rows: p.local_rows,
+                first_row: offset + p.first_row,
+            });
+            offset += p.rows;
+        }
+    }
+    if next.next().is_some() {
+        return Err("it has more pieces than its parts' rows in the files".into());
+    }
+    Ok(out)
 }
 
 /// What `diagnose` found.
@@ -252,12 +501,106 @@ pub fn diagnose(model: &ModelLayout, map: &LayoutMap, params: usize) -> Diagnosi
 }
 
 /// Reads manifests and builds their layout map; the map's parameter `i` is manifest tensor `i`.
+/// `model` is the model the live weights are to be synced into (see [`live_params`]).
 pub fn layout_from_manifests(
     paths: &[PathBuf],
+    model: Option<&ModelLayout>,
 ) -> Result<(LayoutMap, Vec<ManifestTensor>), HandlesError> {
-    let tensors = read_manifests(paths)?;
-    let params = live_params(&tensors);
-    Ok((LayoutMap::build(&params)?, tensors))
+    let manifests = read_all(paths)?;
+    let params = live_params(&manifests, model)?;
+    Ok((LayoutMap::build(&params)?, manifests.tensors))
+}
+
+/// Checks that the manifests describe one engine serving the model in `model_dir`: their
+/// `meta.config` agree with each other and with `model_dir/config.json` (or its `text_config`)
+/// on every key both have, and no tp rank appears in two manifests.
+pub fn check_same_model(manifests: &Manifests, model_dir: &Path) -> Result<(), HandlesError> {
+    let other = |path: &Path, what: String| HandlesError::OtherModel {
+        path: path.to_path_buf(),
+        model_dir: model_dir.to_path_buf(),
+        what,
+    };
+    let mut ranks: BTreeMap<u64, &Path> = BTreeMap::new();
+    for (path, meta) in &manifests.metas {
+        if let Some(rank) = meta.get("tp_rank").and_then(serde_json::Value::as_u64) {
+            if let Some(first) = ranks.insert(rank, path) {
+                return Err(other(
+                    path,
+                    format!(
+                        "it and {} both hold tp rank {rank}: manifests of two engines?",
+                        first.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let configs: Vec<(&PathBuf, &serde_json::Map<String, serde_json::Value>)> = manifests
+        .metas
+        .iter()
+        .filter_map(|(p, m)| m.get("config").and_then(|c| c.as_object()).map(|c| (p, c)))
+        .collect();
+    if let Some((first_path, first)) = configs.first() {
+        for (path, c) in &configs[1..] {
+            for (k, v) in *c {
+                if first.get(k).is_some_and(|f| f != v) {
+                    return Err(other(
+                        path,
+                        format!(
+                            "its {k} is {v} but {} says {}: manifests of two engines?",
+                            first_path.display(),
+                            first[k]
+                        ),
+                    ));
+                }
+            }
+        }
+        let cfg_path = model_dir.join("config.json");
+        let Ok(text) = std::fs::read(&cfg_path) else {
+            return Ok(());
+        };
+        let disk: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| HandlesError::Format {
+                path: cfg_path.clone(),
+                what: format!("not JSON: {e}"),
+            })?;
+        let text_config = disk.get("text_config");
+        for (k, live) in *first {
+            let on_disk = disk.get(k).or_else(|| text_config.and_then(|t| t.get(k)));
+            if let Some(d) = on_disk {
+                if d != live {
+                    return Err(other(
+                        first_path,
+                        format!(
+                            "the live model's {k} is {live}, {} says {d}",
+                            cfg_path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything `sync --handles` and `diagnose` need from a manifest path (a file or a folder
+/// of per-rank manifests) for the model in `model_dir`: the manifests checked to be this
+/// model's, and their layout map.
+pub fn open_live(
+    handles: &Path,
+    model_dir: &Path,
+    model: &ModelLayout,
+) -> Result<(LayoutMap, Vec<ManifestTensor>, usize), HandlesError> {
+    let paths = manifest_paths(handles)?;
+    if paths.is_empty() {
+        return Err(HandlesError::Format {
+            path: handles.to_path_buf(),
+            what: "no *.json manifests in this folder".into(),
+        });
+    }
+    let manifests = read_all(&paths)?;
+    check_same_model(&manifests, model_dir)?;
+    let params = live_params(&manifests, Some(model))?;
+    Ok((LayoutMap::build(&params)?, manifests.tensors, paths.len()))
 }
 
 /// The manifest files of a path: the file itself, or every `*.json` in a directory.

@@ -30,7 +30,8 @@ use crate::source::{SourceError, SourceTensor, WeightSource};
 /// One part of a packed parameter: an HF tensor stored as rows of the packed one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedPart {
-    /// HF name of the part.
+    /// HF name of the part. Empty for padding rows that belong to no HF tensor (a vocabulary
+    /// padded to a multiple of 64, say); those are never read.
     pub hf_name: String,
     /// Its rows in the full (unsharded) HF tensor.
     pub rows: u64,
@@ -220,6 +221,10 @@ impl LayoutMap {
             }
             let mut local_row = 0;
             for part in &p.parts {
+                if part.hf_name.is_empty() {
+                    local_row += part.local_rows;
+                    continue;
+                }
                 let mut full = p.shape.clone();
                 full[0] = part.rows;
                 if part.first_row + part.local_rows > part.rows {

@@ -243,10 +243,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             let report = if let Some(handles) = handles {
-                let paths = apollo_checkpoint::handles::manifest_paths(&handles)
-                    .map_err(apollo_checkpoint::Error::from)?;
-                let (map, tensors) = apollo_checkpoint::handles::layout_from_manifests(&paths)
-                    .map_err(apollo_checkpoint::Error::from)?;
+                let model =
+                    apollo_checkpoint::model::ModelLayout::open(&target.model_dir, &RealIo::new())
+                        .map_err(apollo_checkpoint::Error::from)?;
+                let (map, tensors, _) =
+                    apollo_checkpoint::handles::open_live(&handles, &target.model_dir, &model)
+                        .map_err(apollo_checkpoint::Error::from)?;
+                drop(model);
                 let reader = apollo_checkpoint::cuda::CudaIpcReader::open(&tensors)
                     .map_err(apollo_checkpoint::Error::from)?;
                 announce(&cp)?;
@@ -388,10 +391,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let model = apollo_checkpoint::model::ModelLayout::open(&model_dir, &RealIo::new())
                 .map_err(apollo_checkpoint::Error::from)?;
-            let paths = apollo_checkpoint::handles::manifest_paths(&handles)
-                .map_err(apollo_checkpoint::Error::from)?;
-            let (map, tensors) = apollo_checkpoint::handles::layout_from_manifests(&paths)
-                .map_err(apollo_checkpoint::Error::from)?;
+            let (map, tensors, manifests) =
+                apollo_checkpoint::handles::open_live(&handles, &model_dir, &model)
+                    .map_err(apollo_checkpoint::Error::from)?;
             let d = apollo_checkpoint::handles::diagnose(&model, &map, tensors.len());
             if json {
                 print_json(&d)?;
@@ -399,7 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!(
                     "live parameters: {} (from {} manifest(s)), as {} HF tensors",
                     d.live_params,
-                    paths.len(),
+                    manifests,
                     map.tensors.len()
                 );
                 println!("matched:         {}", d.matched.len());

@@ -4,6 +4,7 @@ mod bad_inputs;
 mod cli;
 mod diagnose;
 mod faults;
+mod handles;
 mod journal_size;
 mod kill;
 mod layout;
