@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use apollo_checkpoint::cuda::CudaIpcReader;
-use apollo_checkpoint::handles::{manifest_paths, read_manifests};
+use apollo_checkpoint::handles::{manifest_paths, read_all};
 use apollo_checkpoint::layout::ParamReader;
 use rayon::prelude::*;
 
@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     let Some(handles) = args.first() else {
         anyhow::bail!("usage: ipc_read HANDLES [BUFFERS...]");
     };
-    let tensors = read_manifests(&manifest_paths(handles.as_ref())?)?;
+    let tensors = read_all(&manifest_paths(handles.as_ref())?)?.tensors;
     let counts: Vec<usize> = if args.len() > 1 {
         args[1..]
             .iter()

@@ -124,13 +124,13 @@ fn apply_run(
     run: &[Record],
 ) -> Result<Vec<Outcome>, ApplyError> {
     let first = &run[0];
+    let io = |source| ApplyError::Io {
+        file: journal.header.files[first.file as usize].name.clone(),
+        source,
+    };
     let len: usize = run.iter().map(|r| r.len as usize).sum();
     let mut bytes = vec![0u8; len];
-    file.read_at(first.block_offset, &mut bytes)
-        .map_err(|source| ApplyError::Io {
-            file: journal.header.files[first.file as usize].name.clone(),
-            source,
-        })?;
+    file.read_at(first.block_offset, &mut bytes).map_err(io)?;
     let mut outcomes = Vec::with_capacity(run.len());
     let mut at = 0;
     for r in run {
@@ -139,11 +139,7 @@ fn apply_run(
         at += r.len as usize;
     }
     if outcomes.iter().any(|o| !matches!(o, Outcome::AlreadyNew)) {
-        file.write_at(first.block_offset, &bytes)
-            .map_err(|source| ApplyError::Io {
-                file: journal.header.files[first.file as usize].name.clone(),
-                source,
-            })?;
+        file.write_at(first.block_offset, &bytes).map_err(io)?;
     }
     Ok(outcomes)
 }

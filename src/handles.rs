@@ -33,7 +33,7 @@
 //! `config.json` (or its `text_config`) must agree, or the manifests are refused as another
 //! model's; all manifests must agree with each other, and hold each tp rank once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -195,11 +195,6 @@ pub struct Manifests {
 }
 
 /// Reads and checks manifests (all ranks of one engine).
-pub fn read_manifests(paths: &[PathBuf]) -> Result<Vec<ManifestTensor>, HandlesError> {
-    Ok(read_all(paths)?.tensors)
-}
-
-/// Reads and checks manifests, keeping their `meta`.
 pub fn read_all(paths: &[PathBuf]) -> Result<Manifests, HandlesError> {
     let mut out = Manifests::default();
     for path in paths {
@@ -253,14 +248,12 @@ pub fn live_params(
     manifests: &Manifests,
     model: Option<&ModelLayout>,
 ) -> Result<Vec<LiveParam>, HandlesError> {
-    let disk_rows = |name: &str| {
-        model.and_then(|m| {
-            m.tensors
-                .iter()
-                .find(|t| t.entry.name == name)
-                .and_then(|t| t.entry.shape.first().copied())
-        })
-    };
+    let rows_on_disk: HashMap<&str, u64> = model
+        .iter()
+        .flat_map(|m| &m.tensors)
+        .filter_map(|t| Some((t.entry.name.as_str(), *t.entry.shape.first()?)))
+        .collect();
+    let disk_rows = |name: &str| rows_on_disk.get(name).copied();
     let mapping = packing(manifests);
     manifests
         .tensors
@@ -279,11 +272,11 @@ pub fn live_params(
                     layout::hf_name(&t.name.replacen(packed, part, 1))
                 }
             };
-            let mut facts = t.layout.clone();
-            if facts.is_none() {
-                facts = unpacked_by_files(t, &mapping, &disk_rows);
-            }
-            let facts = facts.unwrap_or_default();
+            let facts = t
+                .layout
+                .clone()
+                .or_else(|| unpacked_by_files(t, &mapping, &disk_rows))
+                .unwrap_or_default();
             let parts = match &facts.packed {
                 Some(packed) if !facts.pieces.is_empty() => {
                     group_pieces(&facts, |n| part_name(packed, n), &disk_rows).map_err(bad)?
@@ -302,7 +295,7 @@ pub fn live_params(
             };
             Ok(LiveParam {
                 name: t.name.clone(),
-                dtype: parse_dtype(&t.dtype).expect("checked by read_manifests"),
+                dtype: parse_dtype(&t.dtype).expect("checked by read_all"),
                 shape: t.shape.clone(),
                 tp_rank: facts.tp_rank,
                 tp_size: facts.tp_size,
@@ -498,17 +491,6 @@ pub fn diagnose(model: &ModelLayout, map: &LayoutMap, params: usize) -> Diagnosi
         .map(|n| (*n).to_string())
         .collect();
     d
-}
-
-/// Reads manifests and builds their layout map; the map's parameter `i` is manifest tensor `i`.
-/// `model` is the model the live weights are to be synced into (see [`live_params`]).
-pub fn layout_from_manifests(
-    paths: &[PathBuf],
-    model: Option<&ModelLayout>,
-) -> Result<(LayoutMap, Vec<ManifestTensor>), HandlesError> {
-    let manifests = read_all(paths)?;
-    let params = live_params(&manifests, model)?;
-    Ok((LayoutMap::build(&params)?, manifests.tensors))
 }
 
 /// Checks that the manifests describe one engine serving the model in `model_dir`: their
