@@ -1,11 +1,11 @@
 //! Reading live weights from another process's GPU memory through CUDA IPC handles (cudarc).
 //!
 //! [`CudaIpcReader`] opens each distinct allocation of a set of manifests once, on the GPU whose
-//! UUID the manifest names, and copies bytes device→host through a few bounded pinned staging
-//! buffers, one per thread (never the whole model in host memory): with one buffer, each thread's copy out of
-//! the pinned buffer into its own memory serialises every other thread's transfer; with several,
-//! one thread's DMA overlaps another's host copy. It owns the mappings and closes them, and frees
-//! the staging buffers, when dropped. cudarc is built with dynamic loading: without a CUDA driver
+//! UUID the manifest names, and copies bytes device→host through bounded pinned staging buffers,
+//! one per thread (never the whole model in host memory): with one buffer, each thread's copy
+//! out of the pinned buffer into its own memory serialises every other thread's transfer; with
+//! several, one thread's DMA overlaps another's host copy. It owns the mappings and closes them,
+//! and frees the staging buffers, when dropped. cudarc is built with dynamic loading: without a CUDA driver
 //! the binary still runs its CPU paths, and opening a reader fails with a clear error.
 //!
 //! All raw CUDA calls of the project are in this module.
@@ -93,6 +93,16 @@ struct Pinned {
 // SAFETY: the pinned buffer is plain host memory owned by this struct; it is only touched while
 // its mutex in the reader is held.
 unsafe impl Send for Pinned {}
+
+impl Drop for Pinned {
+    /// Frees the buffer. The context it was allocated in must be current on this thread: the
+    /// reader binds it before its staging buffers are dropped.
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from cuMemHostAlloc (a `Pinned` is built from nothing else) and is
+        // freed only here.
+        let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+    }
+}
 
 struct Mapping {
     ctx: Arc<CudaContext>,
@@ -201,19 +211,11 @@ impl CudaIpcReader {
         let mut staging = Vec::new();
         for _ in 0..buffers.max(1) {
             let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
-            // SAFETY: a valid out-pointer; the buffer is freed exactly once: in `Drop`, or just
-            // below if a later allocation fails and the reader is never built.
+            // SAFETY: a valid out-pointer; on success the buffer is owned by a `Pinned`, which
+            // frees it once when dropped (here, with `staging`, if a later allocation fails;
+            // the staging context is current on this thread).
             let rc = unsafe { sys::cuMemHostAlloc(&raw mut host, STAGING_BYTES, 0) };
             if rc != sys::CUresult::CUDA_SUCCESS {
-                for p in &staging {
-                    let p: &Mutex<Pinned> = p;
-                    let ptr = p
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .ptr;
-                    // SAFETY: allocated just above by cuMemHostAlloc, never handed out.
-                    let _ = unsafe { sys::cuMemFreeHost(ptr.cast()) };
-                }
                 return Err(CudaError::Driver {
                     what: "allocating pinned memory".into(),
                     error: format!("{rc:?}"),
@@ -305,15 +307,12 @@ impl Drop for CudaIpcReader {
                 let _ = unsafe { sys::cuIpcCloseMemHandle(m.ptr) };
             }
         }
-        if self.staging_ctx.bind_to_thread().is_ok() {
-            for b in &mut self.staging {
-                let staging = b
-                    .get_mut()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if !staging.ptr.is_null() {
-                    // SAFETY: allocated by cuMemHostAlloc in `open_with`, freed only here.
-                    let _ = unsafe { sys::cuMemFreeHost(staging.ptr.cast()) };
-                }
+        // The staging buffers are freed when the fields drop, right after this, in the context
+        // they were allocated in. If it cannot be bound, leak them rather than free them in
+        // another context.
+        if self.staging_ctx.bind_to_thread().is_err() {
+            for b in self.staging.drain(..) {
+                std::mem::forget(b);
             }
         }
     }
