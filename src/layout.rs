@@ -361,19 +361,9 @@ pub struct HostParams(pub Vec<Vec<u8>>);
 
 impl ParamReader for HostParams {
     fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let data = &self.0[param];
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|o| Some(o..o.checked_add(buf.len())?))
-            .filter(|r| r.end <= data.len());
-        let range = range.ok_or_else(|| SourceError::OutOfRange {
-            tensor: format!("live parameter {param}"),
-            offset,
-            len: buf.len() as u64,
-            tensor_len: data.len() as u64,
-        })?;
-        buf.copy_from_slice(&data[range]);
-        Ok(())
+        crate::source::copy_out(&self.0[param], offset, buf, || {
+            format!("live parameter {param}")
+        })
     }
 
     fn describe(&self) -> String {

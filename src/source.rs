@@ -182,6 +182,27 @@ impl SafetensorsSource {
     }
 }
 
+/// Fills `buf` from `data` at `offset`, or fails naming `tensor()` if the range is not inside.
+pub(crate) fn copy_out(
+    data: &[u8],
+    offset: u64,
+    buf: &mut [u8],
+    tensor: impl FnOnce() -> String,
+) -> Result<(), SourceError> {
+    let range = usize::try_from(offset)
+        .ok()
+        .and_then(|o| Some(o..o.checked_add(buf.len())?))
+        .filter(|r| r.end <= data.len())
+        .ok_or_else(|| SourceError::OutOfRange {
+            tensor: tensor(),
+            offset,
+            len: buf.len() as u64,
+            tensor_len: data.len() as u64,
+        })?;
+    buf.copy_from_slice(&data[range]);
+    Ok(())
+}
+
 impl WeightSource for SafetensorsSource {
     fn describe(&self) -> String {
         format!("safetensors:{}", self.dir.display())
@@ -192,19 +213,9 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let data = self.data(tensor);
-        let range = usize::try_from(offset)
-            .ok()
-            .and_then(|o| Some(o..o.checked_add(buf.len())?))
-            .filter(|r| r.end <= data.len())
-            .ok_or_else(|| SourceError::OutOfRange {
-                tensor: self.tensors[tensor].name.clone(),
-                offset,
-                len: buf.len() as u64,
-                tensor_len: data.len() as u64,
-            })?;
-        buf.copy_from_slice(&data[range]);
-        Ok(())
+        copy_out(self.data(tensor), offset, buf, || {
+            self.tensors[tensor].name.clone()
+        })
     }
 
     fn hash_units(
