@@ -13,7 +13,7 @@ use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, SafetensorsSource};
 
-use crate::util::{T, checkpoint, mixed_tensors, run, s, snapshot, stderr, write_model};
+use crate::util::{T, checkpoint, mixed_tensors, model_files, run, s, stderr, write_model};
 
 /// What to do to the Nth I/O step.
 #[derive(Clone, Copy, Debug)]
@@ -314,13 +314,6 @@ impl FileIo for FaultFile {
 }
 
 /// Model files only (not the state directory), by name.
-fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".safetensors"))
-        .collect()
-}
-
 /// Copies a model directory with its state and makes the index trust the copy (new inodes).
 fn trusted_copy(from: &Path, to: &Path) {
     copy_dir(from, to);

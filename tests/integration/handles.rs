@@ -345,40 +345,30 @@ fn manifests_of_another_model_or_of_two_engines_are_refused() {
     let (map, tensors, n) = open_live(&handles, &model_dir, &model).unwrap();
     assert_eq!((map.tensors.len(), tensors.len(), n), (1, 2, 2));
 
+    // `command` refuses the manifests (exit 65), its message naming every one of `needles`.
+    let refused = |command: &str, needles: &[&str]| {
+        let o = run(&[
+            command,
+            "--model-dir",
+            s(&model_dir),
+            "--handles",
+            s(&handles),
+        ]);
+        assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+        let e = stderr(&o);
+        assert!(needles.iter().all(|n| e.contains(n)), "{e}");
+    };
+
     // The engine serves a model with other dimensions.
     write(
         1,
         json!({ "architectures": ["Qwen3_5ForConditionalGeneration"], "hidden_size": 64, "num_hidden_layers": 2 }),
     );
-    let o = run(&[
-        "diagnose",
-        "--model-dir",
-        s(&model_dir),
-        "--handles",
-        s(&handles),
-    ]);
-    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("hidden_size") && stderr(&o).contains("two engines"),
-        "{}",
-        stderr(&o)
-    );
+    refused("diagnose", &["hidden_size", "two engines"]);
     let other = json!({ "architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN, "num_hidden_layers": 2 });
     write(0, other.clone());
     write(1, other);
-    let o = run(&[
-        "sync",
-        "--model-dir",
-        s(&model_dir),
-        "--handles",
-        s(&handles),
-    ]);
-    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("not the model in") && stderr(&o).contains("architectures"),
-        "{}",
-        stderr(&o)
-    );
+    refused("sync", &["not the model in", "architectures"]);
     assert!(!model_dir.join(".apollo-checkpoint").exists());
 
     // Two manifests claiming one rank.
@@ -388,13 +378,5 @@ fn manifests_of_another_model_or_of_two_engines_are_refused() {
         handles.join("old-rank0.json"),
     )
     .unwrap();
-    let o = run(&[
-        "diagnose",
-        "--model-dir",
-        s(&model_dir),
-        "--handles",
-        s(&handles),
-    ]);
-    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
-    assert!(stderr(&o).contains("both hold tp rank 0"), "{}", stderr(&o));
+    refused("diagnose", &["both hold tp rank 0"]);
 }

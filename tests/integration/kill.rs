@@ -7,14 +7,7 @@ use std::time::{Duration, Instant};
 
 use apollo_checkpoint::synthetic::Rng;
 
-use crate::util::{T, run, s, snapshot, stderr, stdout_json, write_model};
-
-fn model_files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".safetensors"))
-        .collect()
-}
+use crate::util::{T, model_files, run, s, stderr, stdout_json, write_model};
 
 #[test]
 fn sigkill_at_random_moments_always_recovers_to_one_generation() {

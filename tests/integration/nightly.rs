@@ -7,14 +7,7 @@ use std::process::{Command, Output};
 use apollo_checkpoint::SafetensorsSource;
 use apollo_checkpoint::synthetic::Rng;
 
-use crate::util::{T, checkpoint, mixed_tensors, pair, s, snapshot, stderr, write_model};
-
-fn model_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".safetensors") || n.ends_with(".index.json"))
-        .collect()
-}
+use crate::util::{T, checkpoint, mixed_tensors, model_files, pair, s, stderr, write_model};
 
 fn have_rsync() -> bool {
     Command::new("rsync")

@@ -1,7 +1,6 @@
 //! `export-delta` and `apply-delta`: the replica follows the model byte for byte; every refusal
 //! leaves it untouched.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use apollo_checkpoint::delta::{Delta, DeltaFile, DeltaHeader, DeltaWriter};
@@ -10,15 +9,8 @@ use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Error, SafetensorsSource};
 
 use crate::util::{
-    T, checkpoint, mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model,
+    T, checkpoint, mixed_tensors, model_files, pair, run, s, stderr, stdout_json, write_model,
 };
-
-fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".safetensors") || n.ends_with(".index.json"))
-        .collect()
-}
 
 fn deltas_in(outbox: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)

@@ -7,15 +7,8 @@ use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Error, SafetensorsSource};
 
 use crate::util::{
-    T, checkpoint, mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model,
+    T, checkpoint, mixed_tensors, model_files, pair, run, s, stderr, stdout_json, write_model,
 };
-
-fn model_files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|(n, _)| n.ends_with(".safetensors"))
-        .collect()
-}
 
 /// Syncs `rounds` different changes; returns the model files at every generation.
 fn history(

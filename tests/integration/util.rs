@@ -122,6 +122,14 @@ pub fn write_model(dir: &Path, tensors: &[T], shards: usize) {
     }
 }
 
+/// The model's files (shards and their index), by name.
+pub fn model_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".safetensors") || n.ends_with(".index.json"))
+        .collect()
+}
+
 /// Every file of a model directory (not the state dir), by name.
 pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
