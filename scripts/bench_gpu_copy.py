@@ -23,6 +23,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import gpu_checks  # noqa: E402
 
 
 def main():
@@ -32,14 +33,9 @@ def main():
     bindir = sys.argv[1]
     size_gib = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     sync_gib = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: PyTorch is not installed")
-        return 77
-    if not torch.cuda.is_available():
-        print("SKIP: no CUDA GPU")
-        return 77
+    torch = gpu_checks.cuda_torch()
+    if torch is None:
+        return gpu_checks.SKIP
     import vllm_export_hook as hook
     from gpu_sync_test import write_safetensors
 

@@ -18,6 +18,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import gpu_checks  # noqa: E402
 
 
 def reader(manifest_path, out_path):
@@ -60,20 +61,13 @@ def main():
     if len(sys.argv) == 4 and sys.argv[1] == "--reader":
         reader(sys.argv[2], sys.argv[3])
         return 0
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: PyTorch is not installed")
-        return 77
-    if not torch.cuda.is_available():
-        print("SKIP: no CUDA GPU")
-        return 77
+    torch = gpu_checks.cuda_torch()
+    if torch is None:
+        return gpu_checks.SKIP
     import vllm_export_hook as hook
 
-    results = []
-
-    def ok(name, cond, detail=""):
-        results.append((name, bool(cond), detail))
+    checks = gpu_checks.Checks()
+    ok = checks.ok
 
     torch.manual_seed(0)
     packed = torch.randn(48 + 16 + 16, 64, device="cuda", dtype=torch.bfloat16)  # a qkv_proj
@@ -117,11 +111,7 @@ def main():
             ok("expandable segments are refused", "expandable_segments:False" in str(e))
         del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
 
-    for name, passed, detail in results:
-        print(f"{'PASS' if passed else 'FAIL'}: {name}" + (f" ({detail})" if detail and not passed else ""))
-    failed = sum(1 for _, p, _ in results if not p)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return checks.report()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import gpu_checks  # noqa: E402
 
 ST = {"torch.bfloat16": "BF16", "torch.float32": "F32"}
 
@@ -54,20 +55,13 @@ def main():
         print(__doc__)
         return 2
     binary = sys.argv[1]
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: PyTorch is not installed")
-        return 77
-    if not torch.cuda.is_available():
-        print("SKIP: no CUDA GPU")
-        return 77
+    torch = gpu_checks.cuda_torch()
+    if torch is None:
+        return gpu_checks.SKIP
     import vllm_export_hook as hook
 
-    results = []
-
-    def ok(name, cond, detail=""):
-        results.append((name, bool(cond), detail))
+    checks = gpu_checks.Checks()
+    ok = checks.ok
 
     torch.manual_seed(1)
     h, inter = 256, 512
@@ -202,11 +196,7 @@ def main():
         r = subprocess.run([sys.executable, conv, evil, os.path.join(tmp, "evil.json")], capture_output=True, text=True)
         ok("a malicious handles file is refused without running it", r.returncode != 0 and "refusing" in r.stderr and not os.path.exists(marker), r.stderr)
 
-    for name, passed, detail in results:
-        print(f"{'PASS' if passed else 'FAIL'}: {name}" + (f" ({detail.strip()})" if detail and not passed else ""))
-    failed = sum(1 for _, p, _ in results if not p)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return checks.report()
 
 
 if __name__ == "__main__":

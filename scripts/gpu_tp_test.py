@@ -21,6 +21,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import gpu_checks  # noqa: E402
 TP, H, INTER, Q, KV, VOCAB = 2, 128, 256, 128, 32, 512
 
 
@@ -79,20 +80,13 @@ def main():
     if len(sys.argv) != 2:
         print(__doc__)
         return 2
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: PyTorch is not installed")
-        return 77
-    if torch.cuda.device_count() < TP:
-        print(f"SKIP: {torch.cuda.device_count()} GPU(s), this test needs {TP}")
-        return 77
+    torch = gpu_checks.cuda_torch(TP)
+    if torch is None:
+        return gpu_checks.SKIP
     from gpu_sync_test import read_safetensors, write_safetensors
     binary = sys.argv[1]
-    results = []
-
-    def ok(name, cond, detail=""):
-        results.append((name, bool(cond), detail))
+    checks = gpu_checks.Checks()
+    ok = checks.ok
 
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
@@ -128,11 +122,7 @@ def main():
         r = subprocess.run([binary, "verify", "--model-dir", model], capture_output=True, text=True)
         ok("verify clean", r.returncode == 0, r.stderr)
 
-    for name, passed, detail in results:
-        print(f"{'PASS' if passed else 'FAIL'}: {name}" + (f" ({detail.strip()})" if detail and not passed else ""))
-    failed = sum(1 for _, p, _ in results if not p)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return checks.report()
 
 
 if __name__ == "__main__":

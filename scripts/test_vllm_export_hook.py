@@ -94,12 +94,13 @@ def column(r, tp, rows, cols):
 
 def qwen35_rank(r, tp, vocab=250, hidden=32, heads=4, kv_heads=2, head=8, key=16, value=32, v_heads=4):
     """One rank of a small Qwen3.5-shaped vLLM model: one full-attention layer, one GDN layer."""
-    qkv = QKVParallelLinear(r, tp, weight=Param((2 * heads + 2 * kv_heads) * head // tp if tp <= kv_heads else (2 * heads // tp + 2) * head, hidden, output_dim=0, input_dim=1))
+    qkv = QKVParallelLinear(r, tp)
     qkv.head_size = qkv.v_head_size = head
     qkv.total_num_heads, qkv.total_num_kv_heads = 2 * heads, kv_heads  # gated q: twice the heads
     qkv.num_heads = 2 * heads // tp
     qkv.num_kv_heads = max(kv_heads // tp, 1)
     qkv.num_kv_head_replicas = max(tp // kv_heads, 1)
+    qkv._params["weight"] = Param((qkv.num_heads + 2 * qkv.num_kv_heads) * head, hidden, output_dim=0, input_dim=1)
     attn = Module(qkv_proj=qkv, o_proj=RowParallelLinear(r, tp, weight=Param(hidden, heads * head // tp, output_dim=0, input_dim=1)))
     qkvz = MergedColumnParallelLinear(r, tp, weight=column(r, tp, 2 * key + 2 * value, hidden))
     qkvz.output_sizes = [key, key, value, value]
