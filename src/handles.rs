@@ -25,8 +25,12 @@
 //!
 //! Without `layout` (manifests converted from the prototype's handles file) a parameter is taken
 //! as unsharded; if its name holds a packed module of `meta.packed_modules_mapping` (or, absent
-//! that, of vLLM's common packings: qkv_proj, gate_up_proj, in_proj_qkvz, in_proj_ba), its parts
-//! are the HF tensors the files hold, with their rows in the files.
+//! that, of vLLM's common packings: qkv_proj, gate_up_proj, in_proj_qkvz, in_proj_ba) and the
+//! files do not hold it under its own name, it is split into those parts with the rows the
+//! model directory's `config.json` gives them ([`rows_by_config`]: head counts and dimensions,
+//! the gated query, intermediate sizes, Gated DeltaNet heads), which must equal the parts' rows
+//! in the files where the files hold them; where the config does not describe the packing, with
+//! the parts' rows in the files.
 //!
 //! `meta` may carry `config`: the engine's model config (`architectures`, `hidden_size`,
 //! `num_hidden_layers`, `vocab_size`, ...). Every key also in the model directory's
@@ -59,6 +63,14 @@ pub enum HandlesError {
     )]
     Format {
         /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The model directory's `config.json` cannot be read as JSON.
+    #[error("{path}: {what}; fix the model's config.json or move it away")]
+    Config {
+        /// The config file.
         path: PathBuf,
         /// What is wrong.
         what: String,
@@ -255,6 +267,10 @@ pub fn live_params(
         .collect();
     let disk_rows = |name: &str| rows_on_disk.get(name).copied();
     let mapping = packing(manifests);
+    let config = match model {
+        Some(m) => read_config(&m.dir)?,
+        None => None,
+    };
     manifests
         .tensors
         .iter()
@@ -272,11 +288,12 @@ pub fn live_params(
                     layout::hf_name(&t.name.replacen(packed, part, 1))
                 }
             };
-            let facts = t
-                .layout
-                .clone()
-                .or_else(|| unpacked_by_files(t, &mapping, &disk_rows))
-                .unwrap_or_default();
+            let facts = match &t.layout {
+                Some(f) => f.clone(),
+                None => unpacked_without_facts(t, &mapping, config.as_ref(), &disk_rows)
+                    .map_err(bad)?
+                    .unwrap_or_default(),
+            };
             let parts = match &facts.packed {
                 Some(packed) if !facts.pieces.is_empty() => {
                     group_pieces(&facts, |n| part_name(packed, n), &disk_rows).map_err(bad)?
@@ -305,6 +322,22 @@ pub fn live_params(
             })
         })
         .collect()
+}
+
+/// `model_dir/config.json`, if there is one.
+fn read_config(model_dir: &Path) -> Result<Option<serde_json::Value>, HandlesError> {
+    let path = model_dir.join("config.json");
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(HandlesError::Io { path, source }),
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| HandlesError::Config {
+            path,
+            what: format!("not JSON: {e}"),
+        })
 }
 
 /// The packed modules of the manifests' `meta.packed_modules_mapping`, or vLLM's common ones.
@@ -338,42 +371,151 @@ fn packing(manifests: &Manifests) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-/// Layout facts for a parameter that came without any: when its name holds a packed module
-/// whose parts the files all hold and whose rows add up to the parameter's, those parts.
-fn unpacked_by_files(
+/// Layout facts for a parameter that came without any, when its name holds a packed module of
+/// `mapping` and the files do not hold it under its own name (Qwen3-Next keeps `in_proj_qkvz`
+/// packed on disk): the rows of its parts by the model's `config.json` (see [`rows_by_config`]),
+/// which must equal the rows of those parts in the files where the files hold them all; by the
+/// files alone when the config does not describe this packing. `Ok(None)`: take it whole.
+fn unpacked_without_facts(
     t: &ManifestTensor,
     mapping: &[(String, Vec<String>)],
+    config: Option<&serde_json::Value>,
     disk_rows: &impl Fn(&str) -> Option<u64>,
-) -> Option<LayoutFacts> {
-    let segments: Vec<&str> = t.name.split('.').collect();
-    for (packed, names) in mapping {
-        if !segments.contains(&packed.as_str()) {
-            continue;
-        }
-        let rows: Option<Vec<u64>> = names
-            .iter()
-            .map(|n| disk_rows(&layout::hf_name(&t.name.replacen(packed.as_str(), n, 1))))
-            .collect();
-        let rows = rows?;
-        if rows.iter().sum::<u64>() != t.shape.first().copied().unwrap_or(0) {
-            return None;
-        }
-        return Some(LayoutFacts {
-            packed: Some(packed.clone()),
-            parts: names
-                .iter()
-                .zip(rows)
-                .map(|(n, r)| PartFacts {
-                    name: n.clone(),
-                    rows: r,
-                    local_rows: r,
-                    first_row: 0,
-                })
-                .collect(),
-            ..LayoutFacts::default()
-        });
+) -> Result<Option<LayoutFacts>, String> {
+    if disk_rows(&layout::hf_name(&t.name)).is_some() {
+        return Ok(None);
     }
-    None
+    let live_rows = t.shape.first().copied().unwrap_or(0);
+    let segments: Vec<&str> = t.name.split('.').collect();
+    let Some((packed, names)) = mapping
+        .iter()
+        .find(|(packed, _)| segments.contains(&packed.as_str()))
+    else {
+        return Ok(None);
+    };
+    let hf_names: Vec<String> = names
+        .iter()
+        .map(|n| layout::hf_name(&t.name.replacen(packed.as_str(), n, 1)))
+        .collect();
+    let by_files: Option<Vec<u64>> = hf_names.iter().map(|n| disk_rows(n)).collect();
+    let by_config = match config {
+        Some(c) => rows_by_config(packed, names.len(), c, live_rows)?,
+        None => None,
+    };
+    let rows = match (by_config, by_files) {
+        (Some(c), Some(f)) if c != f => {
+            return Err(format!(
+                "config.json gives its parts {hf_names:?} {c:?} rows, but the files hold {f:?}"
+            ));
+        }
+        (Some(c), _) => c,
+        (None, Some(f)) if f.iter().sum::<u64>() == live_rows => f,
+        (None, _) => return Ok(None),
+    };
+    Ok(Some(LayoutFacts {
+        packed: Some(packed.clone()),
+        parts: names
+            .iter()
+            .zip(rows)
+            .map(|(n, r)| PartFacts {
+                name: n.clone(),
+                rows: r,
+                local_rows: r,
+                first_row: 0,
+            })
+            .collect(),
+        ..LayoutFacts::default()
+    }))
+}
+
+/// The rows of the `parts` parts of packed module `packed`, as the model config (`text_config`
+/// keys first, then top-level ones) describes them for a live parameter of `live_rows` rows:
+/// - `qkv_proj` [q, k, v]: `num_attention_heads` (× 2 with Qwen3.5's gated query, taken from
+///   `attn_output_gate` or, absent that, from whichever reading adds up), `num_key_value_heads`,
+///   `head_dim` (default `hidden_size / num_attention_heads`);
+/// - `gate_up_proj` [gate, up]: twice `intermediate_size` (or `shared_expert_intermediate_size`,
+///   `moe_intermediate_size`, whichever adds up);
+/// - `in_proj_qkvz` [qkv, z] and `in_proj_ba` [b, a]: the Gated DeltaNet head counts and head
+///   dimensions (`linear_num_key_heads`, `linear_key_head_dim`, `linear_num_value_heads`,
+///   `linear_value_head_dim`).
+///
+/// `Ok(None)` when the config lacks those keys or the packing is another; an error when it has
+/// them but no reading adds up to the live parameter (the config is not this model's).
+pub fn rows_by_config(
+    packed: &str,
+    parts: usize,
+    config: &serde_json::Value,
+    live_rows: u64,
+) -> Result<Option<Vec<u64>>, String> {
+    let key = |k: &str| {
+        config
+            .get("text_config")
+            .and_then(|t| t.get(k))
+            .or_else(|| config.get(k))
+    };
+    let num = |k: &str| key(k).and_then(serde_json::Value::as_u64);
+    let candidates: Vec<Vec<u64>> = match (packed, parts) {
+        ("qkv_proj", 3) => {
+            let (Some(heads), Some(hidden)) = (num("num_attention_heads"), num("hidden_size"))
+            else {
+                return Ok(None);
+            };
+            let kv = num("num_key_value_heads").unwrap_or(heads);
+            let dim = num("head_dim").unwrap_or(hidden / heads.max(1));
+            let gates: &[u64] = match key("attn_output_gate").and_then(serde_json::Value::as_bool) {
+                Some(true) => &[2],
+                Some(false) => &[1],
+                None => &[1, 2],
+            };
+            gates
+                .iter()
+                .map(|g| vec![g * heads * dim, kv * dim, kv * dim])
+                .collect()
+        }
+        ("gate_up_proj", 2) => [
+            "intermediate_size",
+            "shared_expert_intermediate_size",
+            "moe_intermediate_size",
+        ]
+        .iter()
+        .filter_map(|k| num(k))
+        .map(|i| vec![i, i])
+        .collect(),
+        ("in_proj_qkvz" | "in_proj_ba", 2) => {
+            let dims = (
+                num("linear_num_key_heads"),
+                num("linear_key_head_dim"),
+                num("linear_num_value_heads"),
+                num("linear_value_head_dim"),
+            );
+            let (Some(nk), Some(dk), Some(nv), Some(dv)) = dims else {
+                return Ok(None);
+            };
+            if packed == "in_proj_ba" {
+                vec![vec![nv, nv]]
+            } else {
+                vec![vec![2 * nk * dk + nv * dv, nv * dv]]
+            }
+        }
+        _ => Vec::new(),
+    };
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    candidates
+        .iter()
+        .find(|c| c.iter().sum::<u64>() == live_rows)
+        .map(|c| Some(c.clone()))
+        .ok_or_else(|| {
+            format!(
+                "config.json's sizes for {packed} ({}) do not add up to its {live_rows} live rows",
+                candidates
+                    .iter()
+                    .map(|c| format!("{c:?}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )
+        })
 }
 
 /// Groups a packed parameter's pieces into its HF parts (see the module documentation).
@@ -537,14 +679,9 @@ pub fn check_same_model(manifests: &Manifests, model_dir: &Path) -> Result<(), H
             }
         }
         let cfg_path = model_dir.join("config.json");
-        let Ok(text) = std::fs::read(&cfg_path) else {
+        let Some(disk) = read_config(model_dir)? else {
             return Ok(());
         };
-        let disk: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| HandlesError::Format {
-                path: cfg_path.clone(),
-                what: format!("not JSON: {e}"),
-            })?;
         let text_config = disk.get("text_config");
         for (k, live) in *first {
             let on_disk = disk.get(k).or_else(|| text_config.and_then(|t| t.get(k)));
@@ -600,4 +737,75 @@ pub fn manifest_paths(path: &Path) -> Result<Vec<PathBuf>, HandlesError> {
         .collect();
     v.sort();
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_by_config;
+    use serde_json::json;
+
+    /// Qwen3.5-27B's config.json (the keys that matter), as HF writes it: under `text_config`.
+    fn qwen35_27b() -> serde_json::Value {
+        json!({ "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": {
+            "hidden_size": 5120, "intermediate_size": 17408, "num_attention_heads": 24,
+            "num_key_value_heads": 4, "head_dim": 256, "linear_num_key_heads": 16,
+            "linear_key_head_dim": 128, "linear_num_value_heads": 48, "linear_value_head_dim": 128 } })
+    }
+
+    #[test]
+    fn qwen35_packings_come_from_its_config() {
+        let c = qwen35_27b();
+        // The gated query: 24 heads × 256 × 2 (no attn_output_gate key: the reading that adds up).
+        assert_eq!(
+            rows_by_config("qkv_proj", 3, &c, 14336),
+            Ok(Some(vec![12288, 1024, 1024]))
+        );
+        assert_eq!(
+            rows_by_config("gate_up_proj", 2, &c, 2 * 17408),
+            Ok(Some(vec![17408, 17408]))
+        );
+        assert_eq!(
+            rows_by_config("in_proj_qkvz", 2, &c, 16384),
+            Ok(Some(vec![10240, 6144]))
+        );
+        assert_eq!(
+            rows_by_config("in_proj_ba", 2, &c, 96),
+            Ok(Some(vec![48, 48]))
+        );
+    }
+
+    #[test]
+    fn llama_style_config_at_the_top_level_and_head_dim_from_hidden_size() {
+        let c = json!({ "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "intermediate_size": 14336, "attn_output_gate": false });
+        assert_eq!(
+            rows_by_config("qkv_proj", 3, &c, 6144),
+            Ok(Some(vec![4096, 1024, 1024]))
+        );
+        // attn_output_gate: false rules out the gated reading even where it would add up.
+        assert!(rows_by_config("qkv_proj", 3, &c, 10240).is_err());
+        // MoE shared experts use their own intermediate size.
+        let moe = json!({ "intermediate_size": 5120, "shared_expert_intermediate_size": 512 });
+        assert_eq!(
+            rows_by_config("gate_up_proj", 2, &moe, 1024),
+            Ok(Some(vec![512, 512]))
+        );
+    }
+
+    #[test]
+    fn a_config_that_does_not_describe_the_packing_gives_no_answer_and_one_that_disagrees_an_error()
+    {
+        let c = qwen35_27b();
+        assert_eq!(rows_by_config("w13", 2, &c, 100), Ok(None));
+        assert_eq!(rows_by_config("qkv_proj", 2, &c, 14336), Ok(None));
+        assert_eq!(
+            rows_by_config("in_proj_qkvz", 2, &json!({ "hidden_size": 8 }), 10),
+            Ok(None)
+        );
+        let e = rows_by_config("qkv_proj", 3, &c, 14000).unwrap_err();
+        assert!(
+            e.contains("14000") && e.contains("[12288, 1024, 1024]"),
+            "{e}"
+        );
+    }
 }

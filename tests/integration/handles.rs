@@ -237,38 +237,34 @@ fn pieces_group_into_hf_tensors_by_the_files_rows_and_padding_is_never_read() {
     crate::util::assert_same_tensors(&model_dir, &expected);
 }
 
+/// Layer 1's q (4 gated heads of 8), k and v (2 heads of 8) projections, in HF layout.
+fn qkv_tensors(rng: &mut Rng) -> Vec<T> {
+    let a = "model.language_model.layers.1.self_attn";
+    [("q_proj", 64), ("k_proj", 16), ("v_proj", 16)]
+        .iter()
+        .map(|(n, rows)| {
+            T::random(
+                &format!("{a}.{n}.weight"),
+                Dtype::BF16,
+                &[*rows, HIDDEN],
+                rng,
+            )
+        })
+        .collect()
+}
+
 /// Manifests converted from the prototype's handles file carry no layout facts: packed
 /// parameters are unpacked by the names of the tensors the files hold, with their rows.
 #[test]
 fn parameters_without_layout_facts_are_unpacked_by_the_files() {
     let mut rng = Rng::new(71);
-    let a = "model.language_model.layers.1.self_attn";
-    let hf = vec![
-        T::random(
-            &format!("{a}.q_proj.weight"),
-            Dtype::BF16,
-            &[64, HIDDEN],
-            &mut rng,
-        ),
-        T::random(
-            &format!("{a}.k_proj.weight"),
-            Dtype::BF16,
-            &[16, HIDDEN],
-            &mut rng,
-        ),
-        T::random(
-            &format!("{a}.v_proj.weight"),
-            Dtype::BF16,
-            &[16, HIDDEN],
-            &mut rng,
-        ),
-        T::random(
-            &format!("{a}.o_proj.weight"),
-            Dtype::BF16,
-            &[HIDDEN, 64],
-            &mut rng,
-        ),
-    ];
+    let mut hf = qkv_tensors(&mut rng);
+    hf.push(T::random(
+        "model.language_model.layers.1.self_attn.o_proj.weight",
+        Dtype::BF16,
+        &[HIDDEN, 64],
+        &mut rng,
+    ));
     let tmp = tempfile::tempdir().unwrap();
     let model_dir = tmp.path().join("model");
     write_model(&model_dir, &hf, 1);
@@ -291,9 +287,7 @@ fn parameters_without_layout_facts_are_unpacked_by_the_files() {
         ],
         metas: Vec::new(),
     };
-    let mut qkv = hf[0].data.clone();
-    qkv.extend(&hf[1].data);
-    qkv.extend(&hf[2].data);
+    let qkv = [&hf[0].data[..], &hf[1].data, &hf[2].data].concat();
     let params = live_params(&manifests, Some(&model)).unwrap();
     let source = LayoutSource::new(
         LayoutMap::build(&params).unwrap(),
@@ -379,4 +373,104 @@ fn manifests_of_another_model_or_of_two_engines_are_refused() {
     )
     .unwrap();
     refused("diagnose", &["both hold tp rank 0"]);
+}
+
+/// Fact-less parameters are split by config.json where it describes the packing: checked
+/// against the files' rows where the files hold the parts, the only guide where they do not, and
+/// a packed module the files hold under its own name (Qwen3-Next's `in_proj_qkvz`) is taken whole.
+#[test]
+fn parameters_without_layout_facts_are_split_by_config_json() {
+    let mut rng = Rng::new(73);
+    let mut hf = qkv_tensors(&mut rng);
+    hf.push(T::random(
+        "model.language_model.layers.0.linear_attn.in_proj_qkvz.weight",
+        Dtype::BF16,
+        &[48, HIDDEN],
+        &mut rng,
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    write_model(&model_dir, &hf, 1);
+    let model = ModelLayout::open(&model_dir, &RealIo::new()).unwrap();
+    let config = |heads: u64, kv: u64| {
+        // 4 heads of 8 with the gated query: q 64 rows, k and v 2 × 8; GDN keys make
+        // in_proj_qkvz [2·2·4 + 2·8, 2·8] = [32, 16]; the MLP's intermediate size is 24.
+        json!({ "architectures": ["Qwen3_5ForConditionalGeneration"], "text_config": {
+            "hidden_size": HIDDEN, "num_attention_heads": heads, "num_key_value_heads": kv,
+            "head_dim": 8, "intermediate_size": 24, "linear_num_key_heads": 2,
+            "linear_key_head_dim": 4, "linear_num_value_heads": 2, "linear_value_head_dim": 8 } })
+        .to_string()
+    };
+    std::fs::write(model_dir.join("config.json"), config(4, 2)).unwrap();
+    let e = "language_model.model.layers";
+    let manifests = Manifests {
+        tensors: vec![
+            entry(
+                &format!("{e}.1.self_attn.qkv_proj.weight"),
+                "BF16",
+                &[96, HIDDEN],
+                json!(null),
+            ),
+            entry(
+                &format!("{e}.0.linear_attn.in_proj_qkvz.weight"),
+                "BF16",
+                &[48, HIDDEN],
+                json!(null),
+            ),
+            entry(
+                &format!("{e}.0.mlp.gate_up_proj.weight"),
+                "BF16",
+                &[48, HIDDEN],
+                json!(null),
+            ),
+        ],
+        metas: Vec::new(),
+    };
+    let params = live_params(&manifests, Some(&model)).unwrap();
+    let map = LayoutMap::build(&params).unwrap();
+    // The files hold no gate_proj/up_proj: the config alone splits gate_up_proj.
+    let l0 = "model.language_model.layers.0";
+    for part in ["gate_proj", "up_proj"] {
+        assert_eq!(
+            map.tensors[&format!("{l0}.mlp.{part}.weight")].shape,
+            vec![24, HIDDEN as u64]
+        );
+    }
+    let qkv = [&hf[0].data[..], &hf[1].data, &hf[2].data].concat();
+    let gate_up = vec![0u8; 48 * HIDDEN * 2];
+    let source = LayoutSource::new(map, HostParams(vec![qkv, hf[3].data.clone(), gate_up]));
+    let names: Vec<String> = source.tensors().iter().map(|t| t.name.clone()).collect();
+    let on_disk: Vec<T> = hf
+        .iter()
+        .filter(|t| names.contains(&t.name))
+        .cloned()
+        .collect();
+    assert_eq!(
+        on_disk.len(),
+        4,
+        "qkv split in three, in_proj_qkvz whole: {names:?}"
+    );
+    for (i, st) in source.tensors().iter().enumerate() {
+        if let Some(t) = on_disk.iter().find(|t| t.name == st.name) {
+            let mut buf = vec![0u8; t.data.len()];
+            source.read(i, 0, &mut buf).unwrap();
+            assert!(buf == t.data, "{} differs", t.name);
+        }
+    }
+    // 5 gated heads and 1 KV head add up to the live 96 rows too, but not as the files split
+    // them: refused, naming config.json and both splits.
+    std::fs::write(model_dir.join("config.json"), config(5, 1)).unwrap();
+    let e = live_params(&manifests, Some(&model))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("[80, 8, 8]") && e.contains("[64, 16, 16]"),
+        "{e}"
+    );
+    // A config.json that is not JSON is named as such.
+    std::fs::write(model_dir.join("config.json"), "{").unwrap();
+    let e = live_params(&manifests, Some(&model))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json") && e.contains("not JSON"), "{e}");
 }
