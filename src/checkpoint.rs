@@ -14,16 +14,20 @@
 //! 5. **Journal** ([`crate::journal`]). For each changed block, read its old bytes (and only
 //!    those), check them against the stored hash, and append old ⊕ new to the journal; fsync the
 //!    journal and the state directory; append and fsync the commit record.
-//! 6. **Apply** ([`crate::apply`]). Roll the journal forward into the memory-mapped files — the
-//!    same code `recover` runs — then msync and fsync each file.
+//! 6. **Apply** ([`crate::apply`]). Roll the journal forward into the model files — the same
+//!    code `recover` runs. The files are not fsynced here: the committed journal already makes
+//!    the generation durable, and the kernel writes the pages back by itself.
 //! 7. **Commit.** One SQLite transaction records the new hashes, the files' new stats, the new
 //!    generation and the ranges it changed.
-//! 8. **Retire.** The journal moves to `undo/` as the generation's undo data; the oldest undo
+//! 8. **Retire.** `unflushed.json` is made durable (see [`crate::journal`], "Unflushed
+//!    writes"); the journal moves to `undo/` as the generation's undo data; the oldest undo
 //!    files beyond the retention limits are removed.
 //!
 //! A crash before step 5 completes leaves the files untouched and an uncommitted journal, which
 //! recovery discards. A crash after it leaves a committed journal, which recovery rolls forward:
-//! the files then hold the new generation, and steps 6–8 are completed.
+//! the files then hold the new generation, and steps 6–8 are completed, durably. After step 8 the
+//! next writer (or `recover`) finishes the unflushed writes first: an fsync in the same boot, the
+//! retired journal rolled forward again after a reboot.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -44,7 +48,7 @@ use crate::index::{
 use crate::io::{FileIo, FileStat, Io, OpenMode};
 use crate::journal::{
     JOURNAL_FILE, Journal, JournalError, JournalFile, JournalHeader, JournalKind, JournalState,
-    JournalWriter, Record, UNDO_DIR, encode_xor, hash_prefix,
+    JournalWriter, Record, UNDO_DIR, UNFLUSHED_FILE, Unflushed, encode_xor, hash_prefix,
 };
 use crate::lock::{LockError, LockKind, StateLock};
 use crate::model::{ModelError, ModelLayout, dtype_name};
@@ -398,7 +402,8 @@ pub struct Retention {
 /// What `recover` did.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoverReport {
-    /// `none` (no journal), `discarded` (uncommitted: files untouched) or `rolled_forward`.
+    /// `none` (no journal), `discarded` (uncommitted: files untouched), `rolled_forward`, or
+    /// `flushed` (the last write's pages, left to the page cache, made durable).
     pub action: String,
     /// The generation the files hold afterwards.
     pub generation: u64,
@@ -614,6 +619,15 @@ impl Checkpoint {
     /// Takes the lock, creating the state directory first for writers; a writer refuses a model
     /// directory that does not exist (rather than creating state inside a mistyped path).
     pub(crate) fn lock(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
+        let lock = self.lock_only(kind)?;
+        if kind == LockKind::Exclusive {
+            self.finish_unflushed()?;
+        }
+        Ok(lock)
+    }
+
+    /// [`Self::lock`] without finishing unflushed writes (`recover` does that itself).
+    fn lock_only(&self, kind: LockKind) -> Result<Option<StateLock>, Error> {
         if kind == LockKind::Exclusive {
             if !self.model_dir.is_dir() {
                 return Err(ModelError::NoModel {
@@ -628,6 +642,116 @@ impl Checkpoint {
             return Ok(None);
         }
         Ok(Some(StateLock::acquire(&self.state_dir, kind, self.wait)?))
+    }
+
+    fn unflushed_path(&self) -> PathBuf {
+        self.state_dir.join(UNFLUSHED_FILE)
+    }
+
+    /// The marker of writes left to the page cache by the last journaled write, if any.
+    fn unflushed(&self) -> Result<Option<Unflushed>, Error> {
+        let path = self.unflushed_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::ForeignJournal {
+                        path: path.clone(),
+                        what: format!("not a marker this version understands ({e})"),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Self::io_err(&path)(e)),
+        }
+    }
+
+    /// Whether writes of the last journaled write may have been lost by a reboot since, so
+    /// the files must not be read before `recover` (or the next writer) rolls them forward.
+    pub(crate) fn unflushed_after_reboot(&self) -> Result<bool, Error> {
+        Ok(self
+            .unflushed()?
+            .is_some_and(|u| u.boot_id.is_empty() || u.boot_id != self.io.boot_id()))
+    }
+
+    /// Makes the writes named by `unflushed.json` durable and removes it (see
+    /// [`crate::journal`], "Unflushed writes"). Runs under the exclusive lock; a pending journal
+    /// is left to recovery, which finishes both.
+    fn finish_unflushed(&self) -> Result<Option<RecoverReport>, Error> {
+        let start = Instant::now();
+        let Some(u) = self.unflushed()? else {
+            return Ok(None);
+        };
+        if self.journal_path().exists() {
+            return Ok(None);
+        }
+        let same_boot = !u.boot_id.is_empty() && u.boot_id == self.io.boot_id();
+        let mut report = RecoverReport {
+            action: "flushed".into(),
+            generation: u.generation,
+            blocks: ApplyStats::default(),
+            seconds: 0.0,
+        };
+        if !(same_boot && self.fsync_unflushed(&u.files).is_ok()) {
+            let path = self.state_dir.join(UNDO_DIR).join(undo_name(u.generation));
+            let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &path)? else {
+                return Err(JournalError::Corrupt {
+                    path,
+                    what: "the journal of unflushed writes is not committed".into(),
+                }
+                .into());
+            };
+            report = self.complete_at(journal, true, start, false)?;
+        }
+        self.clear_unflushed()?;
+        report.seconds = seconds_since(start);
+        Ok(Some(report))
+    }
+
+    /// Fsyncs the named model files.
+    fn fsync_unflushed(&self, files: &[String]) -> Result<(), Error> {
+        files.par_iter().try_for_each(|f| {
+            let p = &self.model_dir.join(f);
+            self.io
+                .open(p, OpenMode::ReadWrite)
+                .and_then(|f| f.sync())
+                .map_err(Self::io_err(p))
+        })
+    }
+
+    /// Removes `unflushed.json` durably, if it is there.
+    fn clear_unflushed(&self) -> Result<(), Error> {
+        let path = self.unflushed_path();
+        if !path.exists() {
+            return Ok(());
+        }
+        self.io.remove_file(&path).map_err(Self::io_err(&path))?;
+        self.io
+            .sync_dir(&self.state_dir)
+            .map_err(Self::io_err(&self.state_dir))
+    }
+
+    /// Makes `unflushed.json` durable for `generation`, before its journal is retired.
+    fn mark_unflushed(&self, generation: u64, files: &[JournalFile]) -> Result<(), Error> {
+        let marker = Unflushed {
+            generation,
+            boot_id: self.io.boot_id(),
+            files: files.iter().map(|f| f.name.clone()).collect(),
+        };
+        let bytes = serde_json::to_vec(&marker).expect("plain data serializes");
+        let tmp = self.state_dir.join(format!(".{UNFLUSHED_FILE}.tmp"));
+        if tmp.exists() {
+            self.io.remove_file(&tmp).map_err(Self::io_err(&tmp))?;
+        }
+        let f = self.io.create(&tmp).map_err(Self::io_err(&tmp))?;
+        f.write_at(0, &bytes)
+            .and_then(|()| f.sync())
+            .map_err(Self::io_err(&tmp))?;
+        drop(f);
+        let path = self.unflushed_path();
+        self.io.rename(&tmp, &path).map_err(Self::io_err(&path))?;
+        self.io
+            .sync_dir(&self.state_dir)
+            .map_err(Self::io_err(&self.state_dir))
     }
 
     pub(crate) fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
@@ -992,7 +1116,7 @@ impl Checkpoint {
         drop(journal);
         phases.apply = seconds_since(lap);
         lap = Instant::now();
-        let file_stats = flush_files(&handles, &header.files)?;
+        let file_stats = file_stats(&handles, &header.files, false)?;
         phases.flush = seconds_since(lap);
 
         // Commit: hashes, stats, generation and its ranges in one transaction.
@@ -1044,7 +1168,7 @@ impl Checkpoint {
         index.commit_sync(&commit)?;
         phases.commit = seconds_since(lap);
         lap = Instant::now();
-        self.retire(&index, report.generation)?;
+        self.retire(&index, report.generation, Some(&header.files))?;
         phases.retire = seconds_since(lap);
         report.phases = phases;
         report.seconds = seconds_since(start);
@@ -1175,8 +1299,17 @@ impl Checkpoint {
     }
 
     /// Moves the journal of `generation` to the undo data and prunes the undo data to the
-    /// retention limits.
-    fn retire(&self, index: &BlockIndex, generation: u64) -> Result<(), Error> {
+    /// retention limits. With `unflushed` (the files it wrote, not fsynced), first marks them
+    /// unflushed, and keeps the journal whatever the limits until they are flushed.
+    fn retire(
+        &self,
+        index: &BlockIndex,
+        generation: u64,
+        unflushed: Option<&[JournalFile]>,
+    ) -> Result<(), Error> {
+        if let Some(files) = unflushed {
+            self.mark_unflushed(generation, files)?;
+        }
         let undo = self.state_dir.join(UNDO_DIR);
         self.io.create_dir_all(&undo).map_err(Self::io_err(&undo))?;
         let target = undo.join(undo_name(generation));
@@ -1214,7 +1347,8 @@ impl Checkpoint {
         let mut backlog: u64 = kept.iter().filter(|k| unexported(k.0)).map(|k| k.2).sum();
         while let Some(&(g, _, len)) = kept.first() {
             let over = kept.len() as u64 > keep_gens || total > keep_bytes;
-            if !over || (unexported(g) && backlog <= backlog_limit) {
+            let needed = unflushed.is_some() && g == generation;
+            if !over || needed || (unexported(g) && backlog <= backlog_limit) {
                 break;
             }
             let (_, path, _) = kept.remove(0);
@@ -1257,7 +1391,7 @@ impl Checkpoint {
 
     /// Finishes or discards an interrupted write, taking the lock.
     pub fn recover(&self) -> Result<RecoverReport, Error> {
-        let _lock = self.lock(LockKind::Exclusive)?;
+        let _lock = self.lock_only(LockKind::Exclusive)?;
         self.recover_locked()
     }
 
@@ -1266,6 +1400,9 @@ impl Checkpoint {
         let path = self.journal_path();
         let journal = match Journal::open(self.io.as_ref(), &path)? {
             JournalState::Absent => {
+                if let Some(report) = self.finish_unflushed()? {
+                    return Ok(report);
+                }
                 let generation = match self.open_index()? {
                     Some(index) => index.generation()?.unwrap_or(0),
                     None => 0,
@@ -1299,14 +1436,27 @@ impl Checkpoint {
         self.complete(journal, true, start)
     }
 
-    /// Rolls a committed journal forward, makes the files durable, commits the index (unless it
-    /// already holds the journal's target generation) and retires the journal: the end of every
-    /// journaled write, and all of recovery.
+    /// Rolls a committed journal forward, commits the index (unless it already holds the
+    /// journal's target generation) and retires the journal: the end of every journaled write,
+    /// and all of recovery. A write leaves the files to the page cache and marks them unflushed;
+    /// recovery makes them and the index durable before it retires the journal.
     pub(crate) fn complete(
         &self,
         journal: Journal,
         recovering: bool,
         start: Instant,
+    ) -> Result<RecoverReport, Error> {
+        self.complete_at(journal, recovering, start, true)
+    }
+
+    /// [`Self::complete`] for a journal at `journal.path`; `retire`: false for a journal already
+    /// in `undo/` (unflushed writes finished after a reboot).
+    fn complete_at(
+        &self,
+        journal: Journal,
+        recovering: bool,
+        start: Instant,
+        retire: bool,
     ) -> Result<RecoverReport, Error> {
         let path = journal.path.clone();
         let foreign = |what: String| Error::ForeignJournal {
@@ -1364,7 +1514,7 @@ impl Checkpoint {
             );
         }
         let blocks = apply::roll_forward(&journal, &handles)?;
-        let file_stats = flush_files(&handles, &h.files)?;
+        let file_stats = file_stats(&handles, &h.files, recovering)?;
         let mut commit = SyncCommit {
             file_stats,
             ..SyncCommit::default()
@@ -1401,7 +1551,16 @@ impl Checkpoint {
         }
         index.commit_sync(&commit)?;
         drop(journal);
-        self.retire(&index, h.target_generation)?;
+        if retire {
+            self.retire(
+                &index,
+                h.target_generation,
+                (!recovering).then_some(&h.files[..]),
+            )?;
+        }
+        if recovering {
+            self.clear_unflushed()?;
+        }
         Ok(RecoverReport {
             action: "rolled_forward".into(),
             generation: h.target_generation,
@@ -1737,7 +1896,8 @@ impl Checkpoint {
             unexported_generations: 0,
             unexported_bytes: 0,
         };
-        if self.journal_path().exists() {
+        let interrupted = self.journal_path().exists() || self.unflushed_after_reboot()?;
+        if interrupted {
             report.pending.push(format!(
                 "an interrupted write is pending: run `apollo-checkpoint recover --model-dir {}` (sync also recovers first)",
                 self.model_dir.display()
@@ -1789,7 +1949,7 @@ impl Checkpoint {
                 Ok(m) if FileStat::from_metadata(&m) == f.stat => "ok",
                 Ok(_) => "modified",
             };
-            if state != "ok" && !self.journal_path().exists() {
+            if state != "ok" && !interrupted {
                 report.pending.push(format!(
                     "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair --model-dir {}`",
                     f.name,
@@ -1825,12 +1985,12 @@ impl Checkpoint {
             .iter()
             .map(|(f, w)| format!("{f}: {w}"))
             .collect();
-        if self.journal_path().exists() {
+        if self.journal_path().exists() || self.unflushed_after_reboot()? {
             problems.insert(
                 0,
                 format!(
                     "{}: an interrupted write is pending; run `apollo-checkpoint recover`",
-                    self.journal_path().display()
+                    self.state_dir.display()
                 ),
             );
         }
@@ -1971,17 +2131,20 @@ fn undo_name(generation: u64) -> String {
     format!("{generation:020}.apj")
 }
 
-/// Makes every file durable, in parallel so the device sees all their writes at once; returns
-/// their names and new stats.
-fn flush_files(
+/// The files' names and new stats; with `fsync`, first makes every file durable, in parallel so
+/// the device sees all their writes at once.
+fn file_stats(
     handles: &[Box<dyn FileIo>],
     files: &[JournalFile],
+    fsync: bool,
 ) -> Result<Vec<(String, FileStat)>, Error> {
     handles
         .par_iter()
         .zip(files)
         .map(|(h, f)| {
-            h.sync().map_err(Checkpoint::io_err(h.path()))?;
+            if fsync {
+                h.sync().map_err(Checkpoint::io_err(h.path()))?;
+            }
             let stat = h.stat().map_err(Checkpoint::io_err(h.path()))?;
             Ok((f.name.clone(), stat))
         })

@@ -3,13 +3,16 @@
 //! It lives in `<state-dir>/index.db`, a SQLite database (WAL, `synchronous=FULL`) whose schema is
 //! the SQL in `migrations/`, applied in order and counted by `PRAGMA user_version`. Per file it
 //! records size, mtime, inode and a hash of the header, so a file replaced or edited behind our
-//! back is noticed; per tensor its place, dtype, shape and one BLOB of block hashes; per
-//! generation its stats and the byte ranges it changed.
+//! back is noticed; per tensor its place, dtype, shape and one BLOB of block hashes, with the
+//! hashes changed since they were last folded in kept apart in `block_hash_log`; per generation
+//! its stats and the byte ranges it changed.
 //!
 //! Invariant: the index is only ever changed in one transaction that also records what it is
-//! consistent with (the files' stats after their data was made durable), so a crash leaves
+//! consistent with (the files' stats after their new data was written), so a crash leaves
 //! either the old or the new index, never a mix.
 
+use std::cell::OnceCell;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 
@@ -23,6 +26,7 @@ use crate::model::{ModelFile, TensorEntry, dtype_name};
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_initial.sql"),
     include_str!("../migrations/0002_exports.sql"),
+    include_str!("../migrations/0003_hash_log.sql"),
 ];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -203,7 +207,16 @@ const BLOCK_HASHES: &CStr = c"block_hashes";
 pub struct BlockIndex {
     conn: Connection,
     path: PathBuf,
+    /// `block_hash_log`, read once.
+    log: OnceCell<HashLog>,
 }
+
+/// `block_hash_log` by tensor id: (block, hash) in seq order.
+type HashLog = HashMap<i64, Vec<(u64, Cv)>>;
+
+/// Fewest and most rows `block_hash_log` may reach before a commit folds it.
+const FOLD_LIMIT_MIN: u64 = 1024;
+const FOLD_LIMIT_MAX: u64 = 262_144;
 
 impl std::fmt::Debug for BlockIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -237,7 +250,11 @@ impl BlockIndex {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql)?;
         migrate(&mut conn, &path)?;
-        Ok(BlockIndex { conn, path })
+        Ok(BlockIndex {
+            conn,
+            path,
+            log: OnceCell::new(),
+        })
     }
 
     /// Path of the database file.
@@ -383,7 +400,7 @@ impl BlockIndex {
                 |r| r.get(0),
             )
             .map_err(|e| self.sql(e))?;
-        let cvs = blockhash::cvs_from_bytes(&blob)
+        let mut cvs = blockhash::cvs_from_bytes(&blob)
             .filter(|c| c.len() as u64 == layout.blocks(tensor.len))
             .ok_or_else(|| {
                 self.corrupt(format!(
@@ -392,7 +409,42 @@ impl BlockIndex {
                     blob.len()
                 ))
             })?;
+        for &(block, cv) in self.log()?.get(&tensor.id).into_iter().flatten() {
+            *usize::try_from(block)
+                .ok()
+                .and_then(|b| cvs.get_mut(b))
+                .ok_or_else(|| {
+                    self.corrupt(format!(
+                        "block_hash_log names block {block} of tensor {}, which has {}",
+                        tensor.name,
+                        layout.blocks(tensor.len)
+                    ))
+                })? = cv;
+        }
         Ok(cvs)
+    }
+
+    /// `block_hash_log`, read on first use.
+    fn log(&self) -> Result<&HashLog, IndexError> {
+        if let Some(log) = self.log.get() {
+            return Ok(log);
+        }
+        let log = read_log(&self.conn).map_err(|e| match e {
+            LogError::Sql(e) => self.sql(e),
+            LogError::Corrupt(what) => self.corrupt(what),
+        })?;
+        Ok(self.log.get_or_init(|| log))
+    }
+
+    /// Rows `block_hash_log` may hold before a commit folds it: one per 8 blocks of the model,
+    /// within [FOLD_LIMIT_MIN, FOLD_LIMIT_MAX].
+    fn fold_limit(conn: &Connection, layout: BlockLayout) -> rusqlite::Result<u64> {
+        let bytes: i64 =
+            conn.query_row("SELECT coalesce(sum(data_len), 0) FROM tensors", [], |r| {
+                r.get(0)
+            })?;
+        let blocks = u64::try_from(bytes).unwrap_or(0) / layout.block_size;
+        Ok((blocks / 8).clamp(FOLD_LIMIT_MIN, FOLD_LIMIT_MAX))
     }
 
     /// The newest generation number, if any.
@@ -466,7 +518,7 @@ impl BlockIndex {
                 path: path.clone(),
                 source,
             })?;
-        tx.execute_batch("DELETE FROM tensors; DELETE FROM files;")
+        tx.execute_batch("DELETE FROM block_hash_log; DELETE FROM tensors; DELETE FROM files;")
             .map_err(|source| IndexError::Sqlite {
                 path: path.clone(),
                 source,
@@ -474,36 +526,49 @@ impl BlockIndex {
         Ok(Rebuild { tx, path })
     }
 
-    /// Commits what one sync did, in one transaction.
+    /// Commits what one sync did, in one transaction. New block hashes go to `block_hash_log`,
+    /// or, when that would pass [`Self::fold_limit`], into the BLOBs with the log folded in.
     pub fn commit_sync(&mut self, commit: &SyncCommit) -> Result<(), IndexError> {
+        let layout = if commit.updates.is_empty() {
+            None
+        } else {
+            Some(self.block_layout()?)
+        };
+        self.log.take();
         let path = self.path.clone();
         let sql = |source| IndexError::Sqlite {
             path: path.clone(),
             source,
         };
+        let log_err = |e| match e {
+            LogError::Sql(source) => sql(source),
+            LogError::Corrupt(what) => IndexError::Corrupt {
+                path: path.clone(),
+                what,
+            },
+        };
         let tx = self.conn.transaction().map_err(sql)?;
-        for update in &commit.updates {
-            let mut blob = tx
-                .blob_open(
-                    rusqlite::MAIN_DB,
-                    TENSORS,
-                    BLOCK_HASHES,
-                    update.tensor_id,
-                    false,
-                )
+        if let Some(layout) = layout {
+            let new_rows: u64 = commit.updates.iter().map(|u| u.blocks.len() as u64).sum();
+            let logged: i64 = tx
+                .query_row("SELECT count(*) FROM block_hash_log", [], |r| r.get(0))
                 .map_err(sql)?;
-            // Write runs of consecutive blocks with one call each.
-            let mut i = 0;
-            while i < update.blocks.len() {
-                let start = update.blocks[i].0;
-                let mut run = Vec::new();
-                while i < update.blocks.len()
-                    && update.blocks[i].0 == start + (run.len() / CV_LEN) as u64
-                {
-                    run.extend_from_slice(&update.blocks[i].1);
-                    i += 1;
+            let limit = Self::fold_limit(&tx, layout).map_err(sql)?;
+            if u64::try_from(logged).unwrap_or(0) + new_rows > limit {
+                fold_log(&tx, &commit.updates).map_err(log_err)?;
+            } else {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO block_hash_log (tensor_id, block, cv) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(sql)?;
+                for u in &commit.updates {
+                    for (block, cv) in &u.blocks {
+                        insert
+                            .execute(params![u.tensor_id, *block as i64, cv.as_slice()])
+                            .map_err(sql)?;
+                    }
                 }
-                blob.write_at(&run, start as usize * CV_LEN).map_err(sql)?;
             }
         }
         for (name, stat) in &commit.file_stats {
@@ -718,6 +783,69 @@ impl Rebuild<'_> {
         }
         self.tx.commit().map_err(sql)
     }
+}
+
+/// Why `block_hash_log` could not be read or folded.
+enum LogError {
+    Sql(rusqlite::Error),
+    Corrupt(String),
+}
+
+impl From<rusqlite::Error> for LogError {
+    fn from(e: rusqlite::Error) -> Self {
+        LogError::Sql(e)
+    }
+}
+
+/// `block_hash_log` by tensor id, each tensor's rows in seq order.
+fn read_log(conn: &Connection) -> Result<HashLog, LogError> {
+    let mut out = HashLog::new();
+    let mut st = conn.prepare("SELECT tensor_id, block, cv FROM block_hash_log ORDER BY seq")?;
+    let mut rows = st.query([])?;
+    while let Some(r) = rows.next()? {
+        let (id, block, cv): (i64, i64, Vec<u8>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let cv: Cv = cv.as_slice().try_into().map_err(|_| {
+            LogError::Corrupt(format!(
+                "block_hash_log: a hash of tensor {id} has {} bytes",
+                cv.len()
+            ))
+        })?;
+        let block = u64::try_from(block)
+            .map_err(|_| LogError::Corrupt(format!("block_hash_log: block {block}")))?;
+        out.entry(id).or_default().push((block, cv));
+    }
+    Ok(out)
+}
+
+/// Writes the log and then `updates` into the tensors' BLOBs and empties the log.
+fn fold_log(tx: &Transaction<'_>, updates: &[HashUpdate]) -> Result<(), LogError> {
+    let mut by_tensor: BTreeMap<i64, BTreeMap<u64, Cv>> = BTreeMap::new();
+    for (id, rows) in read_log(tx)? {
+        by_tensor.entry(id).or_default().extend(rows);
+    }
+    for u in updates {
+        by_tensor
+            .entry(u.tensor_id)
+            .or_default()
+            .extend(u.blocks.iter().copied());
+    }
+    for (id, blocks) in by_tensor {
+        let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, id, false)?;
+        // Write runs of consecutive blocks with one call each.
+        let blocks: Vec<(u64, Cv)> = blocks.into_iter().collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            let start = blocks[i].0;
+            let mut run = Vec::new();
+            while i < blocks.len() && blocks[i].0 == start + (run.len() / CV_LEN) as u64 {
+                run.extend_from_slice(&blocks[i].1);
+                i += 1;
+            }
+            blob.write_at(&run, start as usize * CV_LEN)?;
+        }
+    }
+    tx.execute("DELETE FROM block_hash_log", [])?;
+    Ok(())
 }
 
 /// Brings a database's schema up to [`SCHEMA_VERSION`], one transaction per migration.

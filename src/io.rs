@@ -83,6 +83,19 @@ pub trait Io: Send + Sync {
     fn create_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Bytes read from model files (memory-mapped ones) through this layer so far.
     fn bytes_read(&self) -> u64;
+    /// Names this boot of the machine: the same string means no crash or power cut has dropped
+    /// the page cache since, so writes made before are still there to be made durable. Empty
+    /// when unknown, which never counts as the same boot.
+    fn boot_id(&self) -> String {
+        this_boot()
+    }
+}
+
+/// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), empty if unknown.
+pub fn this_boot() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// One open file.
@@ -121,12 +134,22 @@ pub struct IoStats {
 #[derive(Debug, Default, Clone)]
 pub struct RealIo {
     stats: Arc<IoStats>,
+    boot_id: Option<String>,
 }
 
 impl RealIo {
     /// A new real I/O layer with its own counters.
     pub fn new() -> Self {
         RealIo::default()
+    }
+
+    /// A real I/O layer that reports `boot_id` as this boot's: tests use it to play the
+    /// machine coming back from a power cut.
+    pub fn with_boot_id(boot_id: &str) -> Self {
+        RealIo {
+            boot_id: Some(boot_id.to_string()),
+            ..RealIo::default()
+        }
     }
 
     /// Counters of everything done through this layer so far.
@@ -216,6 +239,10 @@ impl Io for RealIo {
 
     fn bytes_read(&self) -> u64 {
         self.stats.bytes_read.load(Ordering::Relaxed)
+    }
+
+    fn boot_id(&self) -> String {
+        self.boot_id.clone().unwrap_or_else(this_boot)
     }
 }
 

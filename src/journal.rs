@@ -14,6 +14,24 @@
 //! A retired journal is kept in `<state>/undo/` as the undo data of its generation: applied to the
 //! new bytes, its records give back the old ones (`rollback`).
 //!
+//! # Unflushed writes
+//!
+//! A sync, `apply-delta` or `rollback` returns once its journal is durable and its blocks are
+//! written, without waiting for the scattered model pages to reach the disk (the kernel writes
+//! them back within seconds): the committed journal is what makes the generation durable, like a
+//! database's log. Before the journal is retired, `<state>/unflushed.json` is written (temp name,
+//! fsync, rename, fsync of the state directory):
+//!
+//! ```text
+//! { "generation": G, "boot_id": "<kernel boot id when written>", "files": ["model-00001-of-00002.safetensors", ...] }
+//! ```
+//!
+//! The index's commit is durable as before. The next command that takes the lock for writing
+//! (or `recover`) finishes the marker: in the same boot (the page cache still holds every byte
+//! written) it fsyncs those files and removes the marker, reading nothing; after a reboot, or if
+//! an fsync fails, it rolls `undo/G.apj` forward again exactly like recovery (every block
+//! checked against its old and new hash, torn blocks repaired) and fsyncs the files.
+//!
 //! The journal costs in proportion to the bytes that changed, not the blocks: a training step
 //! changes ~1% of bf16 elements, so nearly every block changes but the XOR of a block is almost all
 //! zeros. The XOR is stored with a zero-run code (below), which for that data is both smaller and
@@ -67,6 +85,19 @@ use crate::io::{FileIo, Io, OpenMode};
 pub const JOURNAL_FILE: &str = "journal";
 /// Directory of retired journals (undo data) inside the state directory.
 pub const UNDO_DIR: &str = "undo";
+/// File name of the marker of a retired journal whose model writes are not yet known durable.
+pub const UNFLUSHED_FILE: &str = "unflushed.json";
+
+/// Contents of [`UNFLUSHED_FILE`] (see "Unflushed writes" above).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unflushed {
+    /// The generation whose journal is `undo/<generation>.apj`.
+    pub generation: u64,
+    /// The kernel's boot id when the writes were made.
+    pub boot_id: String,
+    /// The model files written, relative to the model directory.
+    pub files: Vec<String>,
+}
 const MAGIC: &[u8; 8] = b"APJRNL01";
 const COMMIT_MAGIC: &[u8; 8] = b"APJCOMIT";
 /// Length of the commit record.

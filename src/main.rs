@@ -514,6 +514,10 @@ fn recover_summary(r: &RecoverReport) -> String {
             "recovered: discarded an uncommitted journal (the files were not touched); the model is at generation {}",
             r.generation
         ),
+        "flushed" => format!(
+            "nothing to recover: the last write's pages are now on disk; the model is at generation {}",
+            r.generation
+        ),
         _ => format!(
             "recovered: rolled an interrupted write forward to generation {} ({} blocks written, {} already written, {} torn blocks repaired)",
             r.generation, r.blocks.applied, r.blocks.already_new, r.blocks.repaired

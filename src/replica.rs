@@ -159,25 +159,48 @@ pub fn file_roots<S: std::hash::BuildHasher>(
 ) -> Result<(FileRoots, FileRoots), Error> {
     let files = index.files()?;
     let tensors = index.tensors()?;
+    // Per file, the overridden blocks in offset order, walked alongside the blocks.
+    let mut by_file: HashMap<&str, Vec<(u64, &[u8; HASH_PREFIX])>> = HashMap::new();
+    for ((file, at), p) in overrides {
+        by_file.entry(file.as_str()).or_default().push((*at, p));
+    }
     let (mut with_overrides, mut as_is) = (BTreeMap::new(), BTreeMap::new());
     for f in &files {
         let (mut over, mut plain) = (blake3::Hasher::new(), blake3::Hasher::new());
         over.update(&f.header_hash);
         plain.update(&f.header_hash);
+        let mut replaced = by_file.remove(f.name.as_str()).unwrap_or_default();
+        replaced.sort_unstable_by_key(|r| r.0);
+        let mut next = replaced.into_iter().peekable();
         let mut mine: Vec<&IndexedTensor> = tensors
             .iter()
             .filter(|t| t.file_id == f.id && t.len > 0)
             .collect();
         mine.sort_by_key(|t| t.offset);
+        let (mut prefixes, mut changed) = (Vec::new(), Vec::new());
         for t in mine {
-            for (i, cv) in index.tensor_hashes(t, layout)?.iter().enumerate() {
-                let at = t.offset + i as u64 * layout.block_size;
-                plain.update(&cv[..HASH_PREFIX]);
-                match overrides.get(&(f.name.clone(), at)) {
-                    Some(p) => over.update(p),
-                    None => over.update(&cv[..HASH_PREFIX]),
-                };
+            prefixes.clear();
+            for cv in index.tensor_hashes(t, layout)? {
+                prefixes.extend_from_slice(&cv[..HASH_PREFIX]);
             }
+            plain.update(&prefixes);
+            let end = t.offset + t.len;
+            if next.peek().is_none_or(|r| r.0 >= end) {
+                over.update(&prefixes);
+                continue;
+            }
+            changed.clone_from(&prefixes);
+            while let Some(&(at, p)) = next.peek().filter(|r| r.0 < end) {
+                next.next();
+                if let Some(i) = at
+                    .checked_sub(t.offset)
+                    .map(|rel| (rel / layout.block_size) as usize * HASH_PREFIX)
+                    .filter(|&i| i < changed.len())
+                {
+                    changed[i..i + HASH_PREFIX].copy_from_slice(p);
+                }
+            }
+            over.update(&changed);
         }
         with_overrides.insert(f.name.clone(), *over.finalize().as_bytes());
         as_is.insert(f.name.clone(), *plain.finalize().as_bytes());

@@ -13,7 +13,9 @@ use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, SafetensorsSource};
 
-use crate::util::{T, checkpoint, mixed_tensors, model_files, run, s, stderr, write_model};
+use crate::util::{
+    T, checkpoint, checkpoint_after_reboot, mixed_tensors, model_files, run, s, stderr, write_model,
+};
 
 /// What to do to the Nth I/O step.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +29,15 @@ pub enum Fault {
     /// At the Nth durability step (file or directory sync) power is lost: everything not yet
     /// durable is undone, one model page is torn, and every later step fails.
     PowerCut(u64, u64),
+    /// Nothing fails; power is lost just after the operation returned (see `cut_power`).
+    PowerCutAfter(u64),
+}
+
+impl Fault {
+    /// Whether the machine restarts after this fault (recovery then runs in another boot).
+    pub fn reboots(self) -> bool {
+        matches!(self, Fault::PowerCut(..) | Fault::PowerCutAfter(_))
+    }
 }
 
 #[derive(Debug)]
@@ -89,6 +100,15 @@ impl FaultIo {
     /// The step number of the first write to a model file (the journal is committed by then).
     pub fn first_model_write(&self) -> Option<u64> {
         self.state.lock().unwrap().first_model_write
+    }
+
+    /// Loses power now: after an operation returned, if its fault is `PowerCutAfter`.
+    pub fn cut_power_if_due(&self) {
+        if let Fault::PowerCutAfter(seed) = self.fault {
+            let mut s = self.state.lock().unwrap();
+            power_cut(&mut s, seed);
+            s.dead = true;
+        }
     }
 
     pub fn retried_failed_sync(&self) -> bool {
@@ -390,6 +410,15 @@ fn scenario(seed: u64) -> Scenario {
     }
 }
 
+/// The checkpoint that recovers after `fault`: in another boot after a power cut.
+fn recovering(dir: &Path, fault: Fault) -> Checkpoint {
+    if fault.reboots() {
+        checkpoint_after_reboot(dir)
+    } else {
+        checkpoint(dir)
+    }
+}
+
 /// Runs one faulty sync on a fresh copy of the template, then recovers with the real I/O layer
 /// and checks the promise. Returns the I/O layer, whether recovery ended at the new state, and
 /// how many torn blocks it repaired.
@@ -400,7 +429,8 @@ fn check(sc: &Scenario, fault: Fault, what: &str) -> (FaultIo, bool, u64) {
     let io = FaultIo::new(fault);
     let result = Checkpoint::new(&dir, None, Arc::new(io.clone()))
         .sync(&SafetensorsSource::open(&sc.live).unwrap());
-    let rec = checkpoint(&dir)
+    io.cut_power_if_due();
+    let rec = recovering(&dir, fault)
         .recover()
         .unwrap_or_else(|e| panic!("{what}: recover failed: {e}"));
     let files = model_files(&dir);
@@ -519,6 +549,17 @@ fn a_power_cut_at_any_fsync_recovers_to_old_or_new_even_with_a_torn_page() {
             repaired += r;
         }
     }
+    // Power lost after the sync returned, before the kernel wrote its pages back: the
+    // generation it reported is what recovery gives back.
+    for seed in 0..6 {
+        let (_, at_after, r) = check(
+            &sc,
+            Fault::PowerCutAfter(seed),
+            &format!("power cut after the sync, seed {seed}"),
+        );
+        assert!(at_after, "power cut after the sync, seed {seed}");
+        repaired += r;
+    }
     assert!(outcomes.len() == 2, "{outcomes:?}");
     assert!(
         repaired > 0,
@@ -533,8 +574,9 @@ fn check_rollback(sc: &Scenario, start: &Path, to: u64, fault: Fault, what: &str
     let _ = std::fs::remove_dir_all(&dir);
     trusted_copy(start, &dir);
     let io = FaultIo::new(fault);
-    let result = Checkpoint::new(&dir, None, Arc::new(io)).rollback(Some(to));
-    checkpoint(&dir)
+    let result = Checkpoint::new(&dir, None, Arc::new(io.clone())).rollback(Some(to));
+    io.cut_power_if_due();
+    recovering(&dir, fault)
         .recover()
         .unwrap_or_else(|e| panic!("{what}: recover failed: {e}"));
     let files = model_files(&dir);
@@ -589,6 +631,11 @@ fn a_rollback_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
             );
             *outcomes.entry(r).or_insert(0) += 1;
         }
+    }
+    for seed in 0..3 {
+        let what = format!("power cut after the rollback, seed {seed}");
+        let r = check_rollback(&sc, &start, 1, Fault::PowerCutAfter(seed), &what);
+        assert!(r, "{what}");
     }
     assert!(outcomes.len() == 2, "{outcomes:?}");
 }
@@ -819,14 +866,16 @@ fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
     let (steps, syncs) = io.steps();
     let mut faults: Vec<Fault> = (0..=steps).map(Fault::Crash).collect();
     faults.extend((0..syncs).flat_map(|k| (0..3).map(move |seed| Fault::PowerCut(k, seed))));
+    faults.extend((0..3).map(Fault::PowerCutAfter));
     for fault in faults {
         let replica = sc.tmp.path().join("apply-run");
         files_only_copy(&sc.template, &replica);
         let io = FaultIo::new(fault);
-        let first = Checkpoint::new(&replica, None, Arc::new(io)).apply_delta(&deltas);
+        let first = Checkpoint::new(&replica, None, Arc::new(io.clone())).apply_delta(&deltas);
+        io.cut_power_if_due();
         // recover, then the next apply, finish the job; in between the files are old or new.
         if replica.join(".apollo-checkpoint").exists() {
-            checkpoint(&replica)
+            recovering(&replica, fault)
                 .recover()
                 .unwrap_or_else(|e| panic!("{fault:?}: recover: {e}"));
         }
@@ -835,6 +884,9 @@ fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
             now == sc.before || now == sc.after,
             "{fault:?}: the replica is neither generation ({first:?})"
         );
+        if first.is_ok() {
+            assert!(now == sc.after, "{fault:?}: applied, then lost");
+        }
         checkpoint(&replica)
             .apply_delta(&deltas)
             .unwrap_or_else(|e| panic!("{fault:?}: the next apply: {e}"));
@@ -844,4 +896,62 @@ fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
             "{fault:?}"
         );
     }
+}
+
+/// A sync leaves its pages to the page cache: in the same boot the next writer (here
+/// `recover`) only fsyncs, reading no model byte; after a power cut that took the pages,
+/// recovery rolls the retired journal forward (the index's commit was durable).
+#[test]
+fn unflushed_writes_are_fsynced_in_the_same_boot_and_rolled_forward_after_a_reboot() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let sc = scenario(46);
+    let live = || SafetensorsSource::open(&sc.live).unwrap();
+
+    let dir = sc.tmp.path().join("same-boot");
+    trusted_copy(&sc.template, &dir);
+    checkpoint(&dir).sync(&live()).unwrap();
+    let marker = dir.join(".apollo-checkpoint/unflushed.json");
+    assert!(marker.exists());
+    let st = checkpoint(&dir).status().unwrap();
+    assert!(st.pending.is_empty(), "{:?}", st.pending);
+    let io = RealIo::new();
+    let r = Checkpoint::new(&dir, None, Arc::new(io.clone()))
+        .recover()
+        .unwrap();
+    assert_eq!(r.action, "flushed");
+    assert_eq!(io.stats().bytes_read.load(Relaxed), 0);
+    assert!(io.stats().syncs.load(Relaxed) > 0);
+    assert!(!marker.exists());
+    assert_eq!(model_files(&dir), sc.after);
+
+    let dir = sc.tmp.path().join("rebooted");
+    trusted_copy(&sc.template, &dir);
+    let state = dir.join(".apollo-checkpoint");
+    let generation = checkpoint(&dir).status().unwrap().generation.unwrap();
+    let io = FaultIo::new(Fault::PowerCutAfter(9));
+    Checkpoint::new(&dir, None, Arc::new(io.clone()))
+        .sync(&live())
+        .unwrap();
+    io.cut_power_if_due();
+    assert_ne!(model_files(&dir), sc.after, "the power cut lost nothing");
+    let marker = state.join("unflushed.json");
+    assert!(marker.exists());
+    let rebooted = checkpoint_after_reboot(&dir);
+    let st = rebooted.status().unwrap();
+    assert_eq!(st.generation, Some(generation + 1));
+    assert!(
+        st.pending.iter().any(|p| p.contains("recover")),
+        "{:?}",
+        st.pending
+    );
+    assert!(!rebooted.verify(false).unwrap().clean);
+    let r = rebooted.recover().unwrap();
+    assert_eq!(r.action, "rolled_forward");
+    assert_eq!(r.generation, generation + 1);
+    assert_eq!(model_files(&dir), sc.after);
+    assert!(!marker.exists());
+    let st = checkpoint(&dir).status().unwrap();
+    assert_eq!(st.generation, Some(generation + 1));
+    assert!(st.pending.is_empty(), "{:?}", st.pending);
+    assert!(checkpoint(&dir).verify(false).unwrap().clean);
 }

@@ -256,6 +256,12 @@ pub fn checkpoint(dir: &Path) -> Checkpoint {
     Checkpoint::new(dir, None, Arc::new(RealIo::new()))
 }
 
+/// `checkpoint(dir)` as the machine comes back from a power cut: another boot id, so writes
+/// left to the page cache before it count as lost.
+pub fn checkpoint_after_reboot(dir: &Path) -> Checkpoint {
+    Checkpoint::new(dir, None, Arc::new(RealIo::with_boot_id("rebooted")))
+}
+
 /// A model dir and a source dir holding the same `tensors`, in a fresh temp dir.
 pub struct Pair {
     pub tmp: tempfile::TempDir,
