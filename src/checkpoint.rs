@@ -700,7 +700,7 @@ impl Checkpoint {
                 }
                 .into());
             };
-            report = self.complete_at(journal, true, start, false)?;
+            report = self.complete_at(journal, true, start, false, None)?;
         }
         self.clear_unflushed()?;
         report.seconds = seconds_since(start);
@@ -1446,7 +1446,18 @@ impl Checkpoint {
         recovering: bool,
         start: Instant,
     ) -> Result<RecoverReport, Error> {
-        self.complete_at(journal, recovering, start, true)
+        self.complete_at(journal, recovering, start, true, None)
+    }
+
+    /// [`Self::complete`] of a write that already has its files open for writing, in the
+    /// order of the journal's file table (their maps are then read once, not twice).
+    pub(crate) fn complete_open(
+        &self,
+        journal: Journal,
+        start: Instant,
+        files: Vec<Box<dyn FileIo>>,
+    ) -> Result<RecoverReport, Error> {
+        self.complete_at(journal, false, start, true, Some(files))
     }
 
     /// [`Self::complete`] for a journal at `journal.path`; `retire`: false for a journal already
@@ -1457,6 +1468,7 @@ impl Checkpoint {
         recovering: bool,
         start: Instant,
         retire: bool,
+        opened: Option<Vec<Box<dyn FileIo>>>,
     ) -> Result<RecoverReport, Error> {
         let path = journal.path.clone();
         let foreign = |what: String| Error::ForeignJournal {
@@ -1490,6 +1502,9 @@ impl Checkpoint {
         }
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         let indexed_files = index.files()?;
+        let mut opened = opened
+            .filter(|o| o.len() == h.files.len())
+            .map(Vec::into_iter);
         let mut handles = Vec::with_capacity(h.files.len());
         for jf in &h.files {
             let known = indexed_files.iter().find(|f| f.name == jf.name);
@@ -1505,6 +1520,10 @@ impl Checkpoint {
                     "its file {} is not the model's file of that name",
                     jf.name
                 )));
+            }
+            if let Some(f) = opened.as_mut().and_then(Iterator::next) {
+                handles.push(f);
+                continue;
             }
             let p = self.model_dir.join(&jf.name);
             handles.push(

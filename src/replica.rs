@@ -910,7 +910,7 @@ impl Checkpoint {
             let p = self.model_dir.join(&f.name);
             handles.push(
                 self.io
-                    .open(&p, OpenMode::Read)
+                    .open(&p, OpenMode::ReadWrite)
                     .map_err(Checkpoint::io_err(&p))?,
             );
         }
@@ -993,7 +993,6 @@ impl Checkpoint {
             Ok::<_, Error>(blocks)
         })();
         let blocks = written.inspect_err(|_| self.discard_uncommitted(&path))?;
-        drop(handles);
         drop(index);
         let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &path)? else {
             return Err(journal::JournalError::Corrupt {
@@ -1002,7 +1001,7 @@ impl Checkpoint {
             }
             .into());
         };
-        self.complete(journal, false, start)?;
+        self.complete_open(journal, start, handles)?;
         Ok(blocks)
     }
 }
