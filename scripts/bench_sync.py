@@ -14,7 +14,8 @@ the whole `apollo-checkpoint` process. The floor is `b3sum` hashing the same fil
 (the live source's), files in page cache, timed right before each sync in the same run: the
 page-cache state of a file (how it was last written) changes how fast any mmap reader can hash
 it, so both are measured on the same files in the same state. The medians of the sync phases
-are reported too; `flush` (msync + fsync of the changed pages) is disk time, not hashing.
+are reported too; `flush` (fsync of the pages the previous sync left to the page cache, at the
+start of this one) is disk time, not hashing.
 Each changed sync also reports its journal's size against the targets: sparse <= 5% of the changed
 blocks' bytes, dense <= 6% of the model. Prints one JSON object on stdout; progress on stderr.
 

@@ -7,7 +7,8 @@ in_proj_ba = [b; a]) and writes a manifest with the export hook, with the layout
 modules would give. It writes the HF files, runs `apollo-checkpoint init`, then for several rounds
 changes the live weights in place and runs `apollo-checkpoint sync --handles`, checking after each
 that the files equal the HF view of the live weights byte for byte. Finally a manifest from a
-producer that has exited must give a clear error. Prints a pass/fail summary; exits non-zero on
+producer that has exited, one naming a GPU this machine does not have and one with handles that
+are not CUDA's must each give a clear error and write nothing. Prints a pass/fail summary; exits non-zero on
 failure; skips (exit 77, saying so) without PyTorch or a GPU.
 
 Usage: scripts/gpu_sync_test.py PATH/TO/apollo-checkpoint
@@ -162,6 +163,20 @@ def main():
         r = subprocess.run([binary, "sync", "--model-dir", model, "--handles", gone], capture_output=True, text=True)
         ok("a producer that exited gives a clear error", r.returncode != 0 and "is gone" in r.stderr, r.stderr)
         ok("and nothing is written", open(os.path.join(model, "model.safetensors"), "rb").read() == before)
+
+        # The live producer's manifest, altered: a GPU this machine does not have, and handles
+        # that are not CUDA's (stale, or from another machine).
+        doc = json.load(open(manifest))
+        for what, field, value, expect in [
+            ("a GPU this machine does not see", "device_uuid", "GPU-00000000-0000-0000-0000-000000000000", "does not see"),
+            ("a stale or foreign IPC handle", "ipc_handle", os.urandom(64).hex(), "cannot be opened"),
+        ]:
+            bad = os.path.join(tmp, "altered.json")
+            with open(bad, "w") as f:
+                json.dump({**doc, "tensors": [{**t, field: value} for t in doc["tensors"]]}, f)
+            r = subprocess.run([binary, "sync", "--model-dir", model, "--handles", bad], capture_output=True, text=True)
+            ok(f"{what} gives a clear error", r.returncode != 0 and expect in r.stderr, r.stderr)
+            ok(f"{what}: nothing is written", open(os.path.join(model, "model.safetensors"), "rb").read() == before)
 
         # The prototype's torch.save handles file, converted without unpickling arbitrary code.
         legacy_model = os.path.join(tmp, "legacy-model")

@@ -354,7 +354,7 @@ pub struct SyncReport {
 /// Wall time of each phase of a sync (see the module documentation), in seconds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SyncPhases {
-    /// Opening the index, parsing headers, checking trust, matching names.
+    /// Opening the index, parsing headers, checking trust, matching names (not `flush`).
     pub check: f64,
     /// Hashing the live weights and finding the changed blocks.
     pub plan: f64,
@@ -363,7 +363,8 @@ pub struct SyncPhases {
     pub journal: f64,
     /// Rolling the journal forward into the files.
     pub apply: f64,
-    /// Making the model files durable.
+    /// Making the previous write's model pages durable (see [`crate::journal`], "Unflushed
+    /// writes"), before this sync's checks; this sync's own pages are flushed by the next one.
     pub flush: f64,
     /// The SQLite transaction.
     pub commit: f64,
@@ -513,6 +514,8 @@ pub struct Checkpoint {
     pub(crate) io: Arc<dyn Io>,
     progress: bool,
     wait: Duration,
+    /// Nanoseconds the last [`Self::finish_unflushed`] took.
+    flushed_ns: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -578,6 +581,7 @@ impl Checkpoint {
             io,
             progress: false,
             wait: Duration::ZERO,
+            flushed_ns: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -704,6 +708,10 @@ impl Checkpoint {
         }
         self.clear_unflushed()?;
         report.seconds = seconds_since(start);
+        self.flushed_ns.store(
+            u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(Some(report))
     }
 
@@ -995,8 +1003,10 @@ impl Checkpoint {
             .map(|c| model.tensors[c.0].entry.len)
             .sum();
 
+        let flush = self.flushed_ns.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
         let mut phases = SyncPhases {
-            check: seconds_since(start),
+            flush,
+            check: (seconds_since(start) - flush).max(0.0),
             ..SyncPhases::default()
         };
         let mut lap = Instant::now();
@@ -1114,10 +1124,8 @@ impl Checkpoint {
         };
         apply::roll_forward(&journal, &handles)?;
         drop(journal);
-        phases.apply = seconds_since(lap);
-        lap = Instant::now();
         let file_stats = file_stats(&handles, &header.files, false)?;
-        phases.flush = seconds_since(lap);
+        phases.apply = seconds_since(lap);
 
         // Commit: hashes, stats, generation and its ranges in one transaction.
         lap = Instant::now();

@@ -216,7 +216,7 @@ type HashLog = HashMap<i64, Vec<(u64, Cv)>>;
 
 /// Fewest and most rows `block_hash_log` may reach before a commit folds it.
 const FOLD_LIMIT_MIN: u64 = 1024;
-const FOLD_LIMIT_MAX: u64 = 262_144;
+const FOLD_LIMIT_MAX: u64 = 524_288;
 
 impl std::fmt::Debug for BlockIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -436,15 +436,16 @@ impl BlockIndex {
         Ok(self.log.get_or_init(|| log))
     }
 
-    /// Rows `block_hash_log` may hold before a commit folds it: one per 8 blocks of the model,
-    /// within [FOLD_LIMIT_MIN, FOLD_LIMIT_MAX].
+    /// Rows `block_hash_log` may hold before a commit folds it: one per 4 blocks of the model,
+    /// within [FOLD_LIMIT_MIN, FOLD_LIMIT_MAX]. A fold rewrites about every page of the hash
+    /// BLOBs whatever its size, so a longer log makes it rarer; every reader loads the log.
     fn fold_limit(conn: &Connection, layout: BlockLayout) -> rusqlite::Result<u64> {
         let bytes: i64 =
             conn.query_row("SELECT coalesce(sum(data_len), 0) FROM tensors", [], |r| {
                 r.get(0)
             })?;
         let blocks = u64::try_from(bytes).unwrap_or(0) / layout.block_size;
-        Ok((blocks / 8).clamp(FOLD_LIMIT_MIN, FOLD_LIMIT_MAX))
+        Ok((blocks / 4).clamp(FOLD_LIMIT_MIN, FOLD_LIMIT_MAX))
     }
 
     /// The newest generation number, if any.
@@ -550,8 +551,14 @@ impl BlockIndex {
         let tx = self.conn.transaction().map_err(sql)?;
         if let Some(layout) = layout {
             let new_rows: u64 = commit.updates.iter().map(|u| u.blocks.len() as u64).sum();
+            // Rows are only appended, and all deleted at once, so seq counts them (count(*)
+            // would read the whole table).
             let logged: i64 = tx
-                .query_row("SELECT count(*) FROM block_hash_log", [], |r| r.get(0))
+                .query_row(
+                    "SELECT coalesce(max(seq), 0) FROM block_hash_log",
+                    [],
+                    |r| r.get(0),
+                )
                 .map_err(sql)?;
             let limit = Self::fold_limit(&tx, layout).map_err(sql)?;
             if u64::try_from(logged).unwrap_or(0) + new_rows > limit {
