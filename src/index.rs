@@ -511,6 +511,7 @@ impl BlockIndex {
 
     /// Starts replacing everything the index knows about the model (init, repair).
     pub fn begin_rebuild(&mut self) -> Result<Rebuild<'_>, IndexError> {
+        self.log.take();
         let path = self.path.clone();
         let tx = self
             .conn
