@@ -672,9 +672,7 @@ impl Checkpoint {
     /// Whether writes of the last journaled write may have been lost by a reboot since, so
     /// the files must not be read before `recover` (or the next writer) rolls them forward.
     pub(crate) fn unflushed_after_reboot(&self) -> Result<bool, Error> {
-        Ok(self
-            .unflushed()?
-            .is_some_and(|u| u.boot_id.is_empty() || u.boot_id != self.io.boot_id()))
+        Ok(self.unflushed()?.is_some_and(|u| !self.same_boot(&u)))
     }
 
     /// Makes the writes named by `unflushed.json` durable and removes it (see
@@ -688,7 +686,7 @@ impl Checkpoint {
         if self.journal_path().exists() {
             return Ok(None);
         }
-        let same_boot = !u.boot_id.is_empty() && u.boot_id == self.io.boot_id();
+        let same_boot = self.same_boot(&u);
         let mut report = RecoverReport {
             action: "flushed".into(),
             generation: u.generation,
@@ -746,20 +744,12 @@ impl Checkpoint {
             files: files.iter().map(|f| f.name.clone()).collect(),
         };
         let bytes = serde_json::to_vec(&marker).expect("plain data serializes");
-        let tmp = self.state_dir.join(format!(".{UNFLUSHED_FILE}.tmp"));
-        if tmp.exists() {
-            self.io.remove_file(&tmp).map_err(Self::io_err(&tmp))?;
-        }
-        let f = self.io.create(&tmp).map_err(Self::io_err(&tmp))?;
-        f.write_at(0, &bytes)
-            .and_then(|()| f.sync())
-            .map_err(Self::io_err(&tmp))?;
-        drop(f);
-        let path = self.unflushed_path();
-        self.io.rename(&tmp, &path).map_err(Self::io_err(&path))?;
-        self.io
-            .sync_dir(&self.state_dir)
-            .map_err(Self::io_err(&self.state_dir))
+        write_atomic(self.io.as_ref(), &self.unflushed_path(), &bytes)
+    }
+
+    /// Whether the writes `u` names were made in this boot (an unknown boot never is).
+    fn same_boot(&self, u: &Unflushed) -> bool {
+        !u.boot_id.is_empty() && u.boot_id == self.io.boot_id()
     }
 
     pub(crate) fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
@@ -2156,6 +2146,26 @@ impl Checkpoint {
 /// File name of the undo data of `generation`.
 fn undo_name(generation: u64) -> String {
     format!("{generation:020}.apj")
+}
+
+/// Writes `bytes` to `path` atomically: hidden temporary, fsync, rename, fsync the folder.
+pub(crate) fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let err = Checkpoint::io_err;
+    if tmp.exists() {
+        io.remove_file(&tmp).map_err(err(&tmp))?;
+    }
+    let f = io.create(&tmp).map_err(err(&tmp))?;
+    f.write_at(0, bytes).map_err(err(&tmp))?;
+    f.sync().map_err(err(&tmp))?;
+    drop(f);
+    io.rename(&tmp, path).map_err(err(path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    io.sync_dir(dir).map_err(err(dir))
 }
 
 /// The files' names and new stats; with `fsync`, first makes every file durable, in parallel so

@@ -429,10 +429,7 @@ impl BlockIndex {
         if let Some(log) = self.log.get() {
             return Ok(log);
         }
-        let log = read_log(&self.conn).map_err(|e| match e {
-            LogError::Sql(e) => self.sql(e),
-            LogError::Corrupt(what) => self.corrupt(what),
-        })?;
+        let log = read_log(&self.conn).map_err(|e| e.at(&self.path))?;
         Ok(self.log.get_or_init(|| log))
     }
 
@@ -542,13 +539,6 @@ impl BlockIndex {
             path: path.clone(),
             source,
         };
-        let log_err = |e| match e {
-            LogError::Sql(source) => sql(source),
-            LogError::Corrupt(what) => IndexError::Corrupt {
-                path: path.clone(),
-                what,
-            },
-        };
         let tx = self.conn.transaction().map_err(sql)?;
         if let Some(layout) = layout {
             let new_rows: u64 = commit.updates.iter().map(|u| u.blocks.len() as u64).sum();
@@ -563,7 +553,7 @@ impl BlockIndex {
                 .map_err(sql)?;
             let limit = Self::fold_limit(&tx, layout).map_err(sql)?;
             if u64::try_from(logged).unwrap_or(0) + new_rows > limit {
-                fold_log(&tx, &commit.updates).map_err(log_err)?;
+                fold_log(&tx, &commit.updates).map_err(|e| e.at(&path))?;
             } else {
                 let mut insert = tx
                     .prepare_cached(
@@ -797,6 +787,22 @@ impl Rebuild<'_> {
 enum LogError {
     Sql(rusqlite::Error),
     Corrupt(String),
+}
+
+impl LogError {
+    /// The index error of the database at `path`.
+    fn at(self, path: &Path) -> IndexError {
+        match self {
+            LogError::Sql(source) => IndexError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            },
+            LogError::Corrupt(what) => IndexError::Corrupt {
+                path: path.to_path_buf(),
+                what,
+            },
+        }
+    }
 }
 
 impl From<rusqlite::Error> for LogError {

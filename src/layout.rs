@@ -143,6 +143,16 @@ impl LayoutMap {
             }
             let row_elems: u64 = p.shape[1..].iter().product();
             let row_bytes = (row_elems * elem_bits).div_ceil(8);
+            // One piece of this parameter: bytes [src, src + len) of it at `dst` in `name`.
+            let mut put = |name: &str, shape: &[u64], src: u64, dst: u64, len: u64| {
+                let seg = Segment {
+                    param: pi,
+                    src,
+                    dst,
+                    len,
+                };
+                push(&mut builders, name, p.dtype, shape, seg);
+            };
             if p.parts.is_empty() {
                 let mut full = p.shape.clone();
                 match p.shard_dim {
@@ -153,34 +163,12 @@ impl LayoutMap {
                         }
                         let len = tensor_nbytes(p.dtype, &p.shape)
                             .ok_or_else(|| bad("size overflows".into()))?;
-                        push(
-                            &mut builders,
-                            &p.hf_name,
-                            p.dtype,
-                            &full,
-                            Segment {
-                                param: pi,
-                                src: 0,
-                                dst: 0,
-                                len,
-                            },
-                        );
+                        put(&p.hf_name, &full, 0, 0, len);
                     }
                     Some(0) => {
                         full[0] = p.shape[0] * p.tp_size;
                         let len = p.shape[0] * row_bytes;
-                        push(
-                            &mut builders,
-                            &p.hf_name,
-                            p.dtype,
-                            &full,
-                            Segment {
-                                param: pi,
-                                src: 0,
-                                dst: p.tp_rank * len,
-                                len,
-                            },
-                        );
+                        put(&p.hf_name, &full, 0, p.tp_rank * len, len);
                     }
                     Some(1) if p.shape.len() == 2 => {
                         // Row-parallel: every HF row is the ranks' pieces side by side.
@@ -188,18 +176,8 @@ impl LayoutMap {
                         let piece = row_bytes;
                         let hf_row = piece * p.tp_size;
                         for row in 0..p.shape[0] {
-                            push(
-                                &mut builders,
-                                &p.hf_name,
-                                p.dtype,
-                                &full,
-                                Segment {
-                                    param: pi,
-                                    src: row * piece,
-                                    dst: row * hf_row + p.tp_rank * piece,
-                                    len: piece,
-                                },
-                            );
+                            let dst = row * hf_row + p.tp_rank * piece;
+                            put(&p.hf_name, &full, row * piece, dst, piece);
                         }
                     }
                     Some(d) => {
@@ -233,17 +211,12 @@ impl LayoutMap {
                         part.hf_name, part.first_row, part.local_rows, part.rows
                     )));
                 }
-                push(
-                    &mut builders,
+                put(
                     &part.hf_name,
-                    p.dtype,
                     &full,
-                    Segment {
-                        param: pi,
-                        src: local_row * row_bytes,
-                        dst: part.first_row * row_bytes,
-                        len: part.local_rows * row_bytes,
-                    },
+                    local_row * row_bytes,
+                    part.first_row * row_bytes,
+                    part.local_rows * row_bytes,
                 );
                 local_row += part.local_rows;
             }

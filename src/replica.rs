@@ -24,12 +24,12 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::blockhash::{self, BlockLayout};
-use crate::checkpoint::{Checkpoint, Error, seconds_since};
+use crate::checkpoint::{Checkpoint, Error, seconds_since, write_atomic};
 use crate::delta::{
     self, Delta, DeltaError, DeltaFile, DeltaHeader, DeltaRecord, DeltaWriter, NO_BASE, RAW,
 };
 use crate::index::{BlockIndex, ExportRow, IndexedTensor, unix_ms};
-use crate::io::{FileIo, Io, OpenMode};
+use crate::io::{FileIo, OpenMode};
 use crate::journal::{
     self, HASH_PREFIX, JOURNAL_FILE, Journal, JournalFile, JournalHeader, JournalKind,
     JournalState, JournalWriter, Record, apply_xor, encode_xor, hash_prefix,
@@ -113,26 +113,6 @@ fn compose_xor(a: &[u8], b: &[u8], len: usize) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     encode_xor(&vec![0u8; len], &delta, &mut out);
     Some(out)
-}
-
-/// Writes `bytes` to `path` atomically: hidden temporary, fsync, rename, fsync the folder.
-fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let err = Checkpoint::io_err;
-    if tmp.exists() {
-        io.remove_file(&tmp).map_err(err(&tmp))?;
-    }
-    let f = io.create(&tmp).map_err(err(&tmp))?;
-    f.write_at(0, bytes).map_err(err(&tmp))?;
-    f.sync().map_err(err(&tmp))?;
-    drop(f);
-    io.rename(&tmp, path).map_err(err(path))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    io.sync_dir(dir).map_err(err(dir))
 }
 
 /// The 16-byte hash of a record's bytes: the block's chaining value, or BLAKE3 of raw bytes.

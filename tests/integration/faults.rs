@@ -14,7 +14,8 @@ use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, SafetensorsSource};
 
 use crate::util::{
-    T, checkpoint, checkpoint_after_reboot, mixed_tensors, model_files, run, s, stderr, write_model,
+    T, checkpoint, checkpoint_after_reboot, deltas_in, mixed_tensors, model_files, run, s, stderr,
+    write_model,
 };
 
 /// What to do to the Nth I/O step.
@@ -795,16 +796,6 @@ fn files_only_copy(from: &Path, to: &Path) {
     }
 }
 
-fn apd_files(outbox: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "apd"))
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn an_export_stopped_at_any_step_is_simply_repeated() {
     let sc = scenario(51);
@@ -814,7 +805,7 @@ fn an_export_stopped_at_any_step_is_simply_repeated() {
     Checkpoint::new(&model, None, Arc::new(io.clone()))
         .export_delta(&count_out, Some(1), false)
         .unwrap();
-    let reference = std::fs::read(apd_files(&count_out)[0].clone()).unwrap();
+    let reference = std::fs::read(deltas_in(&count_out)[0].clone()).unwrap();
     let (steps, _) = io.steps();
     for n in 0..=steps {
         let dir = sc.tmp.path().join("exp");
@@ -828,7 +819,7 @@ fn an_export_stopped_at_any_step_is_simply_repeated() {
             .export_delta(&outbox, Some(1), false)
             .unwrap();
         assert!(rerun.exported, "crash at {n}");
-        let files = apd_files(&outbox);
+        let files = deltas_in(&outbox);
         assert_eq!(files.len(), 1, "crash at {n}: {files:?}");
         if first.is_ok() {
             assert_eq!(
@@ -855,7 +846,7 @@ fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
     checkpoint(&model)
         .export_delta(&outbox, Some(1), false)
         .unwrap();
-    let deltas = apd_files(&outbox);
+    let deltas = deltas_in(&outbox);
     let count = sc.tmp.path().join("apply-count");
     files_only_copy(&sc.template, &count);
     let io = FaultIo::new(Fault::None);

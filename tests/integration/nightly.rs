@@ -7,7 +7,9 @@ use std::process::{Command, Output};
 use apollo_checkpoint::SafetensorsSource;
 use apollo_checkpoint::synthetic::Rng;
 
-use crate::util::{T, checkpoint, mixed_tensors, model_files, pair, s, stderr, write_model};
+use crate::util::{
+    T, checkpoint, deltas_in, mixed_tensors, model_files, pair, s, stderr, write_model,
+};
 
 fn have_rsync() -> bool {
     Command::new("rsync")
@@ -122,16 +124,7 @@ fn the_nightly_script_keeps_a_replica_in_step_and_is_safe_to_rerun() {
     // Applied deltas were pruned here, and the remote inbox follows on the next run.
     let o = script(&[], &env);
     assert!(o.status.success(), "{}", stderr(&o));
-    let left: Vec<_> = std::fs::read_dir(&outbox)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "apd")
-        })
-        .collect();
+    let left = deltas_in(&outbox);
     assert!(left.is_empty(), "{left:?}");
     assert!(checkpoint(&replica).verify(false).unwrap().clean);
 }

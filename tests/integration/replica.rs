@@ -1,7 +1,7 @@
 //! `export-delta` and `apply-delta`: the replica follows the model byte for byte; every refusal
 //! leaves it untouched.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use apollo_checkpoint::delta::{Delta, DeltaFile, DeltaHeader, DeltaWriter};
 use apollo_checkpoint::io::RealIo;
@@ -9,18 +9,9 @@ use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Error, SafetensorsSource};
 
 use crate::util::{
-    T, checkpoint, mixed_tensors, model_files, pair, run, s, stderr, stdout_json, write_model,
+    Pair, T, checkpoint, deltas_in, mixed_tensors, model_files, pair, run, s, stderr, stdout_json,
+    write_model,
 };
-
-fn deltas_in(outbox: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "apd"))
-        .collect();
-    v.sort();
-    v
-}
 
 /// A random training-like change of `tensors`.
 fn change(tensors: &mut [T], rng: &mut Rng) {
@@ -50,17 +41,9 @@ fn change(tensors: &mut [T], rng: &mut Rng) {
     }
 }
 
-fn sync(p: &crate::util::Pair, tensors: &[T]) {
-    write_model(&p.source, tensors, 1);
-    checkpoint(&p.model)
-        .sync(&SafetensorsSource::open(&p.source).unwrap())
-        .unwrap();
-}
-
-#[test]
-fn after_many_random_syncs_and_exports_the_replica_equals_the_model() {
-    let mut tensors = mixed_tensors(60);
-    let p = pair(&tensors, 3, 1);
+/// Indexes `p.model`, exports it whole into `<tmp>/outbox` and applies that to a new replica
+/// at `<tmp>/replica`, which then equals the model: (outbox, replica).
+fn bootstrapped(p: &Pair) -> (PathBuf, PathBuf) {
     let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
     checkpoint(&p.model).init(4096).unwrap();
     let full = checkpoint(&p.model)
@@ -71,6 +54,21 @@ fn after_many_random_syncs_and_exports_the_replica_equals_the_model() {
         .apply_delta(&deltas_in(&outbox))
         .unwrap();
     assert_eq!(model_files(&replica), model_files(&p.model));
+    (outbox, replica)
+}
+
+fn sync(p: &Pair, tensors: &[T]) {
+    write_model(&p.source, tensors, 1);
+    checkpoint(&p.model)
+        .sync(&SafetensorsSource::open(&p.source).unwrap())
+        .unwrap();
+}
+
+#[test]
+fn after_many_random_syncs_and_exports_the_replica_equals_the_model() {
+    let mut tensors = mixed_tensors(60);
+    let p = pair(&tensors, 3, 1);
+    let (outbox, replica) = bootstrapped(&p);
     let mut rng = Rng::new(61);
     for night in 0..6 {
         for _ in 0..=rng.below(3) {
@@ -191,14 +189,7 @@ fn a_copied_replica_is_adopted_when_it_matches_and_refused_untouched_otherwise()
 fn deltas_that_do_not_fit_are_refused_and_the_replica_left_untouched() {
     let mut tensors = mixed_tensors(65);
     let p = pair(&tensors, 1, 1);
-    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
-    checkpoint(&p.model).init(4096).unwrap();
-    checkpoint(&p.model)
-        .export_delta(&outbox, None, true)
-        .unwrap();
-    checkpoint(&replica)
-        .apply_delta(&deltas_in(&outbox))
-        .unwrap();
+    let (outbox, replica) = bootstrapped(&p);
     let mut rng = Rng::new(66);
     let mut exported = Vec::new();
     for _ in 0..3 {
@@ -347,14 +338,7 @@ fn names_that_escape_the_replica_and_symlinks_are_refused() {
 fn when_the_backlog_overflows_export_ships_whole_blocks_and_says_so() {
     let mut tensors = mixed_tensors(69);
     let p = pair(&tensors, 1, 1);
-    let (outbox, replica) = (p.tmp.path().join("outbox"), p.tmp.path().join("replica"));
-    checkpoint(&p.model).init(4096).unwrap();
-    checkpoint(&p.model)
-        .export_delta(&outbox, None, true)
-        .unwrap();
-    checkpoint(&replica)
-        .apply_delta(&deltas_in(&outbox))
-        .unwrap();
+    let (outbox, replica) = bootstrapped(&p);
     // Keep one generation of undo data and almost no backlog.
     checkpoint(&p.model).retention(Some(1), Some(1)).unwrap();
     let mut rng = Rng::new(70);

@@ -303,3 +303,14 @@ pub fn stdout_json(o: &Output) -> serde_json::Value {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The delta files (`*.apd`) in `outbox`, sorted by name (so by generation).
+pub fn deltas_in(outbox: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(outbox)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "apd"))
+        .collect();
+    v.sort();
+    v
+}
