@@ -5,10 +5,17 @@ The mocks copy what the facts are read from in vLLM (vllm/model_executor/layers/
 vocab_parallel_embedding.py, mamba/gdn_linear_attn.py, model_loader/weight_utils.py): class
 names and hierarchy, tp_rank/tp_size, output_sizes, QKV head counts, vocabulary shard indices,
 and the shard specs captured by weight-loader closures. Run: python3 scripts/test_vllm_export_hook.py
+
+The second half writes manifests of mock module trees (a Qwen3.5 vision-language model with a
+vision tower, text-only naming, pipeline parallel 2 x tensor parallel 2, a FusedMoE layer under
+tensor and expert parallelism, tied embeddings) with the hook and runs the built binary's
+`diagnose --json` on them against model files with the checkpoint's names.
 """
 
 import json
 import os
+import struct
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -35,7 +42,16 @@ class Module:
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
     def named_parameters(self, recurse=True):
-        yield from self._params.items()
+        """Like torch: every parameter once (the first name of a tied one)."""
+        if not recurse:
+            yield from self._params.items()
+            return
+        seen = set()
+        for module_name, module in self.named_modules():
+            for name, p in module._params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{module_name}.{name}" if module_name else name), p
 
 
 class LinearBase(Module):
@@ -92,8 +108,58 @@ def column(r, tp, rows, cols):
     return Param(rows // tp, cols, output_dim=0, input_dim=1)
 
 
-def qwen35_rank(r, tp, vocab=250, hidden=32, heads=4, kv_heads=2, head=8, key=16, value=32, v_heads=4):
-    """One rank of a small Qwen3.5-shaped vLLM model: one full-attention layer, one GDN layer."""
+class FusedMoE(Module):
+    pass
+
+
+class WeightsMapper:
+    def __init__(self, orig_to_new_prefix):
+        self.orig_to_new_prefix = orig_to_new_prefix
+        self.orig_to_new_substr, self.orig_to_new_suffix = {}, {}
+
+
+def moe_block(r, tp, experts=4, inter=16, hidden=32, ep=1):
+    """A FusedMoE layer as vLLM builds it: at tp > 1 every rank holds every expert's slice of the
+    intermediate dimension; with expert parallelism (ep > 1) the layer's own tp is 1 and rank r
+    holds experts [r·E/ep, (r+1)·E/ep), said by its expert_map (global id -> local id or -1)."""
+    if ep > 1:
+        local = experts // ep
+        moe = FusedMoE(w13_weight=Param(local, 2 * inter, hidden), w2_weight=Param(local, hidden, inter))
+        moe.tp_rank, moe.tp_size = 0, 1
+        moe.expert_map = [g - r * local if r * local <= g < (r + 1) * local else -1 for g in range(experts)]
+    else:
+        moe = FusedMoE(w13_weight=Param(experts, 2 * inter // tp, hidden), w2_weight=Param(experts, hidden, inter // tp))
+        moe.tp_rank, moe.tp_size = r, tp
+        moe.expert_map = None
+    moe.local_num_experts, moe.global_num_experts = experts // ep, experts
+    shared = MergedColumnParallelLinear(r, tp, weight=column(r, tp, 2 * 8, hidden))
+    shared.output_sizes = [8, 8]
+    return Module(experts=moe, gate=Module(weight=Param(experts, hidden)),
+                  shared_expert=Module(gate_up_proj=shared,
+                                       down_proj=RowParallelLinear(r, tp, weight=Param(hidden, 8 // tp, output_dim=0, input_dim=1))))
+
+
+def vision_tower(r, tp, hidden=16, heads=2, head=8):
+    """A vision tower's block: attention fused as `qkv` (a QKVParallelLinear absent from
+    packed_modules_mapping), `proj` row-parallel, a norm."""
+    qkv = QKVParallelLinear(r, tp)
+    qkv.head_size = qkv.v_head_size = head
+    qkv.total_num_heads = qkv.total_num_kv_heads = heads
+    qkv.num_heads = qkv.num_kv_heads = heads // tp
+    qkv._params["weight"] = Param(3 * heads * head // tp, hidden, output_dim=0, input_dim=1)
+    attn = Module(qkv=qkv, proj=RowParallelLinear(r, tp, weight=Param(hidden, heads * head // tp, output_dim=0, input_dim=1)))
+    return Module(blocks=Module(**{"0": Module(attn=attn, norm1=Module(weight=Param(hidden)))}))
+
+
+def qwen35_rank(r, tp, vocab=250, hidden=32, heads=4, kv_heads=2, head=8, key=16, value=32, v_heads=4,
+                naming="vl", stage=None, moe=None, tied=False, vision=True):
+    """One rank of a small Qwen3.5-shaped vLLM model: one full-attention layer, one GDN layer.
+
+    naming "vl": vLLM's vision-language class (language_model.model.*, language_model.lm_head,
+    a vision tower, its hf_to_vllm_mapper); "text": a text-only class (model.*, lm_head). stage
+    (pp rank, pp size): that pipeline stage only (layer i on stage i·pp/2; embeddings first,
+    norm and lm_head last). moe (ep): layer 0's MLP is a FusedMoE layer with shared expert.
+    tied: lm_head is embed_tokens (one parameter, two names)."""
     qkv = QKVParallelLinear(r, tp)
     qkv.head_size = qkv.v_head_size = head
     qkv.total_num_heads, qkv.total_num_kv_heads = 2 * heads, kv_heads  # gated q: twice the heads
@@ -125,9 +191,31 @@ def qwen35_rank(r, tp, vocab=250, hidden=32, heads=4, kv_heads=2, head=8, key=16
     head_ = ParallelLMHead(weight=Param(per, hidden, output_dim=0))
     head_.tp_size, head_.org_vocab_size = tp, vocab
     head_.shard_indices = ShardIndices(r * per, min((r + 1) * per, vocab))
-    layers = Module(**{"0": Module(self_attn=attn, mlp=mlp, input_layernorm=Module(weight=Param(hidden))),
-                       "1": Module(linear_attn=gdn)})
-    model = Module(language_model=Module(model=Module(embed_tokens=embed, layers=layers), lm_head=head_))
+    if moe is not None:
+        mlp = moe_block(r, tp, hidden=hidden, ep=moe)
+    if tied:
+        head_ = embed
+    pp_rank, pp_size = stage or (0, 1)
+    on = lambda layer: layer * pp_size // 2 == pp_rank  # noqa: E731
+    layers = {}
+    if on(0):
+        layers["0"] = Module(self_attn=attn, mlp=mlp, input_layernorm=Module(weight=Param(hidden)))
+    if on(1):
+        layers["1"] = Module(linear_attn=gdn)
+    inner = {"layers": Module(**layers)}
+    outer = {}
+    if pp_rank == 0:
+        inner["embed_tokens"] = embed
+    if pp_rank == pp_size - 1:
+        inner["norm"] = Module(weight=Param(hidden))
+        outer["lm_head"] = head_
+    if naming == "vl":
+        model = Module(language_model=Module(model=Module(**inner), **outer),
+                       **({"visual": vision_tower(r, tp)} if vision and pp_rank == 0 else {}))
+        model.hf_to_vllm_mapper = WeightsMapper({"model.visual.": "visual.", "lm_head.": "language_model.lm_head.",
+                                                 "model.language_model.": "language_model.model."})
+    else:
+        model = Module(model=Module(**inner), **outer)
     model.packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"],
         "in_proj_qkvz": ["in_proj_qkv", "in_proj_z"], "in_proj_ba": ["in_proj_b", "in_proj_a"],
@@ -187,6 +275,31 @@ class LayoutFacts(unittest.TestCase):
             k = qkv["parts"][1]
             self.assertEqual((k["rows"], k["local_rows"], k["first_row"]), (16, 8, 8 * kv_head))
 
+    def test_a_qkv_layer_absent_from_the_mapping_stays_fused(self):
+        # The vision tower's attn.qkv: one HF tensor, its q, k, v blocks sharded separately.
+        qkv = self.facts(1, 2)["visual.blocks.0.attn.qkv.weight"]
+        self.assertEqual((qkv["packed"], qkv["names"]), ("qkv", ["qkv"]))
+        self.assertEqual([(p["rows"], p["local_rows"], p["first_row"]) for p in qkv["pieces"]], [(16, 8, 8)] * 3)
+
+    def test_fused_moe_experts(self):
+        f = self.facts(1, 2, moe=1)
+        w13 = f[f"{P}.0.mlp.experts.w13_weight"]
+        self.assertEqual((w13["tp_rank"], w13["tp_size"], w13["experts"]),
+                         (1, 2, {"kind": "w13", "experts": [0, 1, 2, 3], "num_experts": 4}))
+        # Expert parallelism: rank 1 of 2 holds experts 2 and 3; the layer's own tp is 1.
+        w2 = self.facts(1, 2, moe=2)[f"{P}.0.mlp.experts.w2_weight"]
+        self.assertEqual((w2["tp_rank"], w2["tp_size"], w2["experts"]), (0, 1, {"kind": "w2", "experts": [2, 3], "num_experts": 4}))
+
+    def test_sleep_mode_and_memory_cuda_ipc_cannot_share_are_refused(self):
+        class Config:
+            enable_sleep_mode = True
+            model = "m"
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(hook.ExportError) as e:
+                hook.export_model(qwen35_rank(0, 1), d, model_config=Config(), entry=fake_entry)
+            self.assertIn("--enable-sleep-mode", str(e.exception))
+            self.assertEqual(os.listdir(d), [])
+
     def test_packed_module_without_a_mapping_is_refused(self):
         model = qwen35_rank(0, 1)
         del model.packed_modules_mapping["in_proj_ba"]
@@ -224,6 +337,151 @@ class LayoutFacts(unittest.TestCase):
                 del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
             else:
                 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = old
+
+
+def fake_entry(name, param, layout):
+    """A manifest entry for a mock parameter: what the hook writes, without a GPU."""
+    entry = {"name": name, "dtype": "BF16", "shape": list(param.shape), "strides": [], "nbytes": 2 * prod(param.shape),
+             "device": 0, "device_uuid": "GPU-mock", "ipc_handle": "00" * 64, "offset": 0, "allocation_bytes": 0,
+             "pid": None}
+    if layout:
+        entry["layout"] = layout
+    return entry
+
+
+def prod(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def write_safetensors(path, shapes):
+    """A safetensors file of zero bf16 tensors {name: shape}."""
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        n = 2 * prod(shapes[name])
+        header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [offset, offset + n]}
+        offset += n
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + bytes(offset))
+
+
+def hf_shapes(prefix="model.language_model.", vision=True, moe=False, tied=False, hidden=32, vocab=250):
+    """The checkpoint's tensors (HF names and shapes) of the model qwen35_rank builds."""
+    a, g, m = f"{prefix}layers.0.self_attn", f"{prefix}layers.1.linear_attn", f"{prefix}layers.0.mlp"
+    out = {
+        f"{a}.q_proj.weight": (64, hidden), f"{a}.k_proj.weight": (16, hidden), f"{a}.v_proj.weight": (16, hidden),
+        f"{a}.o_proj.weight": (hidden, 32), f"{prefix}layers.0.input_layernorm.weight": (hidden,),
+        f"{g}.in_proj_qkv.weight": (64, hidden), f"{g}.in_proj_z.weight": (32, hidden),
+        f"{g}.in_proj_b.weight": (4, hidden), f"{g}.in_proj_a.weight": (4, hidden),
+        f"{g}.conv1d.weight": (64, 1, 4), f"{g}.A_log": (4,), f"{g}.dt_bias": (4,), f"{g}.norm.weight": (8,),
+        f"{g}.out_proj.weight": (hidden, 32),
+        f"{prefix}embed_tokens.weight": (vocab, hidden), f"{prefix}norm.weight": (hidden,), "lm_head.weight": (vocab, hidden),
+        "mtp.fc.weight": (hidden, 2 * hidden),  # the engine does not load it: left untouched
+    }
+    if moe:
+        for e in range(4):
+            out.update({f"{m}.experts.{e}.gate_proj.weight": (16, hidden), f"{m}.experts.{e}.up_proj.weight": (16, hidden),
+                        f"{m}.experts.{e}.down_proj.weight": (hidden, 16)})
+        out.update({f"{m}.gate.weight": (4, hidden), f"{m}.shared_expert.gate_proj.weight": (8, hidden),
+                    f"{m}.shared_expert.up_proj.weight": (8, hidden), f"{m}.shared_expert.down_proj.weight": (hidden, 8)})
+    else:
+        out.update({f"{m}.gate_proj.weight": (64, hidden), f"{m}.up_proj.weight": (64, hidden), f"{m}.down_proj.weight": (hidden, 64)})
+    if vision:
+        v = "model.visual.blocks.0"
+        out.update({f"{v}.attn.qkv.weight": (48, 16), f"{v}.attn.proj.weight": (16, 16), f"{v}.norm1.weight": (16,)})
+    if tied:
+        del out["lm_head.weight"]
+    return out
+
+
+BINARY = os.environ.get("APOLLO_BIN") or os.path.join(
+    os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")),
+    "release", "apollo-checkpoint")
+
+
+# scripts/test.sh sets APOLLO_BIN: there a missing binary fails these tests instead of skipping them.
+@unittest.skipUnless(os.path.exists(BINARY) or "APOLLO_BIN" in os.environ,
+                     f"no built binary at {BINARY} (cargo build --release, or set APOLLO_BIN)")
+class ThroughDiagnose(unittest.TestCase):
+    """Mock vLLM module trees -> the hook's manifests -> `apollo-checkpoint diagnose --json`."""
+
+    def diagnose(self, shapes, ranks, drop=(), stale=(), **model_kw):
+        """Writes the model files and one manifest per (tp, tp_size, pp, pp_size) rank; returns
+        (exit code, diagnose's JSON, stderr)."""
+        with tempfile.TemporaryDirectory() as d:
+            model_dir, handles = os.path.join(d, "model"), os.path.join(d, "handles")
+            os.makedirs(model_dir)
+            os.makedirs(handles)
+            write_safetensors(os.path.join(model_dir, "model.safetensors"), shapes)
+            for tp, tp_size, pp, pp_size in ranks:
+                model = qwen35_rank(tp, tp_size, stage=(pp, pp_size), **model_kw)
+                export_id = "old" if (pp, tp) in stale else "e1"
+                path = hook.export_model(model, handles, (tp, tp_size, pp, pp_size), export_id=export_id, entry=fake_entry)
+                self.assertEqual(os.path.basename(path), f"handles-pp{pp}-tp{tp}.json")
+            for name in drop:
+                os.unlink(os.path.join(handles, name))
+            o = subprocess.run([BINARY, "diagnose", "--model-dir", model_dir, "--handles", handles, "--json"],
+                               capture_output=True, text=True)
+            return o.returncode, (json.loads(o.stdout) if o.stdout.strip() else None), o.stderr
+
+    def assert_all_matched(self, shapes, ranks, **model_kw):
+        code, d, err = self.diagnose(shapes, ranks, **model_kw)
+        self.assertEqual(code, 0, (err, d))
+        self.assertTrue(d["ok"])
+        self.assertEqual((d["live_only"], d["mismatched"], d["unmatched"]), ([], [], []))
+        self.assertEqual(d["disk_only"], ["mtp.fc.weight"])
+        self.assertEqual(sorted(d["matched"]), sorted(n for n in shapes if n != "mtp.fc.weight"))
+        return d
+
+    def test_vision_language_files_with_vllm_vision_language_names(self):
+        for tp in (1, 2):
+            d = self.assert_all_matched(hf_shapes(), [(r, tp, 0, 1) for r in range(tp)])
+            self.assertEqual(d["notes"], [])
+
+    def test_text_only_files_with_vision_language_or_text_only_engine_names(self):
+        shapes = hf_shapes(prefix="model.", vision=False)
+        # The original prototype's deployment: vLLM's VL wrapper names, text-only files.
+        self.assert_all_matched(shapes, [(r, 2, 0, 1) for r in range(2)], naming="vl", vision=False)
+        self.assert_all_matched(shapes, [(0, 1, 0, 1)], naming="text")
+
+    def test_vision_language_files_with_a_text_only_engine(self):
+        self.assert_all_matched(hf_shapes(vision=False), [(0, 1, 0, 1)], naming="text")
+
+    def test_tied_lm_head_with_and_without_a_copy_in_the_files(self):
+        # The files hold lm_head.weight too: it is written from the embedding's live weights.
+        self.assert_all_matched(hf_shapes(), [(r, 2, 0, 1) for r in range(2)], tied=True)
+        # The files hold the embedding only.
+        self.assert_all_matched(hf_shapes(tied=True), [(r, 2, 0, 1) for r in range(2)], tied=True)
+
+    def test_pipeline_parallel_two_stages_by_two_ranks(self):
+        ranks = [(tp, 2, pp, 2) for pp in range(2) for tp in range(2)]
+        self.assert_all_matched(hf_shapes(), ranks)
+        code, _, err = self.diagnose(hf_shapes(), ranks, drop=["handles-pp1-tp1.json"])
+        self.assertEqual(code, 65, err)
+        self.assertIn("missing pp1-tp1", err)
+        # A manifest left from an earlier export: a mixed set.
+        code, _, err = self.diagnose(hf_shapes(), ranks, stale=[(1, 0)])
+        self.assertEqual(code, 65, err)
+        self.assertIn("a mixed set", err)
+
+    def test_fused_moe_with_tensor_or_expert_parallelism(self):
+        shapes = hf_shapes(moe=True)
+        for ep in (1, 2):
+            self.assert_all_matched(shapes, [(r, 2, 0, 1) for r in range(2)], moe=ep)
+
+    def test_unmatched_names_fail_with_the_closest_names(self):
+        shapes = hf_shapes()
+        shapes["model.language_model.layers.0.mlp.up_proj.w"] = shapes.pop("model.language_model.layers.0.mlp.up_proj.weight")
+        code, d, _ = self.diagnose(shapes, [(0, 1, 0, 1)])
+        self.assertEqual(code, 1)
+        self.assertFalse(d["ok"])
+        [u] = d["unmatched"]
+        self.assertEqual(u["engine_name"], "language_model.model.layers.0.mlp.up_proj.weight")
+        self.assertIn("model.language_model.layers.0.mlp.up_proj.w", u["closest"])
 
 
 if __name__ == "__main__":

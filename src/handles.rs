@@ -42,8 +42,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{self, LayoutError, LayoutMap, LiveParam, PackedPart};
+use crate::experts::{self, ExpertFacts};
+use crate::layout::{LayoutError, LayoutMap, LiveParam, PackedPart};
 use crate::model::{ModelLayout, dtype_name, parse_dtype};
+use crate::names::{NameResolver, Resolved, Unmatched, WeightsMapper};
 
 /// Errors reading manifests.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,36 @@ pub enum HandlesError {
     /// The layout facts do not add up.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// An engine name matches two tensors of the files.
+    #[error(
+        "live parameter {engine} could be any of {} in the model files: the files hold the same weights under two names; keep one copy",
+        held.join(" and ")
+    )]
+    AmbiguousName {
+        /// The engine's name.
+        engine: String,
+        /// The file tensors it could be.
+        held: Vec<String>,
+    },
+    /// Live parameters no tensor of the files matches: a sync would leave them out.
+    #[error(
+        "{} live parameter(s) match no tensor of the model files: {}{}. Run `apollo-checkpoint diagnose` to see every name",
+        unmatched.len(),
+        unmatched.iter().take(5).map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        if unmatched.len() > 5 { "; ..." } else { "" }
+    )]
+    Unmatched {
+        /// The parameters, with the names tried and the closest names the files hold.
+        unmatched: Vec<Unmatched>,
+    },
+    /// The manifests are not one complete set of one export.
+    #[error("{path}: {what}")]
+    Set {
+        /// The manifests' path (`--handles`).
+        path: PathBuf,
+        /// What is missing or mixed.
+        what: String,
+    },
     /// The manifests describe another model than the one in the model directory.
     #[error(
         "{path}: these live weights are not the model in {model_dir}: {what}. Point --handles at the manifests of the engine that serves this model"
@@ -116,6 +148,9 @@ pub struct LayoutFacts {
     /// The engine's sub-blocks of a packed parameter, grouped into `names`.
     #[serde(default)]
     pub pieces: Vec<PieceFacts>,
+    /// For a fused mixture-of-experts parameter: which experts this rank holds.
+    #[serde(default)]
+    pub experts: Option<ExpertFacts>,
 }
 
 /// One sub-block of a packed parameter (vLLM's `output_sizes` entry) on one rank.
@@ -144,6 +179,7 @@ impl Default for LayoutFacts {
             parts: Vec::new(),
             names: Vec::new(),
             pieces: Vec::new(),
+            experts: None,
         }
     }
 }
@@ -238,8 +274,15 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Manifests, HandlesError> {
                 )));
             }
         }
+        let mut meta = m.meta;
+        // Manifests that predate `meta.tp_size` (or name no ranks): their tensors' facts say.
+        if let Some(f) = m.tensors.iter().find_map(|t| t.layout.as_ref()) {
+            for (key, value) in [("tp_rank", f.tp_rank), ("tp_size", f.tp_size)] {
+                meta.entry(key).or_insert_with(|| value.into());
+            }
+        }
         out.tensors.extend(m.tensors);
-        out.metas.push((path.clone(), m.meta));
+        out.metas.push((path.clone(), meta));
     }
     Ok(out)
 }
@@ -253,75 +296,205 @@ const DEFAULT_PACKING: &[(&str, &[&str])] = &[
     ("in_proj_ba", &["in_proj_b", "in_proj_a"]),
 ];
 
-/// The live parameters the manifests describe, with HF names. `model` (the files' tensors) is
-/// needed to group `pieces` into unequal HF parts and to unpack parameters that came without
-/// layout facts; without it those are refused or taken whole.
+/// The live parameters of a set of manifests, as HF tensors of the model files.
+#[derive(Clone, Debug, Default)]
+pub struct LiveParams {
+    /// The manifests' tensors, fused-MoE parameters split into one view per expert (what a
+    /// reader opens; `params[i]` reads `tensors[i]`).
+    pub tensors: Vec<ManifestTensor>,
+    /// One live parameter per entry of `tensors`.
+    pub params: Vec<LiveParam>,
+    /// Engine parameters (or packed parts) no tensor of the files matches (none are listed
+    /// without the files).
+    pub unmatched: Vec<Unmatched>,
+    /// Where the files decided against the layout facts.
+    pub notes: Vec<String>,
+}
+
+/// The live parameters the manifests describe, with the HF names the model files hold (see
+/// [`crate::names`]). `model` (the files' tensors) is needed to resolve names, to group
+/// `pieces` into unequal HF parts and to unpack parameters that came without layout facts;
+/// without it names follow the wrapper rules and those are refused or taken whole.
 pub fn live_params(
     manifests: &Manifests,
     model: Option<&ModelLayout>,
-) -> Result<Vec<LiveParam>, HandlesError> {
+) -> Result<LiveParams, HandlesError> {
     let rows_on_disk: HashMap<&str, u64> = model
         .iter()
         .flat_map(|m| &m.tensors)
         .filter_map(|t| Some((t.entry.name.as_str(), *t.entry.shape.first()?)))
         .collect();
     let disk_rows = |name: &str| rows_on_disk.get(name).copied();
+    let resolver = NameResolver::new(
+        model
+            .iter()
+            .flat_map(|m| &m.tensors)
+            .map(|t| t.entry.name.clone()),
+        mapper(manifests),
+    );
     let mapping = packing(manifests);
     let config = match model {
         Some(m) => read_config(&m.dir)?,
         None => None,
     };
-    manifests
-        .tensors
-        .iter()
-        .map(|t| {
-            let bad = |what: String| {
-                HandlesError::Layout(LayoutError::BadParam {
-                    param: t.name.clone(),
-                    what,
-                })
-            };
-            let part_name = |packed: &str, part: &str| {
-                if part.is_empty() {
-                    String::new()
-                } else {
-                    layout::hf_name(&t.name.replacen(packed, part, 1))
-                }
-            };
-            let facts = match &t.layout {
-                Some(f) => f.clone(),
-                None => unpacked_without_facts(t, &mapping, config.as_ref(), &disk_rows)
-                    .map_err(bad)?
-                    .unwrap_or_default(),
-            };
-            let parts = match &facts.packed {
-                Some(packed) if !facts.pieces.is_empty() => {
-                    group_pieces(&facts, |n| part_name(packed, n), &disk_rows).map_err(bad)?
-                }
-                Some(packed) => facts
-                    .parts
-                    .iter()
-                    .map(|p| PackedPart {
-                        hf_name: part_name(packed, &p.name),
-                        rows: p.rows,
-                        local_rows: p.local_rows,
-                        first_row: p.first_row,
-                    })
-                    .collect(),
-                None => Vec::new(),
-            };
-            Ok(LiveParam {
-                name: t.name.clone(),
-                dtype: parse_dtype(&t.dtype).expect("checked by read_all"),
-                shape: t.shape.clone(),
-                tp_rank: facts.tp_rank,
-                tp_size: facts.tp_size,
-                shard_dim: facts.shard_dim,
-                parts,
-                hf_name: layout::hf_name(&t.name),
+    let tensors = experts::split(&manifests.tensors, &resolver)?;
+    let mut out = LiveParams::default();
+    let mut names = Names {
+        resolver: &resolver,
+        report: model.is_some(),
+        unmatched: &mut out.unmatched,
+    };
+    for t in &tensors {
+        let bad = |what: String| {
+            HandlesError::Layout(LayoutError::BadParam {
+                param: t.name.clone(),
+                what,
             })
-        })
-        .collect()
+        };
+        let mut facts = match &t.layout {
+            Some(f) => f.clone(),
+            None => unpacked_without_facts(t, &mapping, config.as_ref(), &disk_rows, &resolver)
+                .map_err(bad)?
+                .unwrap_or_default(),
+        };
+        let parts = match facts.packed.clone() {
+            Some(packed) => {
+                if let Some(note) = fused_on_disk(t, &packed, &mut facts, &resolver) {
+                    out.notes.push(note);
+                }
+                let part_names: Vec<String> = if facts.pieces.is_empty() {
+                    facts.parts.iter().map(|p| p.name.clone()).collect()
+                } else {
+                    facts.names.clone()
+                };
+                let mut hf = HashMap::new();
+                for n in part_names {
+                    let name = if n.is_empty() {
+                        String::new()
+                    } else {
+                        names.hf(&t.name.replacen(&packed, &n, 1))?
+                    };
+                    hf.insert(n, name);
+                }
+                let hf = |n: &str| hf.get(n).cloned().unwrap_or_default();
+                if facts.pieces.is_empty() {
+                    facts
+                        .parts
+                        .iter()
+                        .map(|p| PackedPart {
+                            hf_name: hf(&p.name),
+                            rows: p.rows,
+                            local_rows: p.local_rows,
+                            first_row: p.first_row,
+                        })
+                        .collect()
+                } else {
+                    group_pieces(&facts, hf, &disk_rows).map_err(bad)?
+                }
+            }
+            None => Vec::new(),
+        };
+        let hf_name = if parts.is_empty() {
+            names.hf(&t.name)?
+        } else {
+            String::new()
+        };
+        out.params.push(LiveParam {
+            name: t.name.clone(),
+            dtype: parse_dtype(&t.dtype).expect("checked by read_all"),
+            shape: t.shape.clone(),
+            tp_rank: facts.tp_rank,
+            tp_size: facts.tp_size,
+            shard_dim: facts.shard_dim,
+            parts,
+            hf_name,
+        });
+    }
+    out.tensors = tensors;
+    Ok(out)
+}
+
+/// Resolves engine names for [`live_params`], collecting the unmatched ones.
+struct Names<'a> {
+    resolver: &'a NameResolver,
+    report: bool,
+    unmatched: &'a mut Vec<Unmatched>,
+}
+
+impl Names<'_> {
+    /// The HF name of `engine`: the one the files hold; an unmatched one is recorded and named
+    /// by the wrapper rules; two held are an error.
+    fn hf(&mut self, engine: &str) -> Result<String, HandlesError> {
+        match self.resolver.resolve(engine) {
+            Resolved::Held(n) => Ok(n),
+            Resolved::Ambiguous(held) => Err(HandlesError::AmbiguousName {
+                engine: engine.to_string(),
+                held,
+            }),
+            Resolved::Missing => {
+                if self.report {
+                    self.unmatched.push(self.resolver.unmatched(engine));
+                }
+                Ok(NameResolver::preferred(engine))
+            }
+        }
+    }
+}
+
+/// A packed parameter whose facts split it into parts the files do not hold, while the files
+/// hold the parameter itself (a vision tower's fused `attn.qkv`, Qwen3-Next's `in_proj_qkvz`):
+/// the files decide, and the parts become pieces of the one fused tensor (grouped by its rows
+/// in the files, so a rank's pieces land where they belong). Returns a note saying so.
+fn fused_on_disk(
+    t: &ManifestTensor,
+    packed: &str,
+    facts: &mut LayoutFacts,
+    resolver: &NameResolver,
+) -> Option<String> {
+    let names: Vec<&str> = if facts.pieces.is_empty() {
+        facts.parts.iter().map(|p| p.name.as_str()).collect()
+    } else {
+        facts.names.iter().map(String::as_str).collect()
+    };
+    if names.iter().all(|n| n.is_empty() || *n == packed) {
+        return None;
+    }
+    let held = |n: &str| matches!(resolver.resolve(n), Resolved::Held(_));
+    let Resolved::Held(whole) = resolver.resolve(&t.name) else {
+        return None;
+    };
+    if names.iter().any(|n| held(&t.name.replacen(packed, n, 1))) {
+        return None;
+    }
+    let note = format!(
+        "{}: the layout facts split it into {}, but the files hold it fused as {whole}: taken whole",
+        t.name,
+        names.join(", ")
+    );
+    if facts.pieces.is_empty() {
+        facts.pieces = facts
+            .parts
+            .iter()
+            .map(|p| PieceFacts {
+                rows: p.rows,
+                local_rows: p.local_rows,
+                first_row: p.first_row,
+            })
+            .collect();
+        facts.parts.clear();
+    }
+    facts.names = vec![packed.to_string()];
+    Some(note)
+}
+
+/// The engine's `hf_to_vllm_mapper`, if a manifest carries it (`meta.hf_to_vllm_mapper`).
+fn mapper(manifests: &Manifests) -> WeightsMapper {
+    manifests
+        .metas
+        .iter()
+        .find_map(|(_, m)| m.get("hf_to_vllm_mapper"))
+        .map(WeightsMapper::from_json)
+        .unwrap_or_default()
 }
 
 /// `model_dir/config.json`, if there is one.
@@ -381,8 +554,13 @@ fn unpacked_without_facts(
     mapping: &[(String, Vec<String>)],
     config: Option<&serde_json::Value>,
     disk_rows: &impl Fn(&str) -> Option<u64>,
+    resolver: &NameResolver,
 ) -> Result<Option<LayoutFacts>, String> {
-    if disk_rows(&layout::hf_name(&t.name)).is_some() {
+    let hf_name = |engine: &str| match resolver.resolve(engine) {
+        Resolved::Held(n) => n,
+        _ => NameResolver::preferred(engine),
+    };
+    if matches!(resolver.resolve(&t.name), Resolved::Held(_)) {
         return Ok(None);
     }
     let live_rows = t.shape.first().copied().unwrap_or(0);
@@ -395,7 +573,7 @@ fn unpacked_without_facts(
     };
     let hf_names: Vec<String> = names
         .iter()
-        .map(|n| layout::hf_name(&t.name.replacen(packed.as_str(), n, 1)))
+        .map(|n| hf_name(&t.name.replacen(packed.as_str(), n, 1)))
         .collect();
     let by_files: Option<Vec<u64>> = hf_names.iter().map(|n| disk_rows(n)).collect();
     let by_config = match config {
@@ -552,7 +730,9 @@ fn group_pieces(
     let mut next = pieces.iter();
     for n in names {
         let name = hf(n);
-        let Some(want) = disk_rows(&name) else {
+        // One name the files do not hold (it is reported as unmatched): all its pieces.
+        let whole = (names.len() == 1).then(|| pieces.iter().map(|p| p.rows).sum());
+        let Some(want) = disk_rows(&name).or(whole) else {
             return Err(format!(
                 "its {} pieces cannot be matched to its {} parts: the files hold no {name}",
                 pieces.len(),
@@ -599,19 +779,33 @@ pub struct Diagnosis {
     pub disk_only: Vec<String>,
     /// Tensors in both whose dtype or shape differ, with both.
     pub mismatched: Vec<String>,
-    /// Engine parameters and the ranks they came from.
+    /// The engine parameters behind `live_only`: the names tried and the closest names the
+    /// files hold.
+    pub unmatched: Vec<Unmatched>,
+    /// Where the files decided against the layout facts (a fused tensor the facts split).
+    pub notes: Vec<String>,
+    /// Engine parameters in the manifests (all ranks).
     pub live_params: usize,
+    /// Manifests read.
+    pub manifests: usize,
+    /// True when every live tensor matches a tensor of the files in dtype and shape: a sync
+    /// would take them all. `diagnose` exits 1 otherwise.
+    pub ok: bool,
 }
 
 /// Compares the HF view of the live weights with the model files.
-pub fn diagnose(model: &ModelLayout, map: &LayoutMap, params: usize) -> Diagnosis {
+pub fn diagnose(model: &ModelLayout, live: &LiveView) -> Diagnosis {
+    let map = &live.map;
     let disk: BTreeMap<&str, &crate::model::TensorEntry> = model
         .tensors
         .iter()
         .map(|t| (t.entry.name.as_str(), &t.entry))
         .collect();
     let mut d = Diagnosis {
-        live_params: params,
+        live_params: live.live_params,
+        manifests: live.manifests,
+        unmatched: live.unmatched.clone(),
+        notes: live.notes.clone(),
         ..Diagnosis::default()
     };
     for (name, t) in &map.tensors {
@@ -632,32 +826,19 @@ pub fn diagnose(model: &ModelLayout, map: &LayoutMap, params: usize) -> Diagnosi
         .filter(|n| !map.tensors.contains_key(**n))
         .map(|n| (*n).to_string())
         .collect();
+    d.ok = d.live_only.is_empty() && d.mismatched.is_empty() && d.unmatched.is_empty();
     d
 }
 
 /// Checks that the manifests describe one engine serving the model in `model_dir`: their
 /// `meta.config` agree with each other and with `model_dir/config.json` (or its `text_config`)
-/// on every key both have, and no tp rank appears in two manifests.
+/// on every key both have.
 pub fn check_same_model(manifests: &Manifests, model_dir: &Path) -> Result<(), HandlesError> {
     let other = |path: &Path, what: String| HandlesError::OtherModel {
         path: path.to_path_buf(),
         model_dir: model_dir.to_path_buf(),
         what,
     };
-    let mut ranks: BTreeMap<u64, &Path> = BTreeMap::new();
-    for (path, meta) in &manifests.metas {
-        if let Some(rank) = meta.get("tp_rank").and_then(serde_json::Value::as_u64) {
-            if let Some(first) = ranks.insert(rank, path) {
-                return Err(other(
-                    path,
-                    format!(
-                        "it and {} both hold tp rank {rank}: manifests of two engines?",
-                        first.display()
-                    ),
-                ));
-            }
-        }
-    }
     let configs: Vec<(&PathBuf, &serde_json::Map<String, serde_json::Value>)> = manifests
         .metas
         .iter()
@@ -701,14 +882,46 @@ pub fn check_same_model(manifests: &Manifests, model_dir: &Path) -> Result<(), H
     Ok(())
 }
 
+/// The live weights of one engine as HF tensors of the model files: what `sync --handles` and
+/// `diagnose` read.
+#[derive(Clone, Debug)]
+pub struct LiveView {
+    /// The HF tensors and where their bytes are.
+    pub map: LayoutMap,
+    /// The tensors a reader opens (`map`'s parameter indices point here).
+    pub tensors: Vec<ManifestTensor>,
+    /// Manifests read.
+    pub manifests: usize,
+    /// Engine parameters in the manifests (all ranks, before experts are split).
+    pub live_params: usize,
+    /// Engine parameters no tensor of the files matches.
+    pub unmatched: Vec<Unmatched>,
+    /// Where the files decided against the layout facts.
+    pub notes: Vec<String>,
+}
+
+impl LiveView {
+    /// Refuses a view with live parameters no tensor of the files matches: a sync would leave
+    /// them out (and the tensors they should update stale).
+    pub fn require_all_matched(&self) -> Result<(), HandlesError> {
+        if self.unmatched.is_empty() {
+            Ok(())
+        } else {
+            Err(HandlesError::Unmatched {
+                unmatched: self.unmatched.clone(),
+            })
+        }
+    }
+}
+
 /// Everything `sync --handles` and `diagnose` need from a manifest path (a file or a folder
-/// of per-rank manifests) for the model in `model_dir`: the manifests checked to be this
-/// model's, and their layout map.
+/// of manifests, one per rank) for the model in `model_dir`: the manifests checked to be one
+/// complete set of one export of this model, and their HF view.
 pub fn open_live(
     handles: &Path,
     model_dir: &Path,
     model: &ModelLayout,
-) -> Result<(LayoutMap, Vec<ManifestTensor>, usize), HandlesError> {
+) -> Result<LiveView, HandlesError> {
     let paths = manifest_paths(handles)?;
     if paths.is_empty() {
         return Err(HandlesError::Format {
@@ -717,9 +930,164 @@ pub fn open_live(
         });
     }
     let manifests = read_all(&paths)?;
+    check_complete_set(&manifests, handles)?;
     check_same_model(&manifests, model_dir)?;
-    let params = live_params(&manifests, Some(model))?;
-    Ok((LayoutMap::build(&params)?, manifests.tensors, paths.len()))
+    let live = live_params(&manifests, Some(model))?;
+    let mut map = LayoutMap::build(&live.params)?;
+    for (from, to) in tied(&manifests, model)? {
+        map.alias(&from, &to);
+    }
+    Ok(LiveView {
+        map,
+        tensors: live.tensors,
+        manifests: paths.len(),
+        live_params: manifests.tensors.len(),
+        unmatched: live.unmatched,
+        notes: live.notes,
+    })
+}
+
+/// Tensors of the files that hold another tensor's weights (tied embeddings), as (HF name of
+/// the live tensor, HF name of the tied copy): the pairs the export hook found sharing one
+/// parameter (`meta.tied`: engine alias → engine name), and `lm_head.weight` → the embedding
+/// when the model's config.json says `tie_word_embeddings: true`. Only pairs the files hold
+/// both of.
+fn tied(manifests: &Manifests, model: &ModelLayout) -> Result<Vec<(String, String)>, HandlesError> {
+    let resolver = NameResolver::new(
+        model.tensors.iter().map(|t| t.entry.name.clone()),
+        mapper(manifests),
+    );
+    let held = |engine: &str| match resolver.resolve(engine) {
+        Resolved::Held(n) => Some(n),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (_, meta) in &manifests.metas {
+        if let Some(t) = meta.get("tied").and_then(serde_json::Value::as_object) {
+            for (alias, target) in t {
+                if let (Some(a), Some(tg)) = (held(alias), target.as_str().and_then(held)) {
+                    out.push((tg, a));
+                }
+            }
+        }
+    }
+    let config = read_config(&model.dir)?;
+    let tie = config.as_ref().and_then(|c| {
+        c.get("text_config")
+            .and_then(|t| t.get("tie_word_embeddings"))
+            .or_else(|| c.get("tie_word_embeddings"))
+            .and_then(serde_json::Value::as_bool)
+    });
+    if tie == Some(true) {
+        let only = |suffix: &str| {
+            let v: Vec<&String> = model
+                .tensors
+                .iter()
+                .map(|t| &t.entry.name)
+                .filter(|n| n.ends_with(suffix))
+                .collect();
+            (v.len() == 1).then(|| v[0].clone())
+        };
+        if let (Some(e), Some(h)) = (only("embed_tokens.weight"), only("lm_head.weight")) {
+            out.push((e, h));
+        }
+    }
+    Ok(out)
+}
+
+/// Where one manifest sits in its deployment: (pp rank, pp size, tp rank, tp size, export id).
+fn place(
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> (u64, u64, u64, u64, Option<String>) {
+    let num = |k: &str, default: u64| {
+        meta.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(default)
+    };
+    (
+        num("pp_rank", 0),
+        num("pp_size", 1),
+        num("tp_rank", 0),
+        num("tp_size", 1),
+        meta.get("export_id")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string),
+    )
+}
+
+/// Checks that the manifests are one complete set of one export: every (pipeline stage,
+/// tensor-parallel rank) pair of the deployment exactly once, all with the same sizes and the
+/// same `export_id`. A partial set would leave the missing ranks' tensors stale while reporting
+/// success; a mixed one would combine weights of two moments.
+pub fn check_complete_set(manifests: &Manifests, handles: &Path) -> Result<(), HandlesError> {
+    let err = |what: String| HandlesError::Set {
+        path: handles.to_path_buf(),
+        what,
+    };
+    let places: Vec<(&PathBuf, _)> = manifests.metas.iter().map(|(p, m)| (p, place(m))).collect();
+    let Some((first_path, first)) = places.first() else {
+        return Ok(());
+    };
+    let (pp_size, tp_size) = (first.1, first.3);
+    if pp_size == 0 || tp_size == 0 || pp_size.saturating_mul(tp_size) > 65_536 {
+        return Err(err(format!(
+            "{} says pp_size {pp_size} and tp_size {tp_size}",
+            first_path.display()
+        )));
+    }
+    let mut seen: BTreeMap<(u64, u64), &PathBuf> = BTreeMap::new();
+    for (path, p) in &places {
+        if (p.1, p.3) != (pp_size, tp_size) {
+            return Err(err(format!(
+                "{} is from a deployment of pp_size {} × tp_size {}, {} from one of {pp_size} × {tp_size}: remove the stale manifests and export again",
+                path.display(),
+                p.1,
+                p.3,
+                first_path.display()
+            )));
+        }
+        if p.4 != first.4 {
+            let id = |i: &Option<String>| i.clone().unwrap_or_else(|| "none".into());
+            return Err(err(format!(
+                "{} comes from export {}, {} from export {}: a mixed set; remove the stale manifests and export again",
+                path.display(),
+                id(&p.4),
+                first_path.display(),
+                id(&first.4)
+            )));
+        }
+        if p.0 >= pp_size || p.2 >= tp_size {
+            return Err(err(format!(
+                "{} says pp rank {} tp rank {}, outside pp_size {pp_size} × tp_size {tp_size}",
+                path.display(),
+                p.0,
+                p.2
+            )));
+        }
+        if let Some(other) = seen.insert((p.0, p.2), path) {
+            return Err(err(format!(
+                "{} and {} both hold pp rank {} tp rank {}: manifests of two engines? Remove the stale one",
+                other.display(),
+                path.display(),
+                p.0,
+                p.2
+            )));
+        }
+    }
+    let missing: Vec<String> = (0..pp_size)
+        .flat_map(|pp| (0..tp_size).map(move |tp| (pp, tp)))
+        .filter(|k| !seen.contains_key(k))
+        .map(|(pp, tp)| format!("pp{pp}-tp{tp}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(err(format!(
+            "an incomplete set: {} of {} manifests (pp_size {pp_size} × tp_size {tp_size}); missing {}. Export from every worker (collective_rpc reaches them all) into this folder",
+            seen.len(),
+            pp_size * tp_size,
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// The manifest files of a path: the file itself, or every `*.json` in a directory.

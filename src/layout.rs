@@ -266,6 +266,21 @@ impl LayoutMap {
     }
 }
 
+impl LayoutMap {
+    /// Presents tensor `from` also as `to` (tied weights: one live parameter, two tensors in the
+    /// files), unless `to` is live on its own or `from` is not in the map.
+    pub fn alias(&mut self, from: &str, to: &str) {
+        if self.tensors.contains_key(to) {
+            return;
+        }
+        if let Some(t) = self.tensors.get(from) {
+            let mut copy = t.clone();
+            copy.name = to.to_string();
+            self.tensors.insert(to.to_string(), copy);
+        }
+    }
+}
+
 fn push(
     builders: &mut BTreeMap<String, Builder>,
     name: &str,
@@ -298,26 +313,6 @@ impl HfTensor {
                 (*s, a - s.dst, b - a)
             })
     }
-}
-
-/// Maps an engine's parameter name to the HF name of the model files: the vision-language
-/// wrapper's prefixes (`language_model.model.` ↔ `model.language_model.`, `language_model.lm_head.`
-/// ↔ `lm_head.`, `visual.` ↔ `model.visual.`) and, for names outside those, the plain
-/// `language_model.` strip of the original prototype.
-pub fn hf_name(engine_name: &str) -> String {
-    for (from, to) in [
-        ("language_model.model.", "model.language_model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("visual.", "model.visual."),
-    ] {
-        if let Some(rest) = engine_name.strip_prefix(from) {
-            return format!("{to}{rest}");
-        }
-    }
-    engine_name
-        .strip_prefix("language_model.")
-        .unwrap_or(engine_name)
-        .to_string()
 }
 
 /// Raw access to live parameters by index (one rank's GPU memory, or host buffers).
@@ -611,24 +606,6 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("parts hold 1 rows")
-        );
-    }
-
-    #[test]
-    fn engine_names_map_to_hf_names() {
-        assert_eq!(
-            hf_name("language_model.model.layers.0.mlp.down_proj.weight"),
-            "model.language_model.layers.0.mlp.down_proj.weight"
-        );
-        assert_eq!(hf_name("language_model.lm_head.weight"), "lm_head.weight");
-        assert_eq!(
-            hf_name("visual.blocks.0.attn.qkv.weight"),
-            "model.visual.blocks.0.attn.qkv.weight"
-        );
-        assert_eq!(hf_name("language_model.norm.weight"), "norm.weight");
-        assert_eq!(
-            hf_name("model.layers.0.mlp.up_proj.weight"),
-            "model.layers.0.mlp.up_proj.weight"
         );
     }
 }

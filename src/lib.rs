@@ -11,6 +11,8 @@
 //! - [`source`]: [`WeightSource`], where live weights come from.
 //! - [`cuda`]: reading live weights through CUDA IPC handles (the only raw CUDA calls).
 //! - [`handles`]: manifests of live weights written by the export hook, and `diagnose`.
+//! - [`names`]: which tensor of the files an engine parameter is (the files decide).
+//! - [`experts`]: fused mixture-of-experts parameters split into per-expert views.
 //! - [`layout`]: how HF tensors lie in a serving engine's packed, tensor-parallel parameters.
 //! - [`plan`]: deciding which blocks changed, without reading the model files.
 //! - [`journal`]: the fsynced undo/redo journal that makes a sync all-or-nothing.
@@ -27,6 +29,7 @@ pub mod blockhash;
 pub mod checkpoint;
 pub mod cuda;
 pub mod delta;
+pub mod experts;
 pub mod fileformat;
 pub mod handles;
 pub mod index;
@@ -35,6 +38,7 @@ pub mod journal;
 pub mod layout;
 pub mod lock;
 pub mod model;
+pub mod names;
 pub mod plan;
 pub mod replica;
 pub mod source;

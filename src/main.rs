@@ -246,14 +246,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let model =
                     apollo_checkpoint::model::ModelLayout::open(&target.model_dir, &RealIo::new())
                         .map_err(apollo_checkpoint::Error::from)?;
-                let (map, tensors, _) =
+                let live =
                     apollo_checkpoint::handles::open_live(&handles, &target.model_dir, &model)
                         .map_err(apollo_checkpoint::Error::from)?;
                 drop(model);
-                let reader = apollo_checkpoint::cuda::CudaIpcReader::open(&tensors)
+                live.require_all_matched()
+                    .map_err(apollo_checkpoint::Error::from)?;
+                let reader = apollo_checkpoint::cuda::CudaIpcReader::open(&live.tensors)
                     .map_err(apollo_checkpoint::Error::from)?;
                 announce(&cp)?;
-                cp.sync(&apollo_checkpoint::layout::LayoutSource::new(map, reader))?
+                cp.sync(&apollo_checkpoint::layout::LayoutSource::new(
+                    live.map, reader,
+                ))?
             } else {
                 let from = from.expect("clap requires --from or --handles");
                 let source = SafetensorsSource::open(&from)
@@ -391,30 +395,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let model = apollo_checkpoint::model::ModelLayout::open(&model_dir, &RealIo::new())
                 .map_err(apollo_checkpoint::Error::from)?;
-            let (map, tensors, manifests) =
-                apollo_checkpoint::handles::open_live(&handles, &model_dir, &model)
-                    .map_err(apollo_checkpoint::Error::from)?;
-            let d = apollo_checkpoint::handles::diagnose(&model, &map, tensors.len());
+            let live = apollo_checkpoint::handles::open_live(&handles, &model_dir, &model)
+                .map_err(apollo_checkpoint::Error::from)?;
+            let d = apollo_checkpoint::handles::diagnose(&model, &live);
             if json {
                 print_json(&d)?;
             } else {
                 println!(
                     "live parameters: {} (from {} manifest(s)), as {} HF tensors",
                     d.live_params,
-                    manifests,
-                    map.tensors.len()
+                    d.manifests,
+                    live.map.tensors.len()
                 );
                 println!("matched:         {}", d.matched.len());
+                let unmatched: Vec<String> = d.unmatched.iter().map(ToString::to_string).collect();
                 for (what, list) in [
                     ("live only (would not be synced)", &d.live_only),
+                    ("  engine names behind them", &unmatched),
                     ("disk only (left untouched)", &d.disk_only),
                     ("dtype or shape differs", &d.mismatched),
+                    ("notes", &d.notes),
                 ] {
                     println!("{what}: {}", list.len());
                     for n in list {
                         println!("  {n}");
                     }
                 }
+                if !d.ok {
+                    println!(
+                        "not ok: a sync would refuse these live weights (exit 1); fix the names, dtypes or shapes listed above"
+                    );
+                }
+            }
+            if !d.ok {
+                return Ok(ExitCode::from(1));
             }
         }
         Command::Recover { target } => {

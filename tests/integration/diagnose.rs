@@ -102,8 +102,10 @@ fn diagnose_lists_matched_live_only_disk_only_and_mismatched_tensors() {
         s(&handles),
         "--json",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    // A live-only tensor and a dtype mismatch: a deploy script gating on diagnose must stop.
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let d = stdout_json(&o);
+    assert_eq!(d["ok"], false);
     let names = |k: &str| -> Vec<String> {
         d[k].as_array()
             .unwrap()
@@ -129,6 +131,18 @@ fn diagnose_lists_matched_live_only_disk_only_and_mismatched_tensors() {
         )]
     );
     assert_eq!(d["live_params"], 8);
+    // The engine name behind the live-only tensor, with the names tried.
+    let u = &d["unmatched"][0];
+    assert_eq!(
+        u["engine_name"],
+        "language_model.model.layers.0.extra.weight"
+    );
+    assert!(
+        u["candidates"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(format!("{l}.extra.weight")))
+    );
 
     let o = run(&[
         "diagnose",
@@ -137,9 +151,12 @@ fn diagnose_lists_matched_live_only_disk_only_and_mismatched_tensors() {
         "--handles",
         s(&handles),
     ]);
+    assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("matched:         4") && text.contains("disk only (left untouched): 1"),
+        text.contains("matched:         4")
+            && text.contains("disk only (left untouched): 1")
+            && text.contains("not ok"),
         "{text}"
     );
 

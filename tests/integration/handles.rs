@@ -203,7 +203,7 @@ fn pieces_group_into_hf_tensors_by_the_files_rows_and_padding_is_never_read() {
             manifests.tensors.extend(t);
             data.extend(d);
         }
-        let params = live_params(&manifests, Some(&model)).unwrap();
+        let params = live_params(&manifests, Some(&model)).unwrap().params;
         let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), HostParams(data));
         assert_reads_as(&source, &hf);
         // Without the files, four pieces cannot be told apart into two tensors.
@@ -228,7 +228,7 @@ fn pieces_group_into_hf_tensors_by_the_files_rows_and_padding_is_never_read() {
         manifests.tensors.extend(t);
         data.extend(d);
     }
-    let params = live_params(&manifests, Some(&model)).unwrap();
+    let params = live_params(&manifests, Some(&model)).unwrap().params;
     let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), HostParams(data));
     let report = checkpoint(&model_dir).sync(&source).unwrap();
     assert!(report.changed && report.untouched.is_empty(), "{report:?}");
@@ -288,7 +288,7 @@ fn parameters_without_layout_facts_are_unpacked_by_the_files() {
         metas: Vec::new(),
     };
     let qkv = [&hf[0].data[..], &hf[1].data, &hf[2].data].concat();
-    let params = live_params(&manifests, Some(&model)).unwrap();
+    let params = live_params(&manifests, Some(&model)).unwrap().params;
     let source = LayoutSource::new(
         LayoutMap::build(&params).unwrap(),
         HostParams(vec![qkv, hf[3].data.clone()]),
@@ -336,8 +336,11 @@ fn manifests_of_another_model_or_of_two_engines_are_refused() {
     write(0, good.clone());
     write(1, good.clone());
     let model = ModelLayout::open(&model_dir, &RealIo::new()).unwrap();
-    let (map, tensors, n) = open_live(&handles, &model_dir, &model).unwrap();
-    assert_eq!((map.tensors.len(), tensors.len(), n), (1, 2, 2));
+    let live = open_live(&handles, &model_dir, &model).unwrap();
+    assert_eq!(
+        (live.map.tensors.len(), live.tensors.len(), live.manifests),
+        (1, 2, 2)
+    );
 
     // `command` refuses the manifests (exit 65), its message naming every one of `needles`.
     let refused = |command: &str, needles: &[&str]| {
@@ -372,7 +375,7 @@ fn manifests_of_another_model_or_of_two_engines_are_refused() {
         handles.join("old-rank0.json"),
     )
     .unwrap();
-    refused("diagnose", &["both hold tp rank 0"]);
+    refused("diagnose", &["both hold pp rank 0 tp rank 0"]);
 }
 
 /// Fact-less parameters are split by config.json where it describes the packing: checked
@@ -426,7 +429,7 @@ fn parameters_without_layout_facts_are_split_by_config_json() {
         ],
         metas: Vec::new(),
     };
-    let params = live_params(&manifests, Some(&model)).unwrap();
+    let params = live_params(&manifests, Some(&model)).unwrap().params;
     let map = LayoutMap::build(&params).unwrap();
     // The files hold no gate_proj/up_proj: the config alone splits gate_up_proj.
     let l0 = "model.language_model.layers.0";

@@ -8,6 +8,7 @@ mod handles;
 mod journal_size;
 mod kill;
 mod layout;
+mod live_names;
 mod nightly;
 mod replica;
 mod robustness;
