@@ -6,7 +6,9 @@
 # 2. sync --handles end to end: a PyTorch process holds a Qwen3.5-shaped model in vLLM's packed
 #    layout; init, diagnose, rounds of in-place changes and syncs checked byte for byte, verify,
 #    a dead producer, the prototype's handles file converted, a malicious pickle refused
-# 3. tensor parallel: one producer per GPU holds its rank's shards; sync from both manifests
+# 3. naming schemes (text-only files with vLLM's VL names, VL files, a fused vision qkv), FusedMoE
+#    experts, two pipeline stages (a missing one refused), memory CUDA IPC cannot share refused
+# 4. tensor parallel: one producer per GPU holds its rank's shards; sync from both manifests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-target/release/apollo-checkpoint}
@@ -27,8 +29,10 @@ echo "== export hook core"
 run scripts/gpu_hook_test.py
 echo "== sync --handles"
 run scripts/gpu_sync_test.py "$bin"
+echo "== sync --handles: naming schemes, experts, pipeline stages"
+run scripts/gpu_names_test.py "$bin"
 echo "== sync --handles, tensor parallel over 2 GPUs (skips with fewer)"
 run scripts/gpu_tp_test.py "$bin"
 if [ "$failed" -gt 0 ]; then echo "GPU tests: FAIL"; exit 1; fi
-if [ "$skipped" -gt 0 ]; then echo "GPU tests: SKIPPED (no PyTorch or no GPU here)"; exit 0; fi
+if [ "$skipped" -gt 0 ]; then echo "GPU tests: PASS, $skipped script(s) SKIPPED (no PyTorch, or too few GPUs here: see above)"; exit 0; fi
 echo "GPU tests: PASS"

@@ -67,7 +67,8 @@ def producer(rank, version, manifest, ready):
     live[f"{p}.input_layernorm.weight"] = hf[f"{hp}.input_layernorm.weight"].cuda()
     layouts[f"{p}.input_layernorm.weight"] = {"tp_rank": rank, "tp_size": TP, "shard_dim": None}
     torch.cuda.synchronize()
-    hook.write_manifest(manifest, list(live.items()), meta={"rank": rank}, layouts=layouts)
+    meta = {"tp_rank": rank, "tp_size": TP, "pp_rank": 0, "pp_size": 1, "export_id": f"v{version}"}
+    hook.write_manifest(manifest, list(live.items()), meta=meta, layouts=layouts)
     open(ready, "w").close()
     while True:
         time.sleep(1)
@@ -101,7 +102,7 @@ def main():
                 ready = os.path.join(tmp, f"ready-{version}-{rank}")
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(rank))
                 procs.append((subprocess.Popen([sys.executable, __file__, "--producer", str(rank), str(version),
-                                                os.path.join(handles, f"handles-rank{rank}.json"), ready], env=env), ready))
+                                                os.path.join(handles, f"handles-pp0-tp{rank}.json"), ready], env=env), ready))
             for _, ready in procs:
                 for _ in range(600):
                     if os.path.exists(ready):
