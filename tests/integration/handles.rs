@@ -11,7 +11,7 @@ use apollo_checkpoint::synthetic::Rng;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::util::{T, checkpoint, run, s, stderr, write_model};
+use crate::util::{T, assert_reads_as, checkpoint, run, s, stderr, write_model};
 
 const L: &str = "model.language_model.layers.0.linear_attn";
 const HIDDEN: usize = 32;
@@ -175,16 +175,6 @@ fn rank(hf: &[T], r: usize, tp: usize) -> (Vec<ManifestTensor>, Vec<Vec<u8>>) {
     ));
     data.push(bytes);
     (tensors, data)
-}
-
-fn assert_reads_as(source: &dyn WeightSource, hf: &[T]) {
-    assert_eq!(source.tensors().len(), hf.len());
-    for (i, st) in source.tensors().iter().enumerate() {
-        let t = hf.iter().find(|t| t.name == st.name).expect(&st.name);
-        let mut buf = vec![0u8; t.data.len()];
-        source.read(i, 0, &mut buf).unwrap();
-        assert!(buf == t.data, "{} differs", t.name);
-    }
 }
 
 #[test]

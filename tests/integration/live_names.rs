@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use apollo_checkpoint::WeightSource;
 use apollo_checkpoint::handles::{ManifestTensor, Manifests, live_params, open_live};
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::layout::{HostParams, LayoutMap, LayoutSource};
@@ -14,7 +13,7 @@ use apollo_checkpoint::synthetic::Rng;
 use safetensors::Dtype;
 use serde_json::json;
 
-use crate::util::{T, checkpoint, run, s, stdout_json, write_model};
+use crate::util::{T, assert_reads_as, checkpoint, run, s, stdout_json, write_model};
 
 const E: usize = 4;
 const I: usize = 8;
@@ -50,16 +49,6 @@ fn view_data(tensors: &[ManifestTensor], buffers: &HashMap<String, Vec<u8>>) -> 
             b[t.offset as usize..(t.offset + t.nbytes) as usize].to_vec()
         })
         .collect()
-}
-
-fn assert_reads_as(source: &dyn WeightSource, hf: &[T]) {
-    assert_eq!(source.tensors().len(), hf.len());
-    for (i, st) in source.tensors().iter().enumerate() {
-        let t = hf.iter().find(|t| t.name == st.name).expect(&st.name);
-        let mut buf = vec![0u8; t.data.len()];
-        source.read(i, 0, &mut buf).unwrap();
-        assert!(buf == t.data, "{} differs", t.name);
-    }
 }
 
 fn experts_hf(naming: [&str; 3], rng: &mut Rng) -> Vec<T> {

@@ -314,3 +314,14 @@ pub fn deltas_in(outbox: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Asserts that `source` presents exactly the tensors `hf` with their bytes.
+pub fn assert_reads_as(source: &dyn apollo_checkpoint::WeightSource, hf: &[T]) {
+    assert_eq!(source.tensors().len(), hf.len());
+    for (i, st) in source.tensors().iter().enumerate() {
+        let t = hf.iter().find(|t| t.name == st.name).expect(&st.name);
+        let mut buf = vec![0u8; t.data.len()];
+        source.read(i, 0, &mut buf).unwrap();
+        assert!(buf == t.data, "{} differs", t.name);
+    }
+}
