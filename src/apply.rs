@@ -21,7 +21,8 @@ use rayon::prelude::*;
 
 use crate::blockhash::subtree_cv;
 use crate::io::FileIo;
-use crate::journal::{HASH_PREFIX, Journal, JournalError, Record, apply_xor, hash_prefix};
+use crate::journal::{Journal, JournalError};
+use crate::record::{HASH_PREFIX, Record, apply_xor, hash_prefix};
 
 /// Sectors a power cut tears a block into.
 pub const SECTOR: usize = 512;
@@ -31,7 +32,7 @@ pub const MAX_TORN_SECTORS: usize = 16;
 const BATCH_BYTES: usize = 64 << 20;
 
 /// What rolling forward found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyStats {
     /// Blocks written from old to new.
     pub applied: u64,
@@ -107,7 +108,7 @@ fn runs(batch: &[Record]) -> Vec<&[Record]> {
         let split = i == batch.len()
             || i - start == MAX_RUN
             || batch[i].file != batch[i - 1].file
-            || batch[i].block_offset != batch[i - 1].block_offset + u64::from(batch[i - 1].len);
+            || batch[i].offset != batch[i - 1].offset + u64::from(batch[i - 1].len);
         if split {
             out.push(&batch[start..i]);
             start = i;
@@ -130,7 +131,7 @@ fn apply_run(
     };
     let len: usize = run.iter().map(|r| r.len as usize).sum();
     let mut bytes = vec![0u8; len];
-    file.read_at(first.block_offset, &mut bytes).map_err(io)?;
+    file.read_at(first.offset, &mut bytes).map_err(io)?;
     let mut outcomes = Vec::with_capacity(run.len());
     let mut at = 0;
     for r in run {
@@ -139,7 +140,7 @@ fn apply_run(
         at += r.len as usize;
     }
     if outcomes.iter().any(|o| !matches!(o, Outcome::AlreadyNew)) {
-        file.write_at(first.block_offset, &bytes).map_err(io)?;
+        file.write_at(first.offset, &bytes).map_err(io)?;
     }
     Ok(outcomes)
 }
@@ -151,7 +152,7 @@ enum Outcome {
 }
 
 fn prefix_of(r: &Record, block: &[u8]) -> [u8; HASH_PREFIX] {
-    hash_prefix(&subtree_cv(r.block_offset - r.tensor_offset, block))
+    hash_prefix(&subtree_cv(r.offset - r.tensor_offset, block))
 }
 
 /// Judges one block (its current bytes in `block`) and turns it into its new bytes in place.
@@ -163,7 +164,7 @@ fn apply_record(journal: &Journal, r: &Record, block: &mut [u8]) -> Result<Outco
             what: format!(
                 "record for {} at byte {} has a malformed payload",
                 name(),
-                r.block_offset
+                r.offset
             ),
         })
     };
@@ -179,11 +180,11 @@ fn apply_record(journal: &Journal, r: &Record, block: &mut [u8]) -> Result<Outco
     apply_xor(&r.payload, &mut delta).ok_or_else(corrupt)?;
     let unrecognised = || ApplyError::Unrecognised {
         file: name(),
-        offset: r.block_offset,
-        end: r.block_offset + u64::from(r.len),
+        offset: r.offset,
+        end: r.offset + u64::from(r.len),
         target: journal.header.target_generation,
     };
-    let in_sector = (r.block_offset % SECTOR as u64) as usize;
+    let in_sector = (r.offset % SECTOR as u64) as usize;
     let repaired = repair_torn_at(block, &delta, in_sector, |candidate| {
         let p = prefix_of(r, candidate);
         if p == r.new {

@@ -23,16 +23,9 @@
 //!   60  4  reserved (0)
 //!   64  F × { u16 name length, name (UTF-8, a plain file name), u64 size,
 //!             32 base root (zeros if unknown), 32 target root }
-//! records, repeated
-//!   0   1  kind: 'X' = XOR against the base bytes, 'F' = the target bytes themselves
-//!   1   4  file: index into the file table
-//!   5   8  tensor offset: absolute offset of the block's tensor (u64::MAX: raw file bytes)
-//!   13  8  offset: absolute offset of the bytes in the file
-//!   21  4  length L
-//!   25  16 base hash (X only; zeros for F)
-//!   41  16 target hash
-//!   57  4  payload length P
-//!   61  P  payload: X: zero-run coded XOR (see journal); F: the L target bytes
+//! records, repeated: the record codec of [`crate::record`], tag 'X' (XOR against the base
+//!   bytes, zero-run coded; old hash = base hash) or 'F' (the L target bytes themselves, old
+//!   hash zeros); tensor offset u64::MAX marks raw file bytes; new hash = target hash
 //! trailer (48 bytes)
 //!   0   8  magic "APDEND01"
 //!   8   8  record count
@@ -47,16 +40,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fileformat::{HashedWriter, hash_prefix_of, le_u32, le_u64, model_id_bytes};
+use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
-use crate::journal::HASH_PREFIX;
+use crate::record::{self, ReadError, Record, WHOLE, XOR, le_u32, le_u64};
 
 const MAGIC: &[u8; 8] = b"APDELTA1";
 const END_MAGIC: &[u8; 8] = b"APDEND01";
 const TRAILER_LEN: u64 = 48;
-const RECORD_HEADER: usize = 61;
-/// `tensor offset` of records that carry raw file bytes.
-pub const RAW: u64 = u64::MAX;
 /// Base generation of a full delta.
 pub const NO_BASE: u64 = u64::MAX;
 
@@ -132,27 +122,6 @@ pub struct DeltaHeader {
     pub files: Vec<DeltaFile>,
 }
 
-/// One record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeltaRecord {
-    /// XOR (`true`) or full bytes.
-    pub xor: bool,
-    /// Index into the file table.
-    pub file: u32,
-    /// Absolute offset of the tensor, or [`RAW`].
-    pub tensor_offset: u64,
-    /// Absolute offset.
-    pub offset: u64,
-    /// Length.
-    pub len: u32,
-    /// Base hash (XOR records).
-    pub base: [u8; HASH_PREFIX],
-    /// Target hash.
-    pub target: [u8; HASH_PREFIX],
-    /// Payload.
-    pub payload: Vec<u8>,
-}
-
 /// Whether `name` is a plain file name (no directories, not hidden, not `..`).
 pub fn plain_name(name: &str) -> bool {
     !name.is_empty()
@@ -182,21 +151,6 @@ impl DeltaHeader {
             out.extend_from_slice(&f.target_root);
         }
         out
-    }
-}
-
-impl DeltaRecord {
-    /// Appends the record's encoding to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(if self.xor { b'X' } else { b'F' });
-        out.extend_from_slice(&self.file.to_le_bytes());
-        out.extend_from_slice(&self.tensor_offset.to_le_bytes());
-        out.extend_from_slice(&self.offset.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.extend_from_slice(&self.base);
-        out.extend_from_slice(&self.target);
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.payload);
     }
 }
 
@@ -362,7 +316,7 @@ impl Delta {
             count: le_u64(&trailer[8..]),
         };
         let mut seen = 0;
-        delta.for_each_batch(usize::MAX, |b| {
+        delta.for_each_batch(64 << 20, |b| {
             seen += b.len() as u64;
             Ok::<_, DeltaError>(())
         })?;
@@ -376,68 +330,56 @@ impl Delta {
     pub fn for_each_batch<E: From<DeltaError>>(
         &self,
         batch_bytes: usize,
-        mut f: impl FnMut(Vec<DeltaRecord>) -> Result<(), E>,
+        f: impl FnMut(Vec<Record>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let corrupt = |what: String| DeltaError::Corrupt {
-            path: self.path.clone(),
-            what,
+        let files = &self.header.files;
+        let check = |r: &Record, plen: u32| {
+            if r.tag != XOR && r.tag != WHOLE {
+                return Err("not a delta record".to_string());
+            }
+            let in_file = files
+                .get(r.file as usize)
+                .is_some_and(|f| r.end().is_some_and(|e| e <= f.size));
+            if !in_file {
+                return Err("outside its file".into());
+            }
+            if r.tag == WHOLE && plen != r.len {
+                return Err("its bytes are not its length".into());
+            }
+            Ok(())
         };
-        let io_err = |source| DeltaError::Io {
-            path: self.path.clone(),
-            source,
+        let path = &self.path;
+        let error = |e| {
+            E::from(match e {
+                ReadError::Io(source) => DeltaError::Io {
+                    path: path.clone(),
+                    source,
+                },
+                ReadError::Malformed(what) => DeltaError::Corrupt {
+                    path: path.clone(),
+                    what,
+                },
+            })
         };
-        let mut pos = self.records_start;
-        let mut batch = Vec::new();
-        let mut size = 0usize;
-        let mut head = [0u8; RECORD_HEADER];
-        while pos < self.records_end {
-            if self.records_end - pos < RECORD_HEADER as u64 {
-                return Err(corrupt(format!("record at byte {pos} is truncated")).into());
-            }
-            self.file.read_at(pos, &mut head).map_err(io_err)?;
-            let xor = match head[0] {
-                b'X' => true,
-                b'F' => false,
-                _ => return Err(corrupt(format!("no record at byte {pos}")).into()),
-            };
-            let file = le_u32(&head[1..]);
-            let offset = le_u64(&head[13..]);
-            let len = le_u32(&head[21..]);
-            let plen = u64::from(le_u32(&head[57..]));
-            let end = pos + RECORD_HEADER as u64 + plen;
-            let in_file = self.header.files.get(file as usize).is_some_and(|f| {
-                offset
-                    .checked_add(u64::from(len))
-                    .is_some_and(|e| e <= f.size)
-            });
-            if end > self.records_end || !in_file || (!xor && plen != u64::from(len)) {
-                return Err(corrupt(format!("record at byte {pos} is malformed")).into());
-            }
-            let mut payload = vec![0u8; plen as usize];
-            self.file
-                .read_at(pos + RECORD_HEADER as u64, &mut payload)
-                .map_err(io_err)?;
-            size += payload.len() + len as usize;
-            batch.push(DeltaRecord {
-                xor,
-                file,
-                tensor_offset: le_u64(&head[5..]),
-                offset,
-                len,
-                base: head[25..41].try_into().expect("16"),
-                target: head[41..57].try_into().expect("16"),
-                payload,
-            });
-            pos = end;
-            if size >= batch_bytes {
-                f(std::mem::take(&mut batch))?;
-                size = 0;
-            }
-        }
-        if !batch.is_empty() {
-            f(batch)?;
-        }
-        Ok(())
+        record::read_batches(
+            self.file.as_ref(),
+            (self.records_start, self.records_end),
+            batch_bytes,
+            check,
+            error,
+            f,
+        )
+    }
+}
+
+/// The 16-byte hash of a record's bytes: the block's chaining value, or BLAKE3 of raw bytes.
+pub fn record_hash(tensor_offset: u64, offset: u64, bytes: &[u8]) -> [u8; record::HASH_PREFIX] {
+    if tensor_offset == record::RAW {
+        blake3::hash(bytes).as_bytes()[..record::HASH_PREFIX]
+            .try_into()
+            .expect("32 > 16")
+    } else {
+        record::hash_prefix(&crate::blockhash::subtree_cv(offset - tensor_offset, bytes))
     }
 }
 
@@ -474,14 +416,14 @@ mod tests {
         };
         let dest = dir.path().join(delta_name(Some(41), 47));
         let mut w = DeltaWriter::create(&io, &dest, &header).unwrap();
-        let rec = |i: u64| DeltaRecord {
-            xor: i % 2 == 0,
+        let rec = |i: u64| Record {
+            tag: if i % 2 == 0 { XOR } else { WHOLE },
             file: 0,
             tensor_offset: 100,
             offset: 100 + 4096 * i,
             len: 4096,
-            base: [3; 16],
-            target: [4; 16],
+            old: [3; 16],
+            new: [4; 16],
             payload: if i % 2 == 0 {
                 vec![0, 1, 7]
             } else {

@@ -112,16 +112,6 @@ pub fn hash_prefix_of(file: &dyn FileIo, len: u64) -> std::io::Result<[u8; 32]> 
     Ok(*hasher.finalize().as_bytes())
 }
 
-/// A little-endian u32 at the start of `b` (callers check the length).
-pub fn le_u32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
-}
-
-/// A little-endian u64 at the start of `b` (callers check the length).
-pub fn le_u64(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
 /// The model id (32 hex digits) as the 16 bytes the formats store.
 pub fn model_id_bytes(model_id: &str) -> [u8; 16] {
     let mut id = [0u8; 16];

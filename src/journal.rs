@@ -53,16 +53,9 @@
 //!   64  F × { u16 name length, name bytes (UTF-8), u64 file size }
 //!   ..  I bytes: JSON object describing the generation (source, stats)
 //!   ..  32 BLAKE3 of every header byte before it
-//! records, repeated
-//!   0   1  tag 'R' (0x52)
-//!   1   4  file: index into the header's file table
-//!   5   8  tensor offset: absolute offset of the block's tensor in the file
-//!   13  8  block offset: absolute offset of the block in the file
-//!   21  4  block length L
-//!   25  16 old hash: first 16 bytes of the block's chaining value before (see blockhash)
-//!   41  16 new hash: the same after
-//!   57  4  payload length P
-//!   61  P  payload: old XOR new, zero-run coded
+//! records, repeated: the record codec of [`crate::record`], tag 'R': file index into the
+//!   header's file table, the block's tensor and block offsets, its length, the first 16 bytes
+//!   of its chaining value before and after (see blockhash), old XOR new zero-run coded
 //! commit record (88 bytes, appended and fsynced only after everything above is durable)
 //!   0   8  magic "APJCOMIT"
 //!   8   8  records end: offset of this commit record
@@ -71,15 +64,16 @@
 //!   56  32 BLAKE3 of the commit record's bytes 0..56
 //! ```
 //!
-//! Zero-run code of a block's XOR: a sequence of items `varint(zeros) varint(n) n literal bytes`,
-//! meaning "skip `zeros` unchanged bytes, then XOR these `n` bytes in"; bytes after the last
-//! item are unchanged. Varints are LEB128. A literal run is broken by 3 or more zero bytes.
+//! The info JSON is a [`GenerationInfo`]: `{"source": ..., "tensors": N, "bytes_compared": N}`,
+//! plus `"restored_generation"` for a rollback.
 
 use std::path::{Path, PathBuf};
 
-use crate::blockhash::Cv;
-use crate::fileformat::{HashedWriter, hash_prefix_of, le_u32, le_u64, model_id_bytes};
+use serde::{Deserialize, Serialize};
+
+use crate::fileformat::{HashedWriter, hash_prefix_of, model_id_bytes};
 use crate::io::{FileIo, Io, OpenMode};
+use crate::record::{self, JOURNAL, ReadError, Record, le_u32, le_u64};
 
 /// File name of the pending journal inside the state directory.
 pub const JOURNAL_FILE: &str = "journal";
@@ -102,10 +96,6 @@ const MAGIC: &[u8; 8] = b"APJRNL01";
 const COMMIT_MAGIC: &[u8; 8] = b"APJCOMIT";
 /// Length of the commit record.
 pub const COMMIT_LEN: u64 = 88;
-/// Bytes of a block hash kept in a record.
-pub const HASH_PREFIX: usize = 16;
-const RECORD_HEADER: usize = 61;
-const RECORD_TAG: u8 = b'R';
 
 /// What a journal does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -134,14 +124,32 @@ impl JournalKind {
             _ => None,
         }
     }
-    /// Name used in generation records.
-    pub fn name(self) -> &'static str {
+    /// The kind of generation it records.
+    pub fn generation_kind(self) -> crate::index::GenerationKind {
+        use crate::index::GenerationKind;
         match self {
-            JournalKind::Sync => "sync",
-            JournalKind::Rollback => "rollback",
-            JournalKind::ApplyDelta => "apply-delta",
+            JournalKind::Sync => GenerationKind::Sync,
+            JournalKind::Rollback => GenerationKind::Rollback,
+            JournalKind::ApplyDelta => GenerationKind::ApplyDelta,
         }
     }
+}
+
+/// What a journal's generation is, beyond its records: kept in the header as JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationInfo {
+    /// Where the new bytes came from.
+    #[serde(default)]
+    pub source: String,
+    /// Tensors compared.
+    #[serde(default)]
+    pub tensors: u64,
+    /// Bytes compared.
+    #[serde(default)]
+    pub bytes_compared: u64,
+    /// For a rollback: the generation whose bytes it restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_generation: Option<u64>,
 }
 
 /// Errors reading or writing journals.
@@ -194,134 +202,8 @@ pub struct JournalHeader {
     pub created_ms: u64,
     /// Files, referenced by index from records.
     pub files: Vec<JournalFile>,
-    /// A JSON object describing the generation.
-    pub info: serde_json::Value,
-}
-
-/// One changed block.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    /// Index into the header's files.
-    pub file: u32,
-    /// Absolute offset of the block's tensor.
-    pub tensor_offset: u64,
-    /// Absolute offset of the block.
-    pub block_offset: u64,
-    /// Length of the block.
-    pub len: u32,
-    /// Hash prefix before.
-    pub old: [u8; HASH_PREFIX],
-    /// Hash prefix after.
-    pub new: [u8; HASH_PREFIX],
-    /// Zero-run coded XOR of old and new.
-    pub payload: Vec<u8>,
-}
-
-/// The prefix of a chaining value kept in records.
-pub fn hash_prefix(cv: &Cv) -> [u8; HASH_PREFIX] {
-    cv[..HASH_PREFIX].try_into().expect("32 > 16")
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn get_varint(input: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let b = *input.get(*pos)?;
-        *pos += 1;
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
-
-/// Appends the zero-run code of `old XOR new` to `out`; returns how many bytes differ.
-pub fn encode_xor(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> u64 {
-    debug_assert_eq!(old.len(), new.len());
-    let n = old.len();
-    let mut differing = 0u64;
-    let mut pos = 0; // first byte not yet coded
-    let mut i = 0;
-    while i < n {
-        // Skip equal bytes, 8 at a time where possible.
-        while i + 8 <= n && old[i..i + 8] == new[i..i + 8] {
-            i += 8;
-        }
-        while i < n && old[i] == new[i] {
-            i += 1;
-        }
-        if i >= n {
-            break;
-        }
-        let start = i;
-        // Extend the literal until 3 equal bytes in a row (or the end).
-        let mut end = i;
-        let mut equal_run = 0;
-        while i < n && equal_run < 3 {
-            if old[i] == new[i] {
-                equal_run += 1;
-            } else {
-                equal_run = 0;
-                end = i + 1;
-                differing += 1;
-            }
-            i += 1;
-        }
-        put_varint(out, (start - pos) as u64);
-        put_varint(out, (end - start) as u64);
-        out.extend(
-            old[start..end]
-                .iter()
-                .zip(&new[start..end])
-                .map(|(a, b)| a ^ b),
-        );
-        pos = end;
-        i = end;
-    }
-    differing
-}
-
-/// XORs a zero-run coded payload into `target`; `None` if the payload is malformed or runs past
-/// the end of `target`.
-pub fn apply_xor(payload: &[u8], target: &mut [u8]) -> Option<()> {
-    let mut p = 0;
-    let mut pos = 0usize;
-    while p < payload.len() {
-        let zeros = usize::try_from(get_varint(payload, &mut p)?).ok()?;
-        let n = usize::try_from(get_varint(payload, &mut p)?).ok()?;
-        pos = pos.checked_add(zeros)?;
-        let lit = payload.get(p..p.checked_add(n)?)?;
-        let dst = target.get_mut(pos..pos.checked_add(n)?)?;
-        for (d, x) in dst.iter_mut().zip(lit) {
-            *d ^= x;
-        }
-        p += n;
-        pos += n;
-    }
-    Some(())
-}
-
-impl Record {
-    /// Appends the record's encoding to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(RECORD_TAG);
-        out.extend_from_slice(&self.file.to_le_bytes());
-        out.extend_from_slice(&self.tensor_offset.to_le_bytes());
-        out.extend_from_slice(&self.block_offset.to_le_bytes());
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.extend_from_slice(&self.old);
-        out.extend_from_slice(&self.new);
-        out.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.payload);
-    }
+    /// What the generation is.
+    pub info: GenerationInfo,
 }
 
 impl JournalHeader {
@@ -336,7 +218,7 @@ impl JournalHeader {
         out.extend_from_slice(&self.target_generation.to_le_bytes());
         out.extend_from_slice(&self.created_ms.to_le_bytes());
         out.extend_from_slice(&(self.files.len() as u32).to_le_bytes());
-        let info = self.info.to_string();
+        let info = serde_json::to_string(&self.info).expect("plain data serializes");
         out.extend_from_slice(&(info.len() as u32).to_le_bytes());
         for f in &self.files {
             out.extend_from_slice(&(f.name.len() as u16).to_le_bytes());
@@ -566,70 +448,45 @@ impl Journal {
     pub fn for_each_batch<E: From<JournalError>>(
         &self,
         batch_bytes: usize,
-        mut f: impl FnMut(Vec<Record>) -> Result<(), E>,
+        f: impl FnMut(Vec<Record>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let corrupt = |what: String| JournalError::Corrupt {
-            path: self.path.clone(),
-            what,
+        let files = &self.header.files;
+        let check = |r: &Record, _plen: u32| {
+            if r.tag != JOURNAL {
+                return Err("not a journal record".to_string());
+            }
+            let size = files.get(r.file as usize).map(|f| f.size);
+            match (size, r.end()) {
+                (Some(size), Some(end)) if end <= size => Ok(()),
+                (None, _) => Err(format!("file {} is not in the header", r.file)),
+                _ => Err("points past the end of its file".into()),
+            }
         };
-        let io_err = |source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let mut pos = self.records_start;
-        let mut batch = Vec::new();
-        let mut batch_size = 0usize;
-        let mut head = [0u8; RECORD_HEADER];
-        while pos < self.records_end {
-            if self.records_end - pos < RECORD_HEADER as u64 {
-                return Err(corrupt(format!("record at byte {pos} is truncated")).into());
-            }
-            self.file.read_at(pos, &mut head).map_err(io_err)?;
-            if head[0] != RECORD_TAG {
-                return Err(corrupt(format!("no record tag at byte {pos}")).into());
-            }
-            let plen = u64::from(le_u32(&head[57..]));
-            let file = le_u32(&head[1..]);
-            let len = le_u32(&head[21..]);
-            let end = pos + RECORD_HEADER as u64 + plen;
-            if end > self.records_end || file as usize >= self.header.files.len() {
-                return Err(corrupt(format!("record at byte {pos} is malformed")).into());
-            }
-            let mut payload = vec![0u8; plen as usize];
-            self.file
-                .read_at(pos + RECORD_HEADER as u64, &mut payload)
-                .map_err(io_err)?;
-            let block_offset = le_u64(&head[13..]);
-            let size = self.header.files[file as usize].size;
-            if block_offset
-                .checked_add(u64::from(len))
-                .is_none_or(|e| e > size)
-            {
-                return Err(corrupt(format!(
-                    "record at byte {pos} points past the end of its file"
-                ))
-                .into());
-            }
-            batch_size += payload.len() + u64::from(len) as usize;
-            batch.push(Record {
-                file,
-                tensor_offset: le_u64(&head[5..]),
-                block_offset,
-                len,
-                old: head[25..41].try_into().expect("16"),
-                new: head[41..57].try_into().expect("16"),
-                payload,
-            });
-            pos = end;
-            if batch_size >= batch_bytes {
-                f(std::mem::take(&mut batch))?;
-                batch_size = 0;
-            }
+        let path = &self.path;
+        record::read_batches(
+            self.file.as_ref(),
+            (self.records_start, self.records_end),
+            batch_bytes,
+            check,
+            |e| E::from(JournalError::read(path, e)),
+            f,
+        )
+    }
+}
+
+impl JournalError {
+    /// The error of journal `path` for a record that could not be read.
+    fn read(path: &Path, e: ReadError) -> Self {
+        match e {
+            ReadError::Io(source) => JournalError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            ReadError::Malformed(what) => JournalError::Corrupt {
+                path: path.to_path_buf(),
+                what,
+            },
         }
-        if !batch.is_empty() {
-            f(batch)?;
-        }
-        Ok(())
     }
 }
 
@@ -637,63 +494,6 @@ impl Journal {
 mod tests {
     use super::*;
     use crate::io::RealIo;
-
-    fn xor_round_trip(old: &[u8], new: &[u8]) -> usize {
-        let mut code = Vec::new();
-        let differing = encode_xor(old, new, &mut code);
-        assert_eq!(
-            differing as usize,
-            old.iter().zip(new).filter(|(a, b)| a != b).count()
-        );
-        let mut t = old.to_vec();
-        apply_xor(&code, &mut t).unwrap();
-        assert_eq!(t, new);
-        // XOR is its own inverse: the same code turns new back into old.
-        apply_xor(&code, &mut t).unwrap();
-        assert_eq!(t, old);
-        code.len()
-    }
-
-    #[test]
-    fn xor_code_round_trips_and_is_small_for_sparse_changes() {
-        let old: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 251) as u8).collect();
-        assert_eq!(xor_round_trip(&old, &old), 0);
-        let mut one = old.clone();
-        one[4095] ^= 0x40;
-        assert!(xor_round_trip(&old, &one) <= 4);
-        let mut spread = old.clone();
-        for i in (7..4096).step_by(200) {
-            spread[i] ^= 1;
-            spread[i + 1] ^= 0x80;
-        }
-        let n = xor_round_trip(&old, &spread);
-        assert!(n <= 21 * 5, "{n}");
-        let other: Vec<u8> = old.iter().map(|b| !b).collect();
-        assert!(xor_round_trip(&old, &other) <= 4096 + 4);
-        for len in [0, 1, 2, 3, 7, 8, 9, 513] {
-            let a = vec![1u8; len];
-            let mut b = a.clone();
-            if len > 0 {
-                b[len - 1] = 0;
-                b[0] = 0;
-            }
-            xor_round_trip(&a, &b);
-        }
-    }
-
-    #[test]
-    fn malformed_payloads_are_rejected() {
-        let mut t = [0u8; 16];
-        assert!(
-            apply_xor(&[0, 5, 1, 2], &mut t).is_none(),
-            "literal past the payload"
-        );
-        assert!(
-            apply_xor(&[15, 2, 1, 1], &mut t).is_none(),
-            "literal past the block"
-        );
-        assert!(apply_xor(&[0xff; 11], &mut t).is_none(), "varint overflow");
-    }
 
     fn header() -> JournalHeader {
         JournalHeader {
@@ -707,15 +507,19 @@ mod tests {
                 name: "a.safetensors".into(),
                 size: 1 << 20,
             }],
-            info: serde_json::json!({"source": "x"}),
+            info: GenerationInfo {
+                source: "x".into(),
+                ..GenerationInfo::default()
+            },
         }
     }
 
     fn record(i: u64) -> Record {
         Record {
+            tag: JOURNAL,
             file: 0,
             tensor_offset: 64,
-            block_offset: 64 + 4096 * i,
+            offset: 64 + 4096 * i,
             len: 4096,
             old: [1; 16],
             new: [2; 16],

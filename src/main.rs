@@ -10,7 +10,8 @@ use anyhow::Context;
 use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::{
-    Checkpoint, RecoverReport, SafetensorsSource, StatusReport, SyncReport, VerifyReport,
+    Checkpoint, Error, RecoverReport, RecoveryAction, SafetensorsSource, StatusReport, SyncReport,
+    VerifyReport,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -172,12 +173,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            let code = err
-                .chain()
-                .find_map(|e| e.downcast_ref::<apollo_checkpoint::Error>())
-                .map_or(1, apollo_checkpoint::Error::exit_code);
+            // Library errors reach here as they are (never behind context), so their kind
+            // decides the exit code; anything else is unexpected (1).
+            let code = err.downcast_ref::<Error>().map_or(1, Error::exit_code);
             eprintln!("apollo-checkpoint: error: {}", error_chain(&err));
-            ExitCode::from(u8::try_from(code).unwrap_or(1))
+            ExitCode::from(code)
         }
     }
 }
@@ -243,25 +243,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             let report = if let Some(handles) = handles {
-                let model =
-                    apollo_checkpoint::model::ModelLayout::open(&target.model_dir, &RealIo::new())
-                        .map_err(apollo_checkpoint::Error::from)?;
-                let live =
-                    apollo_checkpoint::handles::open_live(&handles, &target.model_dir, &model)
-                        .map_err(apollo_checkpoint::Error::from)?;
-                drop(model);
-                live.require_all_matched()
-                    .map_err(apollo_checkpoint::Error::from)?;
-                let reader = apollo_checkpoint::cuda::CudaIpcReader::open(&live.tensors)
-                    .map_err(apollo_checkpoint::Error::from)?;
+                let source = apollo_checkpoint::live::open(&handles, &target.model_dir)?;
                 announce(&cp)?;
-                cp.sync(&apollo_checkpoint::layout::LayoutSource::new(
-                    live.map, reader,
-                ))?
+                cp.sync(&source)?
             } else {
                 let from = from.expect("clap requires --from or --handles");
-                let source = SafetensorsSource::open(&from)
-                    .with_context(|| format!("opening the source {}", from.display()))?;
+                let source = SafetensorsSource::open(&from).map_err(Error::from)?;
                 announce(&cp)?;
                 cp.sync(&source)?
             };
@@ -394,10 +381,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let model = apollo_checkpoint::model::ModelLayout::open(&model_dir, &RealIo::new())
-                .map_err(apollo_checkpoint::Error::from)?;
-            let live = apollo_checkpoint::handles::open_live(&handles, &model_dir, &model)
-                .map_err(apollo_checkpoint::Error::from)?;
-            let d = apollo_checkpoint::handles::diagnose(&model, &live);
+                .map_err(Error::from)?;
+            let live = apollo_checkpoint::live::open_live(&handles, &model_dir, &model)
+                .map_err(Error::from)?;
+            let d = apollo_checkpoint::live::diagnose(&model, &live);
             if json {
                 print_json(&d)?;
             } else {
@@ -519,20 +506,20 @@ fn sync_summary(r: &SyncReport) -> String {
 }
 
 fn recover_summary(r: &RecoverReport) -> String {
-    match r.action.as_str() {
-        "none" => format!(
+    match r.action {
+        RecoveryAction::None => format!(
             "nothing to recover: the model is at generation {}",
             r.generation
         ),
-        "discarded" => format!(
+        RecoveryAction::Discarded => format!(
             "recovered: discarded an uncommitted journal (the files were not touched); the model is at generation {}",
             r.generation
         ),
-        "flushed" => format!(
+        RecoveryAction::Flushed => format!(
             "nothing to recover: the last write's pages are now on disk; the model is at generation {}",
             r.generation
         ),
-        _ => format!(
+        RecoveryAction::RolledForward => format!(
             "recovered: rolled an interrupted write forward to generation {} ({} blocks written, {} already written, {} torn blocks repaired)",
             r.generation, r.blocks.applied, r.blocks.already_new, r.blocks.repaired
         ),
@@ -574,20 +561,10 @@ fn print_status(r: &StatusReport) {
     match &r.last_sync {
         Some(s) => println!(
             "last sync:   {}, {} blocks changed, {} compared in {:.3} s",
-            s.get("at_ms")
-                .and_then(serde_json::Value::as_i64)
-                .map_or_else(|| "?".into(), time_ms),
-            s.get("blocks_changed")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(0),
-            human_bytes(
-                s.get("bytes_compared")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            ),
-            s.get("seconds")
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(0.0)
+            time_ms(s.at_ms),
+            s.report.blocks_changed,
+            human_bytes(s.report.bytes_compared),
+            s.report.seconds
         ),
         None => println!("last sync:   never"),
     }

@@ -136,13 +136,23 @@ fn verify_exits_1_naming_tensor_and_block_and_repair_fixes_it() {
 #[test]
 fn exit_codes_and_messages_for_common_mistakes() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = run(&["status", "--model-dir", s(tmp.path())]);
+    // status_on_a_directory_that_is_not_a_model_exits_66: it exited 0 saying "not initialized".
+    for cmd in ["status", "verify"] {
+        for dir in [tmp.path().to_path_buf(), tmp.path().join("nope")] {
+            let o = run(&[cmd, "--model-dir", s(&dir)]);
+            assert_eq!(o.status.code(), Some(66), "{cmd}: {}", stderr(&o));
+            assert!(stderr(&o).contains("no model.safetensors"), "{}", stderr(&o));
+        }
+    }
+    // A model without an index yet.
+    let fresh = tmp.path().join("fresh");
+    write_model(&fresh, &mixed_tensors(3), 1);
+    let o = run(&["status", "--model-dir", s(&fresh)]);
     assert!(o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("not initialized: run `apollo-checkpoint init")
     );
-
-    let o = run(&["verify", "--model-dir", s(tmp.path())]);
+    let o = run(&["verify", "--model-dir", s(&fresh)]);
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("no index yet"), "{}", stderr(&o));
 

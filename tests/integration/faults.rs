@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
 use apollo_checkpoint::synthetic::Rng;
-use apollo_checkpoint::{Checkpoint, SafetensorsSource};
+use apollo_checkpoint::{Checkpoint, RecoveryAction, SafetensorsSource};
 
 use crate::util::{
     T, checkpoint, checkpoint_after_reboot, deltas_in, mixed_tensors, model_files, run, s, stderr,
@@ -712,7 +712,7 @@ fn a_truncated_journal_is_discarded_and_the_model_left_as_it_is() {
         .set_len(len - 10)
         .unwrap();
     let r = checkpoint(&dir).recover().unwrap();
-    assert_eq!(r.action, "discarded");
+    assert_eq!(r.action, RecoveryAction::Discarded);
     assert_eq!(model_files(&dir), sc.before);
     assert!(!journal.exists());
     assert!(checkpoint(&dir).verify(false).unwrap().clean);
@@ -909,7 +909,7 @@ fn unflushed_writes_are_fsynced_in_the_same_boot_and_rolled_forward_after_a_rebo
     let r = Checkpoint::new(&dir, None, Arc::new(io.clone()))
         .recover()
         .unwrap();
-    assert_eq!(r.action, "flushed");
+    assert_eq!(r.action, RecoveryAction::Flushed);
     assert_eq!(io.stats().bytes_read.load(Relaxed), 0);
     assert!(io.stats().syncs.load(Relaxed) > 0);
     assert!(!marker.exists());
@@ -937,7 +937,7 @@ fn unflushed_writes_are_fsynced_in_the_same_boot_and_rolled_forward_after_a_rebo
     );
     assert!(!rebooted.verify(false).unwrap().clean);
     let r = rebooted.recover().unwrap();
-    assert_eq!(r.action, "rolled_forward");
+    assert_eq!(r.action, RecoveryAction::RolledForward);
     assert_eq!(r.generation, generation + 1);
     assert_eq!(model_files(&dir), sc.after);
     assert!(!marker.exists());

@@ -3,9 +3,11 @@
 //! manifests of another model.
 
 use apollo_checkpoint::WeightSource;
-use apollo_checkpoint::handles::{ManifestTensor, Manifests, live_params, open_live};
 use apollo_checkpoint::io::RealIo;
-use apollo_checkpoint::layout::{HostParams, LayoutMap, LayoutSource};
+use apollo_checkpoint::live::handles::{ManifestTensor, Manifests};
+use apollo_checkpoint::live::layout::{HostParams, LayoutMap, LayoutSource};
+use apollo_checkpoint::live::open_live;
+use apollo_checkpoint::live::params::live_params;
 use apollo_checkpoint::model::ModelLayout;
 use apollo_checkpoint::synthetic::Rng;
 use safetensors::Dtype;

@@ -1,7 +1,7 @@
 //! A sync whose live weights are packed, tensor-parallel parameters (vLLM's layout, two ranks,
 //! held in host memory here), read as HF tensors through the layout map.
 
-use apollo_checkpoint::layout::{HostParams, LayoutMap, LayoutSource, LiveParam, PackedPart};
+use apollo_checkpoint::live::layout::{HostParams, LayoutMap, LayoutSource, LiveParam, PackedPart};
 use apollo_checkpoint::synthetic::Rng;
 use safetensors::Dtype;
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use apollo_checkpoint::checkpoint::ApplyOutcome;
 use apollo_checkpoint::delta::{Delta, DeltaFile, DeltaHeader, DeltaWriter};
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::synthetic::Rng;
@@ -100,7 +101,10 @@ fn after_many_random_syncs_and_exports_the_replica_equals_the_model() {
     // Re-applying everything is a no-op that says so.
     let again = checkpoint(&replica).apply_delta(&files).unwrap();
     assert!(
-        again.deltas.iter().all(|d| d.outcome == "already applied"),
+        again
+            .deltas
+            .iter()
+            .all(|d| d.outcome == ApplyOutcome::AlreadyApplied),
         "{:?}",
         again.deltas
     );
@@ -181,7 +185,7 @@ fn a_copied_replica_is_adopted_when_it_matches_and_refused_untouched_otherwise()
     let a = checkpoint(&replica)
         .apply_delta(&deltas_in(&outbox))
         .unwrap();
-    assert_eq!(a.deltas[0].outcome, "adopted and applied");
+    assert_eq!(a.deltas[0].outcome, ApplyOutcome::AdoptedAndApplied);
     assert_eq!(model_files(&replica), model_files(&p.model));
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use apollo_checkpoint::index::GenerationKind;
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Error, SafetensorsSource};
 
@@ -62,7 +63,7 @@ fn rollback_restores_earlier_generations_and_can_itself_be_undone() {
     let index =
         apollo_checkpoint::index::BlockIndex::open(&p.model.join(".apollo-checkpoint")).unwrap();
     let g = index.generation_record(5).unwrap().unwrap();
-    assert_eq!(g.kind, "rollback");
+    assert_eq!(g.kind, GenerationKind::Rollback);
     assert!(g.source.contains("to generation 1"), "{}", g.source);
     drop(index);
 

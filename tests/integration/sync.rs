@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use apollo_checkpoint::index::GenerationKind;
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, Error, SafetensorsSource};
 use safetensors::Dtype;
@@ -265,8 +266,11 @@ fn generations_record_the_changed_ranges() {
     expected.sort_unstable();
     assert_eq!(ranges, vec![("model.safetensors".to_string(), expected)]);
     let g = index.generation_record(1).unwrap().unwrap();
-    assert_eq!((g.kind.as_str(), g.blocks_changed), ("sync", 2));
-    assert_eq!(index.generation_record(0).unwrap().unwrap().kind, "init");
+    assert_eq!((g.kind, g.blocks_changed), (GenerationKind::Sync, 2));
+    assert_eq!(
+        index.generation_record(0).unwrap().unwrap().kind,
+        GenerationKind::Init
+    );
 }
 
 /// Random models, random changes, many syncs: the files always end up equal to the source.

@@ -4,6 +4,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use apollo_checkpoint::checkpoint::FileState;
 use apollo_checkpoint::{Error, SafetensorsSource};
 
 use crate::util::{assert_same_tensors, checkpoint, mixed_tensors, pair, snapshot, write_model};
@@ -60,7 +61,7 @@ fn a_model_file_edited_behind_the_index_is_refused_until_repaired() {
     assert_eq!(v.mismatched_blocks[0].block, 0);
     assert_eq!(v.file_problems.len(), 1, "{:?}", v.file_problems);
     let status = checkpoint(&p.model).status().unwrap();
-    assert_eq!(status.files[0].state, "modified");
+    assert_eq!(status.files[0].state, FileState::Modified);
     assert!(status.pending[0].contains("verify --repair"));
 
     let r = checkpoint(&p.model).verify(true).unwrap();

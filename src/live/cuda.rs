@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, DriverError, sys};
 
-use crate::handles::ManifestTensor;
-use crate::layout::ParamReader;
+use crate::live::handles::ManifestTensor;
+use crate::live::layout::ParamReader;
 use crate::source::SourceError;
 
 /// Bytes of each pinned staging buffer.

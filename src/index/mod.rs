@@ -12,21 +12,23 @@
 //! either the old or the new index, never a mix.
 
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension};
 
-use crate::blockhash::{self, BlockLayout, CV_LEN, Cv};
+use crate::blockhash::{self, BlockLayout, Cv};
 use crate::io::FileStat;
-use crate::model::{ModelFile, TensorEntry, dtype_name};
+mod write;
+
+pub use write::Rebuild;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/0001_initial.sql"),
-    include_str!("../migrations/0002_exports.sql"),
-    include_str!("../migrations/0003_hash_log.sql"),
+    include_str!("../../migrations/0001_initial.sql"),
+    include_str!("../../migrations/0002_exports.sql"),
+    include_str!("../../migrations/0003_hash_log.sql"),
 ];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -103,13 +105,105 @@ pub struct IndexedTensor {
     pub shape: Vec<u64>,
 }
 
+/// What made a generation. Stored in `generations.kind` as its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GenerationKind {
+    /// `init`: the files as they were indexed.
+    Init,
+    /// A sync from live weights.
+    Sync,
+    /// A rollback to an earlier generation's bytes.
+    Rollback,
+    /// A delta applied to a replica.
+    ApplyDelta,
+    /// `verify --repair` re-indexed files changed behind the index.
+    Reindex,
+    /// A replica adopted the files copied into it.
+    Adopt,
+    /// A replica created from a full delta.
+    FullDelta,
+}
+
+impl GenerationKind {
+    const ALL: [GenerationKind; 7] = [
+        GenerationKind::Init,
+        GenerationKind::Sync,
+        GenerationKind::Rollback,
+        GenerationKind::ApplyDelta,
+        GenerationKind::Reindex,
+        GenerationKind::Adopt,
+        GenerationKind::FullDelta,
+    ];
+
+    /// Its name, as stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            GenerationKind::Init => "init",
+            GenerationKind::Sync => "sync",
+            GenerationKind::Rollback => "rollback",
+            GenerationKind::ApplyDelta => "apply-delta",
+            GenerationKind::Reindex => "reindex",
+            GenerationKind::Adopt => "adopt",
+            GenerationKind::FullDelta => "full-delta",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl std::fmt::Display for GenerationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The keys of the `meta` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetaKey {
+    /// The model's identity (32 hex digits), written by `init`.
+    ModelId,
+    /// Bytes per block.
+    BlockSize,
+    /// The block hash scheme.
+    HashScheme,
+    /// When the index was created, Unix milliseconds.
+    CreatedAt,
+    /// Generations whose undo data is kept.
+    RetainGenerations,
+    /// Bytes of undo data kept.
+    RetainBytes,
+    /// Undo bytes kept for export-delta beyond the retention limits.
+    ExportBacklogBytes,
+    /// JSON stats of the last sync run.
+    LastSync,
+}
+
+impl MetaKey {
+    fn name(self) -> &'static str {
+        match self {
+            MetaKey::ModelId => "model_id",
+            MetaKey::BlockSize => "block_size",
+            MetaKey::HashScheme => "hash_scheme",
+            MetaKey::CreatedAt => "created_at",
+            MetaKey::RetainGenerations => "retain_generations",
+            MetaKey::RetainBytes => "retain_bytes",
+            MetaKey::ExportBacklogBytes => "export_backlog_bytes",
+            MetaKey::LastSync => "last_sync",
+        }
+    }
+}
+
 /// One generation's row.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct GenerationRecord {
     /// Its number.
     pub generation: u64,
-    /// `init`, `sync` or `reindex`.
-    pub kind: String,
+    /// What made it.
+    pub kind: GenerationKind,
     /// Unix milliseconds.
     pub created_at_ms: i64,
     /// Where the weights came from.
@@ -277,28 +371,40 @@ impl BlockIndex {
     }
 
     /// Reads one `meta` value.
-    pub fn meta(&self, key: &str) -> Result<Option<String>, IndexError> {
+    pub fn meta(&self, key: MetaKey) -> Result<Option<String>, IndexError> {
         self.conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key.name()], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.sql(e))
     }
 
+    /// Reads one numeric `meta` value (`None` if absent or not a number).
+    pub fn meta_u64(&self, key: MetaKey) -> Result<Option<u64>, IndexError> {
+        Ok(self.meta(key)?.and_then(|v| v.parse().ok()))
+    }
+
+    /// The model's identity (empty before `init`).
+    pub fn model_id(&self) -> Result<String, IndexError> {
+        Ok(self.meta(MetaKey::ModelId)?.unwrap_or_default())
+    }
+
     /// True once `init` has committed (the model id is written in the same transaction).
     pub fn is_initialized(&self) -> Result<bool, IndexError> {
-        Ok(self.meta("model_id")?.is_some())
+        Ok(self.meta(MetaKey::ModelId)?.is_some())
     }
 
     /// The block layout chosen at init.
     pub fn block_layout(&self) -> Result<BlockLayout, IndexError> {
-        let scheme = self.meta("hash_scheme")?.unwrap_or_default();
+        let scheme = self.meta(MetaKey::HashScheme)?.unwrap_or_default();
         if scheme != blockhash::SCHEME {
             return Err(self.corrupt(format!(
                 "hash scheme {scheme:?}, expected {}",
                 blockhash::SCHEME
             )));
         }
-        let raw = self.meta("block_size")?.unwrap_or_default();
+        let raw = self.meta(MetaKey::BlockSize)?.unwrap_or_default();
         let size: u64 = raw
             .parse()
             .map_err(|_| self.corrupt(format!("block_size {raw:?}")))?;
@@ -466,9 +572,17 @@ impl BlockIndex {
                  FROM generations WHERE generation = ?1",
                 [generation as i64],
                 |r| {
+                    let kind: String = r.get(1)?;
+                    let kind = GenerationKind::from_name(&kind).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            1,
+                            rusqlite::types::Type::Text,
+                            format!("generation kind {kind:?}").into(),
+                        )
+                    })?;
                     Ok(GenerationRecord {
                         generation: r.get::<_, i64>(0)? as u64,
-                        kind: r.get(1)?,
+                        kind,
                         created_at_ms: r.get(2)?,
                         source: r.get(3)?,
                         tensors: r.get::<_, i64>(4)? as u64,
@@ -504,282 +618,6 @@ impl BlockIndex {
             out.push((file, ranges));
         }
         Ok(out)
-    }
-
-    /// Starts replacing everything the index knows about the model (init, repair).
-    pub fn begin_rebuild(&mut self) -> Result<Rebuild<'_>, IndexError> {
-        self.log.take();
-        let path = self.path.clone();
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|source| IndexError::Sqlite {
-                path: path.clone(),
-                source,
-            })?;
-        tx.execute_batch("DELETE FROM block_hash_log; DELETE FROM tensors; DELETE FROM files;")
-            .map_err(|source| IndexError::Sqlite {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Rebuild { tx, path })
-    }
-
-    /// Commits what one sync did, in one transaction. New block hashes go to `block_hash_log`,
-    /// or, when that would pass [`Self::fold_limit`], into the BLOBs with the log folded in.
-    pub fn commit_sync(&mut self, commit: &SyncCommit) -> Result<(), IndexError> {
-        let layout = if commit.updates.is_empty() {
-            None
-        } else {
-            Some(self.block_layout()?)
-        };
-        self.log.take();
-        let path = self.path.clone();
-        let sql = |source| IndexError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(sql)?;
-        if let Some(layout) = layout {
-            let new_rows: u64 = commit.updates.iter().map(|u| u.blocks.len() as u64).sum();
-            // Rows are only appended, and all deleted at once, so seq counts them (count(*)
-            // would read the whole table).
-            let logged: i64 = tx
-                .query_row(
-                    "SELECT coalesce(max(seq), 0) FROM block_hash_log",
-                    [],
-                    |r| r.get(0),
-                )
-                .map_err(sql)?;
-            let limit = Self::fold_limit(&tx, layout).map_err(sql)?;
-            if u64::try_from(logged).unwrap_or(0) + new_rows > limit {
-                fold_log(&tx, &commit.updates).map_err(|e| e.at(&path))?;
-            } else {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT INTO block_hash_log (tensor_id, block, cv) VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(sql)?;
-                for u in &commit.updates {
-                    for (block, cv) in &u.blocks {
-                        insert
-                            .execute(params![u.tensor_id, *block as i64, cv.as_slice()])
-                            .map_err(sql)?;
-                    }
-                }
-            }
-        }
-        for (name, stat) in &commit.file_stats {
-            tx.execute(
-                "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE name = ?1",
-                params![name, stat.size as i64, stat.mtime_ns, stat.inode as i64],
-            )
-            .map_err(sql)?;
-        }
-        if let Some(g) = &commit.generation {
-            insert_generation(&tx, g).map_err(sql)?;
-            for (file, ranges) in &commit.ranges {
-                tx.execute(
-                    "INSERT INTO generation_ranges (generation, file, ranges) VALUES (?1, ?2, ?3)",
-                    params![g.generation as i64, file, encode_ranges(ranges)],
-                )
-                .map_err(sql)?;
-            }
-        }
-        if let Some(last_sync) = &commit.last_sync {
-            set_meta(&tx, "last_sync", last_sync).map_err(sql)?;
-        }
-        tx.commit().map_err(sql)
-    }
-
-    /// Sets one `meta` value.
-    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), IndexError> {
-        set_meta(&self.conn, key, value).map_err(|e| self.sql(e))
-    }
-
-    /// Records a delta file written by `export-delta` (after it is durable).
-    pub fn record_export(&mut self, e: &ExportRow) -> Result<(), IndexError> {
-        self.conn
-            .execute(
-                "INSERT INTO exports (base_generation, target_generation, file, outbox, bytes, blake3, full_blocks, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT(file) DO UPDATE SET outbox = excluded.outbox, pruned = 0",
-                params![
-                    e.base_generation.map(|g| g as i64),
-                    e.target_generation as i64,
-                    e.file,
-                    e.outbox,
-                    e.bytes as i64,
-                    e.blake3,
-                    e.full_blocks as i64,
-                    unix_ms()
-                ],
-            )
-            .map(drop)
-            .map_err(|e| self.sql(e))
-    }
-
-    /// Every export recorded, oldest first.
-    pub fn exports(&self) -> Result<Vec<ExportRow>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT base_generation, target_generation, file, outbox, bytes, blake3, full_blocks, pruned FROM exports ORDER BY target_generation, id")
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(ExportRow {
-                    base_generation: r.get::<_, Option<i64>>(0)?.map(|g| g as u64),
-                    target_generation: r.get::<_, i64>(1)? as u64,
-                    file: r.get(2)?,
-                    outbox: r.get(3)?,
-                    bytes: r.get::<_, i64>(4)? as u64,
-                    blake3: r.get(5)?,
-                    full_blocks: r.get::<_, i64>(6)? as u64,
-                    pruned: r.get::<_, i64>(7)? != 0,
-                })
-            })
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
-    }
-
-    /// The generation the newest export reaches, if any.
-    pub fn exported_through(&self) -> Result<Option<u64>, IndexError> {
-        self.conn
-            .query_row("SELECT max(target_generation) FROM exports", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })
-            .map(|g| g.map(|g| g as u64))
-            .map_err(|e| self.sql(e))
-    }
-
-    /// Marks the exports of `files` as pruned.
-    pub fn mark_pruned(&mut self, files: &[String]) -> Result<(), IndexError> {
-        let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        for f in files {
-            tx.execute("UPDATE exports SET pruned = 1 WHERE file = ?1", [f])
-                .map_err(|e| IndexError::Sqlite {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-        }
-        tx.commit().map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })
-    }
-
-    /// Records the stats of a sync run (used when a run changed nothing).
-    pub fn set_last_sync(&mut self, json: &str) -> Result<(), IndexError> {
-        set_meta(&self.conn, "last_sync", json).map_err(|e| self.sql(e))
-    }
-}
-
-fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [key, value],
-    )
-    .map(drop)
-}
-
-fn insert_generation(conn: &Connection, g: &GenerationRecord) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO generations (generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            g.generation as i64,
-            g.kind,
-            g.created_at_ms,
-            g.source,
-            g.tensors as i64,
-            g.bytes_compared as i64,
-            g.blocks_changed as i64,
-            g.bytes_changed as i64,
-            g.seconds
-        ],
-    )
-    .map(drop)
-}
-
-/// A transaction that replaces the index's files and tensors.
-pub struct Rebuild<'a> {
-    tx: Transaction<'a>,
-    path: PathBuf,
-}
-
-impl Rebuild<'_> {
-    fn sql(&self, source: rusqlite::Error) -> IndexError {
-        IndexError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    /// Adds a file; returns its row id.
-    pub fn add_file(&mut self, file: &ModelFile) -> Result<i64, IndexError> {
-        self.tx
-            .execute(
-                "INSERT INTO files (name, size, mtime_ns, inode, header_len, header_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    file.name,
-                    file.stat.size as i64,
-                    file.stat.mtime_ns,
-                    file.stat.inode as i64,
-                    file.header.header_len as i64,
-                    file.header.header_hash.as_slice()
-                ],
-            )
-            .map_err(|e| self.sql(e))?;
-        Ok(self.tx.last_insert_rowid())
-    }
-
-    /// Adds a tensor of file `file_id` with its block hashes.
-    pub fn add_tensor(
-        &mut self,
-        file_id: i64,
-        t: &TensorEntry,
-        hashes: &[Cv],
-    ) -> Result<(), IndexError> {
-        let shape = serde_json::to_string(&t.shape).expect("a list of integers serializes");
-        self.tx
-            .execute(
-                "INSERT INTO tensors (name, file_id, data_offset, data_len, dtype, shape, block_hashes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![t.name, file_id, t.offset as i64, t.len as i64, dtype_name(t.dtype), shape, blockhash::cvs_to_bytes(hashes)],
-            )
-            .map_err(|e| self.sql(e))?;
-        Ok(())
-    }
-
-    /// Sets a `meta` value.
-    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), IndexError> {
-        set_meta(&self.tx, key, value).map_err(|e| self.sql(e))
-    }
-
-    /// Records a generation with the ranges it changed, then commits everything.
-    pub fn commit(
-        self,
-        generation: &GenerationRecord,
-        ranges: &[(String, Vec<(u64, u64)>)],
-    ) -> Result<(), IndexError> {
-        let path = self.path;
-        let sql = |source| IndexError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        insert_generation(&self.tx, generation).map_err(sql)?;
-        for (file, r) in ranges {
-            self.tx
-                .execute(
-                    "INSERT INTO generation_ranges (generation, file, ranges) VALUES (?1, ?2, ?3)",
-                    params![generation.generation as i64, file, encode_ranges(r)],
-                )
-                .map_err(sql)?;
-        }
-        self.tx.commit().map_err(sql)
     }
 }
 
@@ -829,37 +667,6 @@ fn read_log(conn: &Connection) -> Result<HashLog, LogError> {
         out.entry(id).or_default().push((block, cv));
     }
     Ok(out)
-}
-
-/// Writes the log and then `updates` into the tensors' BLOBs and empties the log.
-fn fold_log(tx: &Transaction<'_>, updates: &[HashUpdate]) -> Result<(), LogError> {
-    let mut by_tensor: BTreeMap<i64, BTreeMap<u64, Cv>> = BTreeMap::new();
-    for (id, rows) in read_log(tx)? {
-        by_tensor.entry(id).or_default().extend(rows);
-    }
-    for u in updates {
-        by_tensor
-            .entry(u.tensor_id)
-            .or_default()
-            .extend(u.blocks.iter().copied());
-    }
-    for (id, blocks) in by_tensor {
-        let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, id, false)?;
-        // Write runs of consecutive blocks with one call each.
-        let blocks: Vec<(u64, Cv)> = blocks.into_iter().collect();
-        let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i].0;
-            let mut run = Vec::new();
-            while i < blocks.len() && blocks[i].0 == start + (run.len() / CV_LEN) as u64 {
-                run.extend_from_slice(&blocks[i].1);
-                i += 1;
-            }
-            blob.write_at(&run, start as usize * CV_LEN)?;
-        }
-    }
-    tx.execute("DELETE FROM block_hash_log", [])?;
-    Ok(())
 }
 
 /// Brings a database's schema up to [`SCHEMA_VERSION`], one transaction per migration.

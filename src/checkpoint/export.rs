@@ -1,99 +1,32 @@
-//! The nightly copy to a backup host: `export-delta` on the model's host, `apply-delta` on the
-//! replica.
+//! `export-delta`: the changes since the last export, as one immutable delta file.
 //!
-//! `export-delta` composes what every generation since the last export changed, from the
-//! retained undo data (the retired journals): a block changed in three syncs ships once, as the
-//! XOR of its base and target bytes. Generations whose undo data was pruned (the backlog limit)
-//! ship their changed blocks whole, and the export says so. A *full* export ships whole files, for
-//! a replica that has nothing yet. Each export is one immutable delta file plus a JSON manifest
+//! It composes what every generation since the last export changed, from the retained undo
+//! data (the retired journals): a block changed in three syncs ships once, as the XOR of its
+//! base and target bytes. Generations whose undo data was pruned (the backlog limit) ship their
+//! changed blocks whole, and the export says so. A *full* export ships whole files, for a
+//! replica that has nothing yet. Each export is one immutable delta file plus a JSON manifest
 //! and `changed-files.txt`, each appearing atomically; the export is recorded in the index only
 //! once they are durable, so a crash mid-export just repeats it.
-//!
-//! `apply-delta` runs on the replica, which keeps its own state directory (generation and block
-//! index, like a model). Deltas are applied in generation order, each journaled and recovered
-//! exactly like a sync: every touched block's base hash is checked before anything is written,
-//! and its target hash after. A replica without state *adopts* the files it holds (copied once
-//! with cp or rsync) when their hashes match the delta's base roots, or is created from a full
-//! delta.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::Serialize;
 
+use super::{Checkpoint, Error, ExportReport, seconds_since, write_atomic};
 use crate::blockhash::{self, BlockLayout};
-use crate::checkpoint::{Checkpoint, Error, seconds_since, write_atomic};
-use crate::delta::{
-    self, Delta, DeltaError, DeltaFile, DeltaHeader, DeltaRecord, DeltaWriter, NO_BASE, RAW,
-};
-use crate::index::{BlockIndex, ExportRow, IndexedTensor, unix_ms};
+use crate::delta::{self, Delta, DeltaFile, DeltaHeader, DeltaWriter, NO_BASE, record_hash};
+use crate::index::{BlockIndex, ExportRow, GenerationKind, IndexedTensor, unix_ms};
 use crate::io::{FileIo, OpenMode};
-use crate::journal::{
-    self, HASH_PREFIX, JOURNAL_FILE, Journal, JournalFile, JournalHeader, JournalKind,
-    JournalState, JournalWriter, Record, apply_xor, encode_xor, hash_prefix,
-};
-use crate::lock::LockKind;
+use crate::journal::{Journal, JournalError, JournalState};
 use crate::model::{INDEX_FILE, ModelLayout};
+use crate::record::{HASH_PREFIX, RAW, Record, WHOLE, XOR, compose_xor};
 
 /// Bytes of raw file data per record of a full delta.
 const RAW_CHUNK: usize = 1 << 20;
 /// Records encoded per parallel batch.
-const BATCH: usize = 4096;
-
-/// What `export-delta` did.
-#[derive(Clone, Debug, Serialize)]
-pub struct ExportReport {
-    /// False when the last export already reached the current generation.
-    pub exported: bool,
-    /// The delta file.
-    pub file: Option<PathBuf>,
-    /// Its manifest.
-    pub manifest: Option<PathBuf>,
-    /// Base generation (`None` for a full delta).
-    pub base_generation: Option<u64>,
-    /// Target generation.
-    pub target_generation: u64,
-    /// Size of the delta file.
-    pub bytes: u64,
-    /// Blocks (or raw chunks) it carries.
-    pub records: u64,
-    /// Blocks shipped whole because their undo data was gone.
-    pub full_blocks: u64,
-    /// Things the operator should know (fallbacks).
-    pub notes: Vec<String>,
-    /// Delta files removed by `--prune-through`.
-    pub pruned: Vec<String>,
-    /// Wall time.
-    pub seconds: f64,
-}
-
-/// What `apply-delta` did with one delta.
-#[derive(Clone, Debug, Serialize)]
-pub struct AppliedDelta {
-    /// The delta file.
-    pub file: PathBuf,
-    /// Its base generation (`None`: full).
-    pub base_generation: Option<u64>,
-    /// Its target generation.
-    pub target_generation: u64,
-    /// `applied`, `already applied`, `adopted and applied` or `created from a full delta`.
-    pub outcome: String,
-    /// Blocks written.
-    pub blocks: u64,
-}
-
-/// What `apply-delta` did.
-#[derive(Clone, Debug, Serialize)]
-pub struct ApplyDeltaReport {
-    /// Each delta, in the order applied.
-    pub deltas: Vec<AppliedDelta>,
-    /// The replica's generation afterwards.
-    pub generation: u64,
-    /// Wall time.
-    pub seconds: f64,
-}
+pub(crate) const BATCH: usize = 4096;
 
 /// One block (or raw chunk) of an export being composed.
 struct Composed {
@@ -104,26 +37,6 @@ struct Composed {
     target: [u8; HASH_PREFIX],
     /// Composed XOR, or `None` when the block ships whole.
     xor: Option<Vec<u8>>,
-}
-
-fn compose_xor(a: &[u8], b: &[u8], len: usize) -> Option<Vec<u8>> {
-    let mut delta = vec![0u8; len];
-    apply_xor(a, &mut delta)?;
-    apply_xor(b, &mut delta)?;
-    let mut out = Vec::new();
-    encode_xor(&vec![0u8; len], &delta, &mut out);
-    Some(out)
-}
-
-/// The 16-byte hash of a record's bytes: the block's chaining value, or BLAKE3 of raw bytes.
-fn record_hash(tensor_offset: u64, offset: u64, bytes: &[u8]) -> [u8; HASH_PREFIX] {
-    if tensor_offset == RAW {
-        blake3::hash(bytes).as_bytes()[..HASH_PREFIX]
-            .try_into()
-            .expect("32 > 16")
-    } else {
-        hash_prefix(&blockhash::subtree_cv(offset - tensor_offset, bytes))
-    }
 }
 
 /// A root hash per file name.
@@ -198,14 +111,14 @@ impl Checkpoint {
         full: bool,
     ) -> Result<ExportReport, Error> {
         let start = Instant::now();
-        let _lock = self.lock(LockKind::Exclusive)?;
+        let _lock = self.begin_write()?;
         self.refuse_if_journal_pending()?;
         let mut index = self.require_index()?;
         let layout = index.block_layout()?;
         let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
         self.check_trusted(&index, &model)?;
         let current = index.generation()?.unwrap_or(0);
-        let model_id = index.meta("model_id")?.unwrap_or_default();
+        let model_id = index.model_id()?;
         let base = if full {
             None
         } else {
@@ -424,11 +337,8 @@ impl Checkpoint {
         let mut composed: BTreeMap<(String, u64), Composed> = BTreeMap::new();
         let mut pruned_gens = Vec::new();
         for g in base + 1..=target {
-            let kind = index
-                .generation_record(g)?
-                .map(|r| r.kind)
-                .unwrap_or_default();
-            if kind == "reindex" {
+            let kind = index.generation_record(g)?.map(|r| r.kind);
+            if kind == Some(GenerationKind::Reindex) {
                 return Err(Error::ExportBase {
                     what: format!(
                         "generation {g} re-indexed files changed behind the index, so no delta can describe it; export with --full"
@@ -462,7 +372,7 @@ impl Checkpoint {
             };
             j.for_each_batch(64 << 20, |batch| {
                 for r in batch {
-                    let key = (j.header.files[r.file as usize].name.clone(), r.block_offset);
+                    let key = (j.header.files[r.file as usize].name.clone(), r.offset);
                     match composed.get_mut(&key) {
                         None => {
                             composed.insert(
@@ -479,7 +389,7 @@ impl Checkpoint {
                         Some(c) => {
                             c.target = r.new;
                             if let Some(x) = &c.xor {
-                                let bad = || journal::JournalError::Corrupt {
+                                let bad = || JournalError::Corrupt {
                                     path: j.path.clone(),
                                     what: "malformed payload".into(),
                                 };
@@ -534,14 +444,14 @@ impl Checkpoint {
                 .map(|((file, offset), c)| {
                     let mut out = Vec::new();
                     let rec = if let (Some(base), Some(xor)) = (c.base, &c.xor) {
-                        DeltaRecord {
-                            xor: true,
+                        Record {
+                            tag: XOR,
                             file: slot[file.as_str()],
                             tensor_offset: c.tensor_offset,
                             offset: *offset,
                             len: c.len,
-                            base,
-                            target: c.target,
+                            old: base,
+                            new: c.target,
                             payload: xor.clone(),
                         }
                     } else {
@@ -550,19 +460,19 @@ impl Checkpoint {
                         h.read_at(*offset, &mut bytes)
                             .map_err(Checkpoint::io_err(h.path()))?;
                         let target = record_hash(c.tensor_offset, *offset, &bytes);
-                        DeltaRecord {
-                            xor: false,
+                        Record {
+                            tag: WHOLE,
                             file: slot[file.as_str()],
                             tensor_offset: c.tensor_offset,
                             offset: *offset,
                             len: c.len,
-                            base: [0; HASH_PREFIX],
-                            target,
+                            old: [0; HASH_PREFIX],
+                            new: target,
                             payload: bytes,
                         }
                     };
                     rec.encode(&mut out);
-                    Ok((out, !rec.xor))
+                    Ok((out, !rec.is_xor()))
                 })
                 .collect::<Result<_, Error>>()?;
             for (e, whole) in encoded {
@@ -593,14 +503,14 @@ impl Checkpoint {
                 h.read_at(offset, &mut buf[..n])
                     .map_err(Checkpoint::io_err(&p))?;
                 let mut out = Vec::with_capacity(n + 64);
-                DeltaRecord {
-                    xor: false,
+                Record {
+                    tag: WHOLE,
                     file: i as u32,
                     tensor_offset: RAW,
                     offset,
                     len: n as u32,
-                    base: [0; HASH_PREFIX],
-                    target: record_hash(RAW, offset, &buf[..n]),
+                    old: [0; HASH_PREFIX],
+                    new: record_hash(RAW, offset, &buf[..n]),
                     payload: buf[..n].to_vec(),
                 }
                 .encode(&mut out);
@@ -615,7 +525,7 @@ impl Checkpoint {
     /// Removes the delta files (and manifests) in `outbox` whose target generation is at most
     /// `through`: the backup host has confirmed them.
     pub fn prune_exports(&self, outbox: &Path, through: u64) -> Result<Vec<String>, Error> {
-        let _lock = self.lock(LockKind::Exclusive)?;
+        let _lock = self.begin_write()?;
         let mut index = self.require_index()?;
         let mut removed = Vec::new();
         for e in index.exports()? {
@@ -637,352 +547,6 @@ impl Checkpoint {
             index.mark_pruned(&removed)?;
         }
         Ok(removed)
-    }
-
-    /// Applies delta files to this directory as a replica (see the module documentation).
-    pub fn apply_delta(&self, paths: &[PathBuf]) -> Result<ApplyDeltaReport, Error> {
-        let start = Instant::now();
-        // Every delta is verified before anything is touched.
-        let mut deltas = Vec::with_capacity(paths.len());
-        for p in paths {
-            deltas.push(Delta::open(self.io.as_ref(), p)?);
-        }
-        deltas.sort_by_key(|d| {
-            (
-                !d.header.full,
-                d.header.base_generation,
-                d.header.target_generation,
-            )
-        });
-        for d in &deltas {
-            for f in &d.header.files {
-                let p = self.model_dir.join(&f.name);
-                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
-                    return Err(DeltaError::UnsafePath {
-                        path: d.path.clone(),
-                        name: f.name.clone(),
-                    }
-                    .into());
-                }
-            }
-        }
-        let state_existed = self.state_dir.exists();
-        // A replica created from a full delta may not exist yet.
-        self.io
-            .create_dir_all(&self.model_dir)
-            .map_err(Checkpoint::io_err(&self.model_dir))?;
-        let _lock = self.lock(LockKind::Exclusive)?;
-        self.recover_locked()?;
-        let mut report = ApplyDeltaReport {
-            deltas: Vec::new(),
-            generation: 0,
-            seconds: 0.0,
-        };
-        for d in &deltas {
-            let h = &d.header;
-            let entry = |outcome: &str, blocks| AppliedDelta {
-                file: d.path.clone(),
-                base_generation: (!h.full).then_some(h.base_generation),
-                target_generation: h.target_generation,
-                outcome: outcome.into(),
-                blocks,
-            };
-            let Some(index) = self.open_index()? else {
-                if h.full {
-                    self.create_from_full(d)?;
-                    report
-                        .deltas
-                        .push(entry("created from a full delta", d.count));
-                } else {
-                    self.adopt(d, state_existed)?;
-                    let blocks = self.apply_one(d)?;
-                    report.deltas.push(entry("adopted and applied", blocks));
-                }
-                continue;
-            };
-            let model_id = index.meta("model_id")?.unwrap_or_default();
-            if h.model_id != model_id {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!(
-                        "it is for model {}, this replica holds model {model_id}",
-                        h.model_id
-                    ),
-                });
-            }
-            let current = index.generation()?.unwrap_or(0);
-            drop(index);
-            if h.target_generation <= current {
-                report.deltas.push(entry("already applied", 0));
-                continue;
-            }
-            if h.full {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!(
-                        "it is a full delta and the replica already holds generation {current}; apply the incremental deltas from {current}"
-                    ),
-                });
-            }
-            if h.base_generation != current {
-                let what = if h.base_generation > current {
-                    format!(
-                        "it starts at generation {} but the replica is at {current}: apply the deltas from {current} first",
-                        h.base_generation
-                    )
-                } else {
-                    format!(
-                        "it takes generation {} to {}, but the replica is at {current}, in between",
-                        h.base_generation, h.target_generation
-                    )
-                };
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what,
-                });
-            }
-            let blocks = self.apply_one(d)?;
-            report.deltas.push(entry("applied", blocks));
-        }
-        report.generation = self
-            .open_index()?
-            .map_or(Ok(0), |i| i.generation().map(|g| g.unwrap_or(0)))?;
-        report.seconds = seconds_since(start);
-        Ok(report)
-    }
-
-    /// Indexes the replica's files as generation `generation` of the delta's model and returns
-    /// their roots.
-    fn index_replica(
-        &self,
-        h: &DeltaHeader,
-        generation: u64,
-        kind: &str,
-    ) -> Result<FileRoots, Error> {
-        self.init_as(u64::from(h.block_size), Some(&h.model_id), generation, kind)?;
-        let index = self.require_index()?;
-        Ok(file_roots(&index, index.block_layout()?, &HashMap::<_, _>::new())?.1)
-    }
-
-    /// Adopts the files of a replica made by copying: indexes them as the delta's base
-    /// generation and checks them against its base roots. On a mismatch the state created here is
-    /// removed again and the files are untouched.
-    fn adopt(&self, d: &Delta, state_existed: bool) -> Result<(), Error> {
-        let h = &d.header;
-        let undo_state = || {
-            if !state_existed {
-                let _ = std::fs::remove_dir_all(&self.state_dir);
-            }
-        };
-        let result = (|| {
-            if h.files.iter().any(|f| f.base_root == [0; 32]) {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: "the replica has no state and this delta cannot check a copied replica (some of its blocks ship whole); copy the model again, or create the replica from `export-delta --full`".into(),
-                });
-            }
-            let roots = self.index_replica(h, h.base_generation, "adopt")?;
-            for f in &h.files {
-                if roots.get(&f.name) != Some(&f.base_root) {
-                    return Err(Error::ReplicaMismatch {
-                        delta: d.path.clone(),
-                        what: format!(
-                            "the replica's {} is not the model's file at generation {}: copy it again",
-                            f.name, h.base_generation
-                        ),
-                    });
-                }
-            }
-            if roots.len() != h.files.len() {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: "the replica holds other files than the model".into(),
-                });
-            }
-            Ok(())
-        })();
-        result.inspect_err(|_| undo_state())
-    }
-
-    /// Creates the replica's files from a full delta, then indexes them.
-    fn create_from_full(&self, d: &Delta) -> Result<(), Error> {
-        let h = &d.header;
-        let tmp_of = |name: &str| self.model_dir.join(format!(".{name}.apd-tmp"));
-        self.io
-            .create_dir_all(&self.model_dir)
-            .map_err(Checkpoint::io_err(&self.model_dir))?;
-        let mut handles = Vec::new();
-        for f in &h.files {
-            let t = tmp_of(&f.name);
-            if t.exists() {
-                self.io.remove_file(&t).map_err(Checkpoint::io_err(&t))?;
-            }
-            handles.push(self.io.create(&t).map_err(Checkpoint::io_err(&t))?);
-        }
-        d.for_each_batch(64 << 20, |batch| {
-            for r in batch {
-                if r.xor || record_hash(r.tensor_offset, r.offset, &r.payload) != r.target {
-                    return Err(Error::Delta(DeltaError::Corrupt {
-                        path: d.path.clone(),
-                        what: format!(
-                            "record at {} of {}",
-                            r.offset, h.files[r.file as usize].name
-                        ),
-                    }));
-                }
-                let f = &handles[r.file as usize];
-                f.write_at(r.offset, &r.payload)
-                    .map_err(Checkpoint::io_err(f.path()))?;
-            }
-            Ok(())
-        })?;
-        for (f, handle) in h.files.iter().zip(&handles) {
-            handle.sync().map_err(Checkpoint::io_err(handle.path()))?;
-            if handle.len() != f.size {
-                return Err(DeltaError::Corrupt {
-                    path: d.path.clone(),
-                    what: format!("{} is incomplete", f.name),
-                }
-                .into());
-            }
-        }
-        drop(handles);
-        for f in &h.files {
-            let dest = self.model_dir.join(&f.name);
-            self.io
-                .rename(&tmp_of(&f.name), &dest)
-                .map_err(Checkpoint::io_err(&dest))?;
-        }
-        self.io
-            .sync_dir(&self.model_dir)
-            .map_err(Checkpoint::io_err(&self.model_dir))?;
-        let roots = self.index_replica(h, h.target_generation, "full-delta")?;
-        for f in h.files.iter().filter(|f| f.name != INDEX_FILE) {
-            if roots.get(&f.name) != Some(&f.target_root) {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!(
-                        "{} does not match the delta's target after writing it",
-                        f.name
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Journals and applies one incremental delta whose base is the replica's generation.
-    fn apply_one(&self, d: &Delta) -> Result<u64, Error> {
-        let start = Instant::now();
-        let h = &d.header;
-        let index = self.require_index()?;
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
-        self.check_trusted(&index, &model)?;
-        let mut handles = Vec::new();
-        for f in &h.files {
-            let m = model.files.iter().find(|m| m.name == f.name);
-            if m.is_none_or(|m| m.stat.size != f.size) {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!("the replica's {} is missing or has another size", f.name),
-                });
-            }
-            let p = self.model_dir.join(&f.name);
-            handles.push(
-                self.io
-                    .open(&p, OpenMode::ReadWrite)
-                    .map_err(Checkpoint::io_err(&p))?,
-            );
-        }
-        let header = JournalHeader {
-            kind: JournalKind::ApplyDelta,
-            block_size: h.block_size,
-            model_id: h.model_id.clone(),
-            base_generation: h.base_generation,
-            target_generation: h.target_generation,
-            created_ms: unix_ms() as u64,
-            files: h
-                .files
-                .iter()
-                .map(|f| JournalFile {
-                    name: f.name.clone(),
-                    size: f.size,
-                })
-                .collect(),
-            info: serde_json::json!({ "source": format!("delta {}", d.path.display()), "tensors": model.tensors.len(), "bytes_compared": 0 }),
-        };
-        let path = self.state_dir.join(JOURNAL_FILE);
-        let written = (|| {
-            let mut w = JournalWriter::create(self.io.as_ref(), &path, &header)?;
-            let mut blocks = 0;
-            d.for_each_batch(64 << 20, |batch| {
-                let encoded: Vec<Option<Vec<u8>>> = batch
-                    .par_iter()
-                    .map(|r| {
-                        let name = &h.files[r.file as usize].name;
-                        if r.tensor_offset == RAW {
-                            return Err(Error::Delta(DeltaError::Corrupt {
-                                path: d.path.clone(),
-                                what: "raw bytes in an incremental delta".into(),
-                            }));
-                        }
-                        let f = &handles[r.file as usize];
-                        let mut block = vec![0u8; r.len as usize];
-                        f.read_at(r.offset, &mut block)
-                            .map_err(Checkpoint::io_err(f.path()))?;
-                        let now = record_hash(r.tensor_offset, r.offset, &block);
-                        let payload = if r.xor {
-                            if now != r.base {
-                                return Err(Error::BaseMismatch {
-                                    delta: d.path.clone(),
-                                    file: name.clone(),
-                                    offset: r.offset,
-                                    end: r.offset + u64::from(r.len),
-                                });
-                            }
-                            r.payload.clone()
-                        } else {
-                            if now == r.target {
-                                return Ok(None);
-                            }
-                            let mut p = Vec::new();
-                            encode_xor(&block, &r.payload, &mut p);
-                            p
-                        };
-                        let mut out = Vec::new();
-                        Record {
-                            file: r.file,
-                            tensor_offset: r.tensor_offset,
-                            block_offset: r.offset,
-                            len: r.len,
-                            old: now,
-                            new: r.target,
-                            payload,
-                        }
-                        .encode(&mut out);
-                        Ok(Some(out))
-                    })
-                    .collect::<Result<_, Error>>()?;
-                for e in encoded.into_iter().flatten() {
-                    w.append(&e, 1)?;
-                    blocks += 1;
-                }
-                Ok::<_, Error>(())
-            })?;
-            w.commit(self.io.as_ref())?;
-            Ok::<_, Error>(blocks)
-        })();
-        let blocks = written.inspect_err(|_| self.discard_uncommitted(&path))?;
-        drop(index);
-        let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &path)? else {
-            return Err(journal::JournalError::Corrupt {
-                path,
-                what: "not committed after its commit record was written".into(),
-            }
-            .into());
-        };
-        self.complete_open(journal, start, handles)?;
-        Ok(blocks)
     }
 }
 

@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::handles::{HandlesError, LayoutFacts, ManifestTensor, PartFacts};
-use crate::layout::LayoutError;
+use crate::live::handles::{HandlesError, LayoutFacts, ManifestTensor, PartFacts};
+use crate::live::layout::LayoutError;
+use crate::live::names::{NameResolver, Resolved};
 use crate::model::{parse_dtype, tensor_nbytes};
-use crate::names::{NameResolver, Resolved};
 
 /// Which fused-MoE parameter.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -1,0 +1,299 @@
+//! The read-mostly operations: `status` (what the state directory knows, reading no model
+//! data), `verify [--repair]` (rehash the files against the index) and `retention`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use super::{
+    BlockMismatch, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState, FileStatus, Retention,
+    StatusReport, VerifyReport, file_problems, seconds_since,
+};
+use crate::index::{
+    FileRanges, GenerationKind, GenerationRecord, IndexedTensor, MetaKey, SyncCommit, unix_ms,
+};
+use crate::io::FileStat;
+use crate::lock::LockKind;
+use crate::model::ModelLayout;
+use crate::plan::{self, Comparison, TensorPlan, block_span, merge_ranges};
+use crate::source::SafetensorsSource;
+
+impl Checkpoint {
+    /// Reads, and with `set` changes, how much undo data is kept (applied at the next sync).
+    pub fn retention(
+        &self,
+        generations: Option<u64>,
+        bytes: Option<u64>,
+    ) -> Result<Retention, Error> {
+        let (_write, _read);
+        if generations.is_some() || bytes.is_some() {
+            _write = self.begin_write()?;
+        } else {
+            _read = self.lock(LockKind::Shared)?;
+        }
+        let mut index = self.require_index()?;
+        if let Some(g) = generations {
+            index.set_meta(MetaKey::RetainGenerations, &g.to_string())?;
+        }
+        if let Some(b) = bytes {
+            index.set_meta(MetaKey::RetainBytes, &b.to_string())?;
+        }
+        Ok(Retention {
+            generations: index
+                .meta_u64(MetaKey::RetainGenerations)?
+                .unwrap_or(DEFAULT_RETAIN_GENERATIONS),
+            bytes: index.meta_u64(MetaKey::RetainBytes)?.unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Reports what the state directory knows, without reading model data.
+    pub fn status(&self) -> Result<StatusReport, Error> {
+        self.require_model_dir()?;
+        let _lock = self.lock(LockKind::Shared)?;
+        let mut report = StatusReport {
+            model_dir: self.model_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            initialized: false,
+            generation: None,
+            last_generation: None,
+            last_sync: None,
+            block_size: None,
+            tensors: 0,
+            files: Vec::new(),
+            index_bytes: 0,
+            pending: Vec::new(),
+            undo_generations: 0,
+            undo_bytes: 0,
+            retain_generations: None,
+            retain_bytes: None,
+            exported_through: None,
+            unexported_generations: 0,
+            unexported_bytes: 0,
+        };
+        let interrupted = self.journal_path().exists() || self.unflushed_after_reboot()?;
+        if interrupted {
+            report.pending.push(format!(
+                "an interrupted write is pending: run `apollo-checkpoint recover --model-dir {}` (sync also recovers first)",
+                self.model_dir.display()
+            ));
+        }
+        let Some(index) = self.open_index()? else {
+            report.pending.push(format!(
+                "not initialized: run `apollo-checkpoint init --model-dir {}`",
+                self.model_dir.display()
+            ));
+            return Ok(report);
+        };
+        report.initialized = true;
+        report.generation = index.generation()?;
+        if let Some(g) = report.generation {
+            report.last_generation = index.generation_record(g)?;
+        }
+        report.last_sync = index
+            .meta(MetaKey::LastSync)?
+            .and_then(|s| serde_json::from_str(&s).ok());
+        report.block_size = Some(index.block_layout()?.block_size);
+        report.tensors = index.tensors()?.len();
+        report.retain_generations = index.meta_u64(MetaKey::RetainGenerations)?;
+        report.retain_bytes = index.meta_u64(MetaKey::RetainBytes)?;
+        let undo = self.undo_files()?;
+        report.exported_through = index.exported_through()?;
+        if let (Some(e), Some(g)) = (report.exported_through, report.generation) {
+            report.unexported_generations = g.saturating_sub(e);
+            report.unexported_bytes = undo.iter().filter(|u| u.0 > e).map(|u| u.2).sum();
+        }
+        report.undo_generations = undo.len() as u64;
+        report.undo_bytes = undo.iter().map(|u| u.2).sum();
+        report.index_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                std::fs::metadata(
+                    self.state_dir
+                        .join(format!("{}{suffix}", crate::index::INDEX_DB)),
+                )
+                .ok()
+            })
+            .map(|m| m.len())
+            .sum();
+        for f in index.files()? {
+            let state = match std::fs::metadata(self.model_dir.join(&f.name)) {
+                Err(_) => FileState::Missing,
+                Ok(m) if FileStat::from_metadata(&m) == f.stat => FileState::Ok,
+                Ok(_) => FileState::Modified,
+            };
+            if state != FileState::Ok && !interrupted {
+                report.pending.push(format!(
+                    "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair --model-dir {}`",
+                    f.name,
+                    self.model_dir.display()
+                ));
+            }
+            report.files.push(FileStatus {
+                name: f.name,
+                size: f.stat.size,
+                state,
+            });
+        }
+        Ok(report)
+    }
+
+    /// Rehashes the model files and compares them with the index; with `repair`, re-indexes
+    /// whatever differs from the files as they are now.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport, Error> {
+        let start = Instant::now();
+        self.require_model_dir()?;
+        let (_write, _read);
+        if repair {
+            _write = self.begin_write()?;
+        } else {
+            _read = self.lock(LockKind::Shared)?;
+        }
+        let mut index = self.require_index()?;
+        if repair {
+            self.refuse_if_journal_pending()?;
+        }
+        let layout = index.block_layout()?;
+        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let indexed_files = index.files()?;
+        let mut problems: Vec<String> = file_problems(&indexed_files, &model)
+            .iter()
+            .map(|(f, w)| format!("{f}: {w}"))
+            .collect();
+        if self.journal_path().exists() || self.unflushed_after_reboot()? {
+            problems.insert(
+                0,
+                format!(
+                    "{}: an interrupted write is pending; run `apollo-checkpoint recover`",
+                    self.state_dir.display()
+                ),
+            );
+        }
+        let mut report = VerifyReport {
+            clean: true,
+            file_problems: problems,
+            mismatched_blocks: Vec::new(),
+            mismatched_block_count: 0,
+            bytes_checked: 0,
+            repaired: false,
+            generation: index.generation()?.unwrap_or(0),
+            seconds: 0.0,
+        };
+        // Files whose header is unchanged can be compared block by block.
+        let header_changed: Vec<&str> = model
+            .files
+            .iter()
+            .filter(|f| {
+                !indexed_files
+                    .iter()
+                    .any(|i| i.name == f.name && i.header_hash == f.header.header_hash)
+            })
+            .map(|f| f.name.as_str())
+            .collect();
+        let indexed = index.tensors()?;
+        let by_name: HashMap<&str, &IndexedTensor> =
+            indexed.iter().map(|t| (t.name.as_str(), t)).collect();
+        let source = SafetensorsSource::open(&self.model_dir)?;
+        let comparisons: Vec<Comparison<'_>> = model
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !header_changed.contains(&model.files[t.file].name.as_str()))
+            .filter_map(|(i, t)| Some((i, i, *by_name.get(t.entry.name.as_str())?)))
+            .collect();
+        report.bytes_checked = comparisons
+            .iter()
+            .map(|c| model.tensors[c.0].entry.len)
+            .sum();
+        let pb = self.progress_bar(report.bytes_checked, "verifying");
+        let plans: Vec<TensorPlan> =
+            plan::find_changed::<Error>(&index, &model, &source, &comparisons, layout, &pb)?;
+        pb.finish_and_clear();
+        let mut mismatched_ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        for p in &plans {
+            let t = &model.tensors[p.model];
+            for b in &p.blocks {
+                let (off, len) = block_span(layout, t.entry.len, b.block);
+                report.mismatched_block_count += 1;
+                mismatched_ranges
+                    .entry(t.file)
+                    .or_default()
+                    .push((t.entry.offset + off, len));
+                if report.mismatched_blocks.len() < VerifyReport::MAX_LISTED {
+                    report.mismatched_blocks.push(BlockMismatch {
+                        file: model.files[t.file].name.clone(),
+                        tensor: t.entry.name.clone(),
+                        block: b.block,
+                        offset: t.entry.offset + off,
+                        len,
+                    });
+                }
+            }
+        }
+        report
+            .mismatched_blocks
+            .sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
+        report.clean = report.file_problems.is_empty() && report.mismatched_block_count == 0;
+
+        let same_files = indexed_files.len() == model.files.len()
+            && model
+                .files
+                .iter()
+                .all(|f| indexed_files.iter().any(|i| i.name == f.name));
+        if repair
+            && !report.clean
+            && header_changed.is_empty()
+            && same_files
+            && report.mismatched_block_count == 0
+        {
+            // Only stats changed (a copy, a touch): the bytes are the current generation's, so
+            // the index trusts the new stats and no generation is recorded.
+            let file_stats = model
+                .files
+                .iter()
+                .map(|f| (f.name.clone(), f.stat))
+                .collect();
+            index.commit_sync(&SyncCommit {
+                file_stats,
+                ..SyncCommit::default()
+            })?;
+            report.repaired = true;
+        } else if repair && !report.clean {
+            // Whole files whose header changed, and the mismatched blocks of the others.
+            let mut ranges: FileRanges = Vec::new();
+            for (i, f) in model.files.iter().enumerate() {
+                let r = if header_changed.contains(&f.name.as_str()) {
+                    vec![(0, f.stat.size)]
+                } else {
+                    merge_ranges(mismatched_ranges.remove(&i).unwrap_or_default())
+                };
+                if !r.is_empty() {
+                    ranges.push((f.name.clone(), r));
+                }
+            }
+            let generation = report.generation + 1;
+            let blocks_changed = report.mismatched_block_count;
+            let bytes_changed = ranges.iter().flat_map(|(_, r)| r.iter().map(|x| x.1)).sum();
+            self.rebuild(
+                &mut index,
+                &model,
+                layout,
+                |_| Ok(()),
+                |bytes| GenerationRecord {
+                    generation,
+                    kind: GenerationKind::Reindex,
+                    created_at_ms: unix_ms(),
+                    source: format!("files:{}", self.model_dir.display()),
+                    tensors: model.tensors.len() as u64,
+                    bytes_compared: bytes,
+                    blocks_changed,
+                    bytes_changed,
+                    seconds: seconds_since(start),
+                },
+                &ranges,
+            )?;
+            report.repaired = true;
+            report.generation = generation;
+        }
+        report.seconds = seconds_since(start);
+        Ok(report)
+    }
+}

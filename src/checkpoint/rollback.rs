@@ -1,0 +1,198 @@
+//! `rollback`: restore the files to an earlier generation from the retained undo data, as a new
+//! generation written through the write transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::sync::{BLOCKS_PER_CHUNK, CHUNKS_PER_BATCH};
+use super::txn::{Mode, NewHashes, WriteTxn};
+use super::{Checkpoint, Error, RollbackReport, seconds_since};
+use crate::blockhash;
+use crate::index::{GenerationKind, unix_ms};
+use crate::io::OpenMode;
+use crate::journal::{
+    GenerationInfo, Journal, JournalError, JournalFile, JournalHeader, JournalKind, JournalState,
+    UNDO_DIR,
+};
+use crate::model::ModelLayout;
+use crate::record::{self, Record, apply_xor, compose_xor, hash_prefix};
+
+/// A block's composed undo: (tensor offset, block length, zero-run coded XOR).
+type ComposedBlock = (u64, u32, Vec<u8>);
+
+impl Checkpoint {
+    /// Restores the files to generation `to` (default: the one before the current) from the
+    /// retained undo data. The rollback is journaled like a sync and recorded as a new generation.
+    pub fn rollback(&self, to: Option<u64>) -> Result<RollbackReport, Error> {
+        let start = Instant::now();
+        let _lock = self.begin_write()?;
+        self.refuse_if_journal_pending()?;
+        let index = self.require_index()?;
+        let layout = index.block_layout()?;
+        let current = index.generation()?.unwrap_or(0);
+        let to = to.unwrap_or(current.saturating_sub(1));
+        if to >= current {
+            return Err(Error::RollbackTarget { to, current });
+        }
+        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        self.check_trusted(&index, &model)?;
+        // The undo data of every generation after `to`, newest first.
+        let undo: HashMap<u64, PathBuf> = self
+            .undo_files()?
+            .into_iter()
+            .map(|(g, p, _)| (g, p))
+            .collect();
+        let earliest = (0..=current)
+            .rev()
+            .take_while(|g| *g == current || undo.contains_key(&(g + 1)))
+            .last()
+            .unwrap_or(current);
+        let mut journals = Vec::new();
+        for g in (to + 1..=current).rev() {
+            let kind = index.generation_record(g)?.map(|r| r.kind);
+            let why = if kind == Some(GenerationKind::Reindex) {
+                "it re-indexed files changed by another program, so there is nothing to undo"
+                    .to_string()
+            } else {
+                "it was pruned by the retention limits".to_string()
+            };
+            let missing = || Error::NoUndo {
+                to,
+                missing: g,
+                why: why.clone(),
+                earliest,
+            };
+            let path = undo.get(&g).ok_or_else(missing)?;
+            match Journal::open(self.io.as_ref(), path)? {
+                JournalState::Committed(j) if j.header.target_generation == g => journals.push(j),
+                _ => return Err(missing()),
+            }
+        }
+        // Compose the XORs of every block, keyed by (file, offset).
+        let mut composed: BTreeMap<(String, u64), ComposedBlock> = BTreeMap::new();
+        for j in &journals {
+            j.for_each_batch(64 << 20, |batch| {
+                for r in batch {
+                    let key = (j.header.files[r.file as usize].name.clone(), r.offset);
+                    match composed.get_mut(&key) {
+                        None => {
+                            composed.insert(key, (r.tensor_offset, r.len, r.payload));
+                        }
+                        Some(entry) => {
+                            entry.2 = compose_xor(&entry.2, &r.payload, r.len as usize)
+                                .ok_or_else(|| JournalError::Corrupt {
+                                    path: j.path.clone(),
+                                    what: "malformed payload".into(),
+                                })?;
+                        }
+                    }
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
+        drop(journals);
+        // One rollback journal: the current bytes as old, current ⊕ composed as new.
+        let mut names: Vec<String> = composed.keys().map(|(f, _)| f.clone()).collect();
+        names.dedup();
+        let mut files = Vec::new();
+        let mut handles = Vec::new();
+        for name in &names {
+            let f = model
+                .files
+                .iter()
+                .find(|f| &f.name == name)
+                .ok_or_else(|| Error::ForeignJournal {
+                    path: self.state_dir.join(UNDO_DIR),
+                    what: format!("the undo data names {name}, which is not a file of the model"),
+                })?;
+            files.push(JournalFile {
+                name: name.clone(),
+                size: f.stat.size,
+            });
+            let p = self.model_dir.join(name);
+            handles.push(self.io.open(&p, OpenMode::Read).map_err(Self::io_err(&p))?);
+        }
+        let header = JournalHeader {
+            kind: JournalKind::Rollback,
+            block_size: layout.block_size as u32,
+            model_id: index.model_id()?,
+            base_generation: current,
+            target_generation: current + 1,
+            created_ms: unix_ms() as u64,
+            files,
+            info: GenerationInfo {
+                source: format!("rollback from generation {current} to generation {to}"),
+                tensors: model.tensors.len() as u64,
+                bytes_compared: 0,
+                restored_generation: Some(to),
+            },
+        };
+        let entries: Vec<((String, u64), ComposedBlock)> = composed.into_iter().collect();
+        let mut txn = WriteTxn::begin(self, &header)?;
+        let (mut blocks_changed, mut bytes_changed) = (0u64, 0u64);
+        {
+            for batch in entries.chunks(BLOCKS_PER_CHUNK * CHUNKS_PER_BATCH) {
+                let encoded: Vec<Option<Vec<u8>>> = batch
+                    .par_iter()
+                    .map(|((name, offset), (tensor_offset, len, payload))| {
+                        let file = names
+                            .binary_search(name)
+                            .expect("names come from these keys");
+                        let h = &handles[file];
+                        let mut block = vec![0u8; *len as usize];
+                        h.read_at(*offset, &mut block)
+                            .map_err(Self::io_err(h.path()))?;
+                        let rel = offset - tensor_offset;
+                        let old = blockhash::subtree_cv(rel, &block);
+                        apply_xor(payload, &mut block).ok_or_else(|| JournalError::Corrupt {
+                            path: self.state_dir.join(UNDO_DIR),
+                            what: "malformed payload".into(),
+                        })?;
+                        let new = blockhash::subtree_cv(rel, &block);
+                        if new == old {
+                            return Ok(None);
+                        }
+                        let mut out = Vec::new();
+                        Record {
+                            tag: record::JOURNAL,
+                            file: file as u32,
+                            tensor_offset: *tensor_offset,
+                            offset: *offset,
+                            len: *len,
+                            old: hash_prefix(&old),
+                            new: hash_prefix(&new),
+                            payload: payload.clone(),
+                        }
+                        .encode(&mut out);
+                        Ok(Some(out))
+                    })
+                    .collect::<Result<_, Error>>()?;
+                for ((_, (_, len, _)), e) in batch.iter().zip(encoded) {
+                    if let Some(e) = e {
+                        txn.stage(&e, 1)?;
+                        blocks_changed += 1;
+                        bytes_changed += u64::from(*len);
+                    }
+                }
+            }
+        }
+        let (committed, journal_bytes) = txn.commit()?;
+        drop(handles);
+        drop(index);
+        let done = committed
+            .finish(Mode::Write, None, NewHashes::ReadBack, start)?
+            .report;
+        Ok(RollbackReport {
+            from_generation: current,
+            restored_generation: to,
+            generation: done.generation,
+            blocks_changed,
+            bytes_changed,
+            journal_bytes,
+            seconds: seconds_since(start),
+        })
+    }
+}

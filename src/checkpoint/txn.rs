@@ -1,0 +1,469 @@
+//! The write transaction: the one protocol by which sync, rollback, apply-delta and recovery
+//! change model files (see the module documentation of [`super`] for why it is safe).
+//!
+//! [`Checkpoint::begin_write`] takes the exclusive lock and makes the previous write's pages
+//! durable (timed: the `flush` phase). [`WriteTxn::begin`] creates the journal; records are
+//! [staged](WriteTxn::stage); [`WriteTxn::commit`] makes them and the commit record durable and
+//! returns a [`Committed`] journal, which [`Committed::finish`] applies to the files, records in
+//! the index (hashes, stats, generation, ranges) and retires. Dropping a `WriteTxn` before its
+//! commit discards its journal: the files were never touched. A committed journal found after a
+//! crash goes through the same [`Committed::finish`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::undo::undo_name;
+use super::{Checkpoint, Error, RecoverReport, RecoveryAction, seconds_since};
+use crate::apply::{self, ApplyStats};
+use crate::blockhash::{self, BlockLayout, Cv};
+use crate::index::{
+    BlockIndex, FileRanges, GenerationRecord, HashUpdate, IndexError, IndexedTensor, SyncCommit,
+    unix_ms,
+};
+use crate::io::{FileIo, FileStat, OpenMode};
+use crate::journal::{
+    Journal, JournalError, JournalFile, JournalHeader, JournalState, JournalWriter, UNDO_DIR,
+};
+use crate::lock::{LockKind, StateLock};
+use crate::model::ModelLayout;
+use crate::plan::merge_ranges;
+use crate::record::hash_prefix;
+
+/// The exclusive lock of a writer, taken with the previous write's pages made durable.
+#[derive(Debug)]
+pub struct WriteLock {
+    _lock: Option<StateLock>,
+    /// What making the previous write durable did, if it left anything.
+    pub flushed: Option<RecoverReport>,
+    /// How long that took.
+    pub flush_seconds: f64,
+}
+
+impl Checkpoint {
+    /// Begins a write: takes the exclusive lock, then makes the writes the previous journaled
+    /// write left to the page cache durable (see [`crate::journal`], "Unflushed writes").
+    pub(crate) fn begin_write(&self) -> Result<WriteLock, Error> {
+        let lock = self.lock(LockKind::Exclusive)?;
+        let start = Instant::now();
+        let flushed = self.flush_previous()?;
+        Ok(WriteLock {
+            _lock: lock,
+            flushed,
+            flush_seconds: seconds_since(start),
+        })
+    }
+
+    /// Makes the writes named by `unflushed.json` durable and removes it: in the same boot by
+    /// fsyncing the files it names, after a reboot (or a failed fsync) by rolling their retired
+    /// journal forward again. Runs under the exclusive lock; a pending journal is left to
+    /// recovery, which finishes both.
+    pub(crate) fn flush_previous(&self) -> Result<Option<RecoverReport>, Error> {
+        let start = Instant::now();
+        let Some(u) = self.unflushed()? else {
+            return Ok(None);
+        };
+        if self.journal_path().exists() {
+            return Ok(None);
+        }
+        let mut report = RecoverReport {
+            action: RecoveryAction::Flushed,
+            generation: u.generation,
+            blocks: ApplyStats::default(),
+            seconds: 0.0,
+        };
+        if !(self.same_boot(&u) && self.fsync_unflushed(&u.files).is_ok()) {
+            let path = self.state_dir.join(UNDO_DIR).join(undo_name(u.generation));
+            let JournalState::Committed(journal) = Journal::open(self.io.as_ref(), &path)? else {
+                return Err(JournalError::Corrupt {
+                    path,
+                    what: "the journal of unflushed writes is not committed".into(),
+                }
+                .into());
+            };
+            report = Committed::found(self, journal)
+                .finish(Mode::Reflush, None, NewHashes::ReadBack, start)?
+                .report;
+        }
+        self.clear_unflushed()?;
+        report.seconds = seconds_since(start);
+        Ok(Some(report))
+    }
+}
+
+/// A journaled write being staged. Dropped before [`WriteTxn::commit`], it discards its journal.
+pub(crate) struct WriteTxn<'c> {
+    cp: &'c Checkpoint,
+    path: PathBuf,
+    writer: Option<JournalWriter>,
+}
+
+impl<'c> WriteTxn<'c> {
+    /// Creates the journal of a write described by `header`.
+    pub fn begin(cp: &'c Checkpoint, header: &JournalHeader) -> Result<Self, Error> {
+        let mut txn = WriteTxn {
+            cp,
+            path: cp.journal_path(),
+            writer: None,
+        };
+        match JournalWriter::create(cp.io.as_ref(), &txn.path, header) {
+            Ok(w) => txn.writer = Some(w),
+            Err(e) => {
+                txn.discard();
+                return Err(e.into());
+            }
+        }
+        Ok(txn)
+    }
+
+    /// Appends `records` encoded records.
+    pub fn stage(&mut self, encoded: &[u8], records: u64) -> Result<(), Error> {
+        let writer = self.writer.as_mut().expect("staged before commit");
+        Ok(writer.append(encoded, records)?)
+    }
+
+    /// Makes the records and then the commit record durable: from here on the write happens,
+    /// now or by recovery. Returns the committed journal, verified, and its size in bytes.
+    pub fn commit(mut self) -> Result<(Committed<'c>, u64), Error> {
+        let writer = self.writer.take().expect("committed once");
+        let bytes = match writer.commit(self.cp.io.as_ref()) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // A commit that failed is never trusted to be durable (a failed fsync is not
+                // retried): the model was not touched, so the journal goes.
+                self.discard();
+                return Err(e.into());
+            }
+        };
+        // Durable from here on: never discarded, only rolled forward.
+        match Journal::open(self.cp.io.as_ref(), &self.path)? {
+            JournalState::Committed(journal) => Ok((Committed::found(self.cp, journal), bytes)),
+            _ => Err(JournalError::Corrupt {
+                path: self.path.clone(),
+                what: "not committed after its commit record was written".into(),
+            }
+            .into()),
+        }
+    }
+
+    /// Removes the journal of a write that did not commit. Best effort: if this fails too,
+    /// recovery discards it.
+    fn discard(&self) {
+        if self.cp.io.remove_file(&self.path).is_ok() {
+            let _ = self.cp.io.sync_dir(&self.cp.state_dir);
+        }
+    }
+}
+
+impl Drop for WriteTxn<'_> {
+    /// An uncommitted write leaves nothing pending: the model was not touched.
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            self.discard();
+        }
+    }
+}
+
+/// How a committed write ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A write that just committed: its model pages are left to the page cache and marked
+    /// unflushed, the journal is retired.
+    Write,
+    /// A committed journal found pending: files fsynced, journal retired, marker cleared.
+    Recover,
+    /// The retired journal of unflushed writes rolled forward again after a reboot: files
+    /// fsynced, the journal stays where it is.
+    Reflush,
+}
+
+/// How the index learns the new generation's block hashes.
+pub(crate) enum NewHashes {
+    /// The writer knows them (a sync hashed the new bytes to plan).
+    Known {
+        /// Per tensor, the new hashes of its changed blocks.
+        updates: Vec<HashUpdate>,
+        /// Changed ranges per file.
+        ranges: FileRanges,
+        /// Bytes of the changed blocks.
+        bytes: u64,
+    },
+    /// Read back from the files after applying, each checked against its record's new hash.
+    ReadBack,
+}
+
+/// What [`Committed::finish`] did, with the time of its phases.
+pub(crate) struct Finished {
+    pub report: RecoverReport,
+    pub apply_seconds: f64,
+    pub commit_seconds: f64,
+    pub retire_seconds: f64,
+}
+
+/// A committed journal: the write it describes happens.
+pub(crate) struct Committed<'c> {
+    cp: &'c Checkpoint,
+    journal: Journal,
+}
+
+impl<'c> Committed<'c> {
+    /// A committed journal of this checkpoint (just written, or found after a crash).
+    pub fn found(cp: &'c Checkpoint, journal: Journal) -> Self {
+        Committed { cp, journal }
+    }
+
+    /// Rolls the journal forward into the files (`files`: the model files already open for
+    /// writing, in the order of the journal's file table), commits the index (unless it
+    /// already holds the journal's target generation) and ends as `mode` says.
+    pub fn finish(
+        self,
+        mode: Mode,
+        files: Option<Vec<Box<dyn FileIo>>>,
+        hashes: NewHashes,
+        start: Instant,
+    ) -> Result<Finished, Error> {
+        let cp = self.cp;
+        let recovering = mode != Mode::Write;
+        let path = self.journal.path.clone();
+        let foreign = |what: String| Error::ForeignJournal {
+            path: path.clone(),
+            what,
+        };
+        let mut index = cp
+            .open_index()?
+            .ok_or_else(|| foreign("there is no index for it in this state directory".into()))?;
+        let h = self.journal.header.clone();
+        let model_id = index.model_id()?;
+        if h.model_id != model_id {
+            return Err(foreign(format!(
+                "it belongs to model {}, this index is model {model_id}",
+                h.model_id
+            )));
+        }
+        let layout = index.block_layout()?;
+        if u64::from(h.block_size) != layout.block_size {
+            return Err(foreign(format!(
+                "block size {} differs from the index's {}",
+                h.block_size, layout.block_size
+            )));
+        }
+        let current = index.generation()?.unwrap_or(0);
+        if current != h.base_generation && current != h.target_generation {
+            return Err(foreign(format!(
+                "it takes generation {} to {}, but the index is at generation {current}",
+                h.base_generation, h.target_generation
+            )));
+        }
+        let handles = self.open_files(&index, files)?;
+        let lap = Instant::now();
+        let blocks = apply::roll_forward(&self.journal, &handles)?;
+        let file_stats = file_stats(&handles, &h.files, recovering)?;
+        let apply_seconds = seconds_since(lap);
+        let lap = Instant::now();
+        let mut commit = SyncCommit {
+            file_stats,
+            ..SyncCommit::default()
+        };
+        if current == h.base_generation {
+            let (updates, ranges, bytes_changed) = match hashes {
+                NewHashes::Known {
+                    updates,
+                    ranges,
+                    bytes,
+                } => (updates, ranges, bytes),
+                NewHashes::ReadBack => self.hashes_after(&index, &handles, layout)?,
+            };
+            commit.generation = Some(GenerationRecord {
+                generation: h.target_generation,
+                kind: h.kind.generation_kind(),
+                created_at_ms: unix_ms(),
+                source: format!(
+                    "{}{}",
+                    h.info.source,
+                    if mode == Mode::Write {
+                        ""
+                    } else {
+                        " (recovered)"
+                    }
+                ),
+                tensors: h.info.tensors,
+                bytes_compared: h.info.bytes_compared,
+                blocks_changed: self.journal.count,
+                bytes_changed,
+                seconds: seconds_since(start),
+            });
+            commit.updates = updates;
+            commit.ranges = ranges;
+        }
+        index.commit_sync(&commit)?;
+        let commit_seconds = seconds_since(lap);
+        drop(self.journal);
+        let lap = Instant::now();
+        if mode != Mode::Reflush {
+            let unflushed = (mode == Mode::Write).then_some(&h.files[..]);
+            cp.retire(&index, h.target_generation, unflushed)?;
+        }
+        if recovering {
+            cp.clear_unflushed()?;
+        }
+        Ok(Finished {
+            report: RecoverReport {
+                action: RecoveryAction::RolledForward,
+                generation: h.target_generation,
+                blocks,
+                seconds: seconds_since(start),
+            },
+            apply_seconds,
+            commit_seconds,
+            retire_seconds: seconds_since(lap),
+        })
+    }
+
+    /// The journal's files open for writing: `opened`, when the writer has them (it checked them
+    /// against the index under this lock before journaling), else opened here after checking
+    /// that each is the model's file the journal was written for.
+    fn open_files(
+        &self,
+        index: &BlockIndex,
+        opened: Option<Vec<Box<dyn FileIo>>>,
+    ) -> Result<Vec<Box<dyn FileIo>>, Error> {
+        let cp = self.cp;
+        let h = &self.journal.header;
+        if let Some(files) = opened.filter(|o| o.len() == h.files.len()) {
+            return Ok(files);
+        }
+        let model = ModelLayout::open(&cp.model_dir, cp.io.as_ref())?;
+        let indexed_files = index.files()?;
+        let mut handles = Vec::with_capacity(h.files.len());
+        for jf in &h.files {
+            let known = indexed_files.iter().find(|f| f.name == jf.name);
+            let now = model.files.iter().find(|f| f.name == jf.name);
+            let same = match (known, now) {
+                (Some(k), Some(n)) => {
+                    k.header_hash == n.header.header_hash && n.stat.size == jf.size
+                }
+                _ => false,
+            };
+            if !same {
+                return Err(Error::ForeignJournal {
+                    path: self.journal.path.clone(),
+                    what: format!("its file {} is not the model's file of that name", jf.name),
+                });
+            }
+            let p = cp.model_dir.join(&jf.name);
+            handles.push(
+                cp.io
+                    .open(&p, OpenMode::ReadWrite)
+                    .map_err(Checkpoint::io_err(&p))?,
+            );
+        }
+        Ok(handles)
+    }
+
+    /// The new block hashes, changed ranges and changed bytes of a journal rolled forward, read
+    /// back from the files.
+    fn hashes_after(
+        &self,
+        index: &BlockIndex,
+        handles: &[Box<dyn FileIo>],
+        layout: BlockLayout,
+    ) -> Result<(Vec<HashUpdate>, FileRanges, u64), Error> {
+        let journal = &self.journal;
+        let model_dir = &self.cp.model_dir;
+        let files = index.files()?;
+        let tensors = index.tensors()?;
+        let mut by_place: HashMap<(&str, u64), &IndexedTensor> = HashMap::new();
+        // Empty tensors share their offset with the next tensor and have no blocks.
+        for t in tensors.iter().filter(|t| t.len > 0) {
+            if let Some(f) = files.iter().find(|f| f.id == t.file_id) {
+                by_place.insert((f.name.as_str(), t.offset), t);
+            }
+        }
+        let names: Vec<&str> = journal
+            .header
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        let index_path = index.path().to_path_buf();
+        let mut updates: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
+        let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut bytes = 0;
+        journal.for_each_batch(64 << 20, |batch| {
+            let hashed: Vec<(i64, u64, Cv)> = batch
+                .par_iter()
+                .map(|r| {
+                    let name = names[r.file as usize];
+                    let t = by_place.get(&(name, r.tensor_offset)).ok_or_else(|| {
+                        IndexError::Corrupt {
+                            path: index_path.clone(),
+                            what: format!(
+                                "no tensor at byte {} of {name}, where the journal has one",
+                                r.tensor_offset
+                            ),
+                        }
+                    })?;
+                    let mut block = vec![0u8; r.len as usize];
+                    let h = &handles[r.file as usize];
+                    h.read_at(r.offset, &mut block)
+                        .map_err(Checkpoint::io_err(h.path()))?;
+                    let rel = r.offset - r.tensor_offset;
+                    let cv = blockhash::subtree_cv(rel, &block);
+                    if hash_prefix(&cv) != r.new {
+                        return Err(Error::TargetMismatch {
+                            file: name.to_string(),
+                            offset: r.offset,
+                            end: r.offset + u64::from(r.len),
+                            target: journal.header.target_generation,
+                            model_dir: model_dir.clone(),
+                        });
+                    }
+                    Ok((t.id, rel / layout.block_size, cv))
+                })
+                .collect::<Result<_, Error>>()?;
+            for (r, (id, block, cv)) in batch.iter().zip(hashed) {
+                updates.entry(id).or_default().push((block, cv));
+                ranges
+                    .entry(r.file as usize)
+                    .or_default()
+                    .push((r.offset, u64::from(r.len)));
+                bytes += u64::from(r.len);
+            }
+            Ok::<_, Error>(())
+        })?;
+        let updates = updates
+            .into_iter()
+            .map(|(tensor_id, mut blocks)| {
+                blocks.sort_unstable_by_key(|b| b.0);
+                HashUpdate { tensor_id, blocks }
+            })
+            .collect();
+        let ranges = ranges
+            .into_iter()
+            .map(|(f, r)| (names[f].to_string(), merge_ranges(r)))
+            .collect();
+        Ok((updates, ranges, bytes))
+    }
+}
+
+/// The files' names and new stats; with `fsync`, first makes every file durable, in parallel so
+/// the device sees all their writes at once.
+fn file_stats(
+    handles: &[Box<dyn FileIo>],
+    files: &[JournalFile],
+    fsync: bool,
+) -> Result<Vec<(String, FileStat)>, Error> {
+    handles
+        .par_iter()
+        .zip(files)
+        .map(|(h, f)| {
+            if fsync {
+                h.sync().map_err(Checkpoint::io_err(h.path()))?;
+            }
+            let stat = h.stat().map_err(Checkpoint::io_err(h.path()))?;
+            Ok((f.name.clone(), stat))
+        })
+        .collect()
+}
