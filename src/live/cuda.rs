@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, DriverError, sys};
+use cudarc::driver::{CudaContext, DriverError, result, sys};
 
 use crate::live::handles::ManifestTensor;
 use crate::live::layout::ParamReader;
@@ -98,9 +98,9 @@ impl Drop for Pinned {
     /// Frees the buffer. The context it was allocated in must be current on this thread: the
     /// reader binds it before its staging buffers are dropped.
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from cuMemHostAlloc (a `Pinned` is built from nothing else) and is
-        // freed only here.
-        let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        // SAFETY: `ptr` came from `result::malloc_host` (a `Pinned` is built from nothing else)
+        // and is freed only here.
+        let _ = unsafe { result::free_host(self.ptr.cast()) };
     }
 }
 
@@ -210,17 +210,11 @@ impl CudaIpcReader {
             .map_err(driver("binding a GPU context"))?;
         let mut staging = Vec::new();
         for _ in 0..buffers.max(1) {
-            let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
-            // SAFETY: a valid out-pointer; on success the buffer is owned by a `Pinned`, which
-            // frees it once when dropped (here, with `staging`, if a later allocation fails;
-            // the staging context is current on this thread).
-            let rc = unsafe { sys::cuMemHostAlloc(&raw mut host, STAGING_BYTES, 0) };
-            if rc != sys::CUresult::CUDA_SUCCESS {
-                return Err(CudaError::Driver {
-                    what: "allocating pinned memory".into(),
-                    error: format!("{rc:?}"),
-                });
-            }
+            // SAFETY: the staging context is current on this thread; on success the buffer is
+            // owned by a `Pinned`, which frees it once when dropped (here, with `staging`, if a
+            // later allocation fails).
+            let host = unsafe { result::malloc_host(STAGING_BYTES, 0) }
+                .map_err(driver("allocating pinned memory"))?;
             staging.push(Mutex::new(Pinned {
                 ptr: host.cast(),
                 len: STAGING_BYTES,
@@ -279,16 +273,14 @@ impl ParamReader for CudaIpcReader {
         while done < buf.len() {
             let n = (buf.len() - done).min(staging.len);
             let src = mapping.ptr + base + offset + done as u64;
+            // SAFETY: the staging buffer holds `staging.len >= n` bytes of pinned memory and is
+            // ours under its lock, so no one else reads or writes it while this slice lives.
+            let pinned = unsafe { std::slice::from_raw_parts_mut(staging.ptr, n) };
             // SAFETY: `src..src+n` lies inside the opened allocation (the manifest's offset and
-            // size, checked above against the tensor's bytes); the staging buffer holds `n` bytes
-            // and is ours under its lock; the copy is synchronous.
-            let rc = unsafe { sys::cuMemcpyDtoH_v2(staging.ptr.cast(), src, n) };
-            if rc != sys::CUresult::CUDA_SUCCESS {
-                return Err(io(format!("copying from the GPU: {rc:?}")));
-            }
-            // SAFETY: the driver wrote `n` bytes at `staging.ptr`.
-            let copied = unsafe { std::slice::from_raw_parts(staging.ptr, n) };
-            buf[done..done + n].copy_from_slice(copied);
+            // size, checked above against the tensor's bytes); the copy is synchronous.
+            unsafe { result::memcpy_dtoh_sync(pinned, src) }
+                .map_err(|e| io(format!("copying from the GPU: {e:?}")))?;
+            buf[done..done + n].copy_from_slice(pinned);
             done += n;
         }
         Ok(())

@@ -141,7 +141,11 @@ fn exit_codes_and_messages_for_common_mistakes() {
         for dir in [tmp.path().to_path_buf(), tmp.path().join("nope")] {
             let o = run(&[cmd, "--model-dir", s(&dir)]);
             assert_eq!(o.status.code(), Some(66), "{cmd}: {}", stderr(&o));
-            assert!(stderr(&o).contains("no model.safetensors"), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("no model.safetensors"),
+                "{}",
+                stderr(&o)
+            );
         }
     }
     // A model without an index yet.
@@ -266,4 +270,30 @@ fn an_unwritable_state_dir_is_a_clear_error_and_the_model_is_untouched() {
     assert_eq!(o.status.code(), Some(74), "{}", stderr(&o));
     assert!(stderr(&o).contains("plain-file/state"), "{}", stderr(&o));
     assert_eq!(before, snapshot(&p.model));
+}
+
+/// status_json_phases: `status --json` reported every phase of the last changed sync as 0.0
+/// (the stats were stored before the phases were filled in).
+#[test]
+fn status_json_shows_the_phases_of_the_last_sync() {
+    let mut tensors = mixed_tensors(5);
+    let p = pair(&tensors, 1, 1);
+    let m = s(&p.model);
+    for t in &mut tensors {
+        if let Some(b) = t.data.first_mut() {
+            *b ^= 1;
+        }
+    }
+    write_model(&p.source, &tensors, 1);
+    let o = run(&["sync", "--model-dir", m, "--from", s(&p.source), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let synced = stdout_json(&o);
+    let o = run(&["status", "--model-dir", m, "--json"]);
+    let last = &stdout_json(&o)["last_sync"];
+    assert_eq!(last["generation"], synced["generation"]);
+    for phase in ["check", "plan", "journal", "apply", "commit", "retire"] {
+        let v = last["phases"][phase].as_f64().unwrap();
+        assert!(v > 0.0, "phase {phase} is {v} in {last}");
+    }
+    assert!(last["at_ms"].as_i64().unwrap() > 0);
 }

@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod cli;
 mod diagnose;
+mod exit_codes;
 mod faults;
 mod handles;
 mod journal_size;

@@ -127,3 +127,43 @@ fn mutated_journals_and_deltas_give_errors_not_panics() {
         }
     }
 }
+
+mod random_bytes {
+    use apollo_checkpoint::delta::Delta;
+    use apollo_checkpoint::io::{Io, OpenMode, RealIo};
+    use apollo_checkpoint::journal::Journal;
+    use apollo_checkpoint::live::handles::read_all;
+    use apollo_checkpoint::model::read_header;
+    use proptest::prelude::*;
+
+    /// Random bytes, often behind the magic each parser looks for first, so the parsing past
+    /// it is exercised too.
+    fn input() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::sample::select(vec![
+                &b""[..],
+                b"APJRNL01",
+                b"APDELTA1",
+                b"{\"format\":\"apollo-checkpoint-handles\",\"version\":1,",
+            ]),
+            prop::collection::vec(any::<u8>(), 0..2048),
+        )
+            .prop_map(|(magic, rest)| [magic, &rest[..]].concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn every_parser_returns_an_error_or_a_value_never_a_panic(bytes in input()) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            std::fs::write(&path, &bytes).unwrap();
+            let io = RealIo::new();
+            let _ = Journal::open(&io, &path);
+            let _ = Delta::open(&io, &path);
+            let _ = read_all(std::slice::from_ref(&path));
+            let file = io.open(&path, OpenMode::Read).unwrap();
+            let _ = read_header("f", file.as_ref());
+        }
+    }
+}
