@@ -34,8 +34,7 @@ struct Case {
 impl Case {
     fn new() -> Case {
         let p = pair(&mixed_tensors(40), 2, 1);
-        let o = run(&["init", "--model-dir", s(&p.model)]);
-        assert!(o.status.success(), "{}", stderr(&o));
+        succeeds(&["init", "--model-dir", s(&p.model)]);
         Case {
             model: p.model.clone(),
             source: p.source.clone(),
@@ -63,6 +62,12 @@ impl Case {
     }
 }
 
+/// Runs a setup step that must succeed.
+fn succeeds(argv: &[&str]) {
+    let o = run(argv);
+    assert!(o.status.success(), "{argv:?}: {}", stderr(&o));
+}
+
 fn args(v: &[&str]) -> Vec<String> {
     v.iter().map(|a| (*a).to_string()).collect()
 }
@@ -83,8 +88,7 @@ fn one_generation(c: &Case) {
     let mut t = mixed_tensors(40);
     t[1].data[7] ^= 1;
     write_model(&c.source, &t, 1);
-    let o = run(&["sync", "--model-dir", s(&c.model), "--from", s(&c.source)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    succeeds(&["sync", "--model-dir", s(&c.model), "--from", s(&c.source)]);
 }
 
 const ROWS: &[Row] = &[
@@ -168,7 +172,7 @@ const ROWS: &[Row] = &[
         setup: |c| {
             one_generation(c);
             let outbox = c.dir("outbox");
-            let o = run(&[
+            succeeds(&[
                 "export-delta",
                 "--model-dir",
                 s(&c.model),
@@ -177,7 +181,6 @@ const ROWS: &[Row] = &[
                 "--since",
                 "0",
             ]);
-            assert!(o.status.success(), "{}", stderr(&o));
             let delta = deltas_in(&outbox).remove(0);
             flip(&delta, 200);
             let replica = c.dir("replica");
@@ -314,7 +317,7 @@ const ROWS: &[Row] = &[
             // A replica at generation 1, from a full delta.
             one_generation(c);
             let full = c.dir("full-outbox");
-            let o = run(&[
+            succeeds(&[
                 "export-delta",
                 "--model-dir",
                 s(&c.model),
@@ -322,26 +325,23 @@ const ROWS: &[Row] = &[
                 s(&full),
                 "--full",
             ]);
-            assert!(o.status.success(), "{}", stderr(&o));
             let replica = c.tmp.path().join("replica");
-            let o = run(&[
+            succeeds(&[
                 "apply-delta",
                 "--replica-dir",
                 s(&replica),
                 s(&deltas_in(&full)[0]),
             ]);
-            assert!(o.status.success(), "{}", stderr(&o));
             // Two more generations; the delta 2..3 leaves a gap after the replica's 1.
             for flip_back in [false, true] {
                 let mut t = mixed_tensors(40);
                 t[1].data[7] ^= u8::from(!flip_back);
                 t[2].data[9] ^= 1;
                 write_model(&c.source, &t, 1);
-                let o = run(&["sync", "--model-dir", s(&c.model), "--from", s(&c.source)]);
-                assert!(o.status.success(), "{}", stderr(&o));
+                succeeds(&["sync", "--model-dir", s(&c.model), "--from", s(&c.source)]);
             }
             let outbox = c.dir("outbox");
-            let o = run(&[
+            succeeds(&[
                 "export-delta",
                 "--model-dir",
                 s(&c.model),
@@ -350,7 +350,6 @@ const ROWS: &[Row] = &[
                 "--since",
                 "2",
             ]);
-            assert!(o.status.success(), "{}", stderr(&o));
             let gap = deltas_in(&outbox).remove(0);
             c.watch(&replica);
             args(&["apply-delta", "--replica-dir", s(&replica), s(&gap)])
