@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use apollo_checkpoint::live::cuda::CudaIpcReader;
 use apollo_checkpoint::live::handles::{manifest_paths, read_all};
-use apollo_checkpoint::live::layout::ParamReader;
+use apollo_checkpoint::live::source::ParamReader;
 use rayon::prelude::*;
 
 /// Bytes read at a time (what a sync asks for at most).

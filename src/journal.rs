@@ -286,6 +286,8 @@ impl JournalHeader {
 /// Writes a journal: header, then records, then the commit record.
 pub struct JournalWriter {
     out: HashedWriter,
+    header: JournalHeader,
+    records_start: u64,
 }
 
 impl JournalWriter {
@@ -297,7 +299,12 @@ impl JournalWriter {
         };
         let mut out = HashedWriter::new(io.create(path).map_err(err)?, path);
         out.write(&header.encode()).map_err(err)?;
-        Ok(JournalWriter { out })
+        let records_start = out.pos();
+        Ok(JournalWriter {
+            out,
+            header: header.clone(),
+            records_start,
+        })
     }
 
     fn err(&self) -> impl FnOnce(std::io::Error) -> JournalError + use<> {
@@ -321,8 +328,31 @@ impl JournalWriter {
     }
 
     /// Makes the records durable (file and directory), then writes and syncs the commit record.
-    /// When this returns `Ok`, the journal will be rolled forward after any crash.
-    pub fn commit(mut self, io: &dyn Io) -> Result<u64, JournalError> {
+    /// When this returns `Ok`, the journal will be rolled forward after any crash. Returns the
+    /// journal, to be read back by this process (not verified again: it wrote every byte).
+    pub fn commit(self, io: &dyn Io) -> Result<Journal, JournalError> {
+        let path = self.out.path().to_path_buf();
+        let (header, records_start, count) =
+            (self.header.clone(), self.records_start, self.out.count());
+        let records_end = self.write_commit(io)?;
+        let file = io
+            .open(&path, OpenMode::Read)
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Journal {
+            header,
+            path,
+            file,
+            records_start,
+            records_end,
+            count,
+        })
+    }
+
+    /// The commit protocol; returns where the records end.
+    fn write_commit(mut self, io: &dyn Io) -> Result<u64, JournalError> {
         self.out.sync().map_err(self.err())?;
         let dir = self
             .out
@@ -344,7 +374,7 @@ impl JournalWriter {
         commit.extend_from_slice(self_sum.as_bytes());
         self.out.write(&commit).map_err(self.err())?;
         self.out.sync().map_err(self.err())?;
-        Ok(records_end + COMMIT_LEN)
+        Ok(records_end)
     }
 }
 
@@ -383,6 +413,16 @@ impl std::fmt::Debug for Journal {
 }
 
 impl Journal {
+    /// The journal's size in bytes, commit record included.
+    pub fn len(&self) -> u64 {
+        self.records_end + COMMIT_LEN
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// Reads the journal at `path`: absent, uncommitted, or committed and verified.
     pub fn open(io: &dyn Io, path: &Path) -> Result<JournalState, JournalError> {
         if !path.exists() {
@@ -542,7 +582,7 @@ mod tests {
             Journal::open(&io, &path).unwrap(),
             JournalState::Uncommitted
         ));
-        let len = w.commit(&io).unwrap();
+        let len = w.commit(&io).unwrap().len();
         assert_eq!(len, std::fs::metadata(&path).unwrap().len());
         let JournalState::Committed(j) = Journal::open(&io, &path).unwrap() else {
             panic!("committed")

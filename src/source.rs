@@ -53,6 +53,16 @@ pub enum SourceError {
         /// The file.
         path: PathBuf,
     },
+    /// The live weights kept changing while they were captured: no consistent copy was made.
+    #[error(
+        "the live weights kept changing while they were copied ({blocks} blocks still moving after {attempts} attempts); nothing was written. Run the sync again when training pauses, or between steps"
+    )]
+    Unstable {
+        /// Blocks that changed during the last attempt.
+        blocks: u64,
+        /// Capture attempts made.
+        attempts: u32,
+    },
     /// A read outside a tensor was requested (a bug in the caller).
     #[error("source tensor {tensor}: range {offset}+{len} is outside its {tensor_len} bytes")]
     OutOfRange {
@@ -65,6 +75,47 @@ pub enum SourceError {
         /// The tensor's length.
         tensor_len: u64,
     },
+}
+
+/// Consecutive blocks of one source tensor: blocks `first..first + count` at the block size in
+/// use (the tensor's last block may be partial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRun {
+    /// Source tensor index.
+    pub tensor: usize,
+    /// First block.
+    pub first: u64,
+    /// Blocks.
+    pub count: u64,
+}
+
+impl BlockRun {
+    /// The run's bytes in a tensor of `len` bytes: (offset, length).
+    pub fn span(&self, block_size: u64, len: u64) -> (u64, u64) {
+        let start = self.first * block_size;
+        let end = ((self.first + self.count) * block_size).min(len);
+        (start, end.saturating_sub(start))
+    }
+}
+
+/// What copying live bytes off a device cost (all zeros for host sources).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureStats {
+    /// Bytes copied from GPU memory to the host.
+    pub gpu_bytes_copied: u64,
+    /// Device-to-host copies made.
+    pub gpu_copies: u64,
+    /// Blocks copied again because they changed while being copied.
+    pub recaptured_blocks: u64,
+}
+
+impl CaptureStats {
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: CaptureStats) {
+        self.gpu_bytes_copied += other.gpu_bytes_copied;
+        self.gpu_copies += other.gpu_copies;
+        self.recaptured_blocks += other.recaptured_blocks;
+    }
 }
 
 /// Live weights, by HF tensor name.
@@ -104,6 +155,85 @@ pub trait WeightSource: Sync {
         blockhash::hash_units(start, unit, &buf, out);
         Ok(())
     }
+
+    /// Whether hashing where the data lives is cheap enough to hash every block rather than
+    /// compare 16 KiB groups first (a GPU: the weights never cross PCIe to be compared).
+    fn hashes_in_place(&self) -> bool {
+        false
+    }
+
+    /// Writes the hash of every block of every run, in order, to `out`.
+    fn hash_blocks(
+        &self,
+        runs: &[BlockRun],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        for_each_run(runs, out, 1, |r, out| {
+            self.hash_units(r.tensor, block_size, r.first, out)
+        })?;
+        Ok(CaptureStats::default())
+    }
+
+    /// Copies the bytes of every run, concatenated in order, into `bytes`, and writes the hash of
+    /// each of their blocks, *of the bytes copied*, to `cvs`. A source whose bytes can change
+    /// meanwhile makes the copy consistent: every block's copy equals what it holds once the
+    /// copy is done, or the capture fails with [`SourceError::Unstable`].
+    fn capture(
+        &self,
+        runs: &[BlockRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        capture_on_host(self, runs, block_size, bytes, cvs)
+    }
+}
+
+/// [`WeightSource::capture`] on the host: every run read and its blocks hashed, in parallel.
+pub fn capture_on_host<S: WeightSource + ?Sized>(
+    source: &S,
+    runs: &[BlockRun],
+    block_size: u64,
+    bytes: &mut [u8],
+    cvs: &mut [Cv],
+) -> Result<CaptureStats, SourceError> {
+    use rayon::prelude::*;
+    let mut pieces = Vec::with_capacity(runs.len());
+    let mut rest: &mut [u8] = bytes;
+    let mut rest_cvs: &mut [Cv] = cvs;
+    for r in runs {
+        let (start, len) = r.span(block_size, source.tensors()[r.tensor].len);
+        let (b, tail) = rest.split_at_mut(len as usize);
+        let (c, ctail) = rest_cvs.split_at_mut(r.count as usize);
+        pieces.push((r.tensor, start, b, c));
+        rest = tail;
+        rest_cvs = ctail;
+    }
+    pieces.into_par_iter().try_for_each(|(tensor, start, b, c)| {
+        source.read(tensor, start, b)?;
+        blockhash::hash_units(start, block_size, b, c);
+        Ok::<_, SourceError>(())
+    })?;
+    Ok(CaptureStats::default())
+}
+
+/// Calls `f` for every run with its slice of `out` (`per_block` entries per block), in parallel.
+pub fn for_each_run<T: Send>(
+    runs: &[BlockRun],
+    out: &mut [T],
+    per_block: usize,
+    f: impl Fn(&BlockRun, &mut [T]) -> Result<(), SourceError> + Sync,
+) -> Result<(), SourceError> {
+    use rayon::prelude::*;
+    let mut pieces = Vec::with_capacity(runs.len());
+    let mut rest: &mut [T] = out;
+    for r in runs {
+        let (head, tail) = rest.split_at_mut(r.count as usize * per_block);
+        pieces.push((r, head));
+        rest = tail;
+    }
+    pieces.into_par_iter().try_for_each(|(r, o)| f(r, o))
 }
 
 /// A directory of safetensors files in HF layout, memory-mapped.

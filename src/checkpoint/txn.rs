@@ -128,23 +128,18 @@ impl<'c> WriteTxn<'c> {
     /// now or by recovery. Returns the committed journal, verified, and its size in bytes.
     pub fn commit(mut self) -> Result<(Committed<'c>, u64), Error> {
         let writer = self.writer.take().expect("committed once");
-        let bytes = match writer.commit(self.cp.io.as_ref()) {
-            Ok(bytes) => bytes,
+        match writer.commit(self.cp.io.as_ref()) {
+            // Durable from here on: never discarded, only rolled forward.
+            Ok(journal) => {
+                let bytes = journal.len();
+                Ok((Committed::found(self.cp, journal), bytes))
+            }
             Err(e) => {
                 // A commit that failed is never trusted to be durable (a failed fsync is not
                 // retried): the model was not touched, so the journal goes.
                 self.discard();
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        // Durable from here on: never discarded, only rolled forward.
-        match Journal::open(self.cp.io.as_ref(), &self.path)? {
-            JournalState::Committed(journal) => Ok((Committed::found(self.cp, journal), bytes)),
-            _ => Err(JournalError::Corrupt {
-                path: self.path.clone(),
-                what: "not committed after its commit record was written".into(),
-            }
-            .into()),
         }
     }
 
@@ -258,7 +253,13 @@ impl<'c> Committed<'c> {
         }
         let handles = self.open_files(&index, files)?;
         let lap = Instant::now();
-        let blocks = apply::roll_forward(&self.journal, &handles)?;
+        // A write that just committed knows every block holds its old bytes (the writer checked
+        // them under this lock): no hash is needed to judge them. Recovery judges each.
+        let blocks = if mode == Mode::Write {
+            apply::roll_forward_checked_by_writer(&self.journal, &handles)?
+        } else {
+            apply::roll_forward(&self.journal, &handles)?
+        };
         let file_stats = file_stats(&handles, &h.files, recovering)?;
         let apply_seconds = seconds_since(lap);
         let lap = Instant::now();

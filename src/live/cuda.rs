@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, DriverError, result, sys};
 
 use crate::live::handles::ManifestTensor;
-use crate::live::layout::ParamReader;
+use crate::live::source::ParamReader;
 use crate::source::SourceError;
 
 /// Bytes of each pinned staging buffer.

@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use safetensors::Dtype;
 
 use crate::model::tensor_nbytes;
-use crate::source::{SourceError, SourceTensor, WeightSource};
 
 /// One part of a packed parameter: an HF tensor stored as rows of the packed one.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,99 +311,6 @@ impl HfTensor {
                 let b = end.min(s.dst + s.len);
                 (*s, a - s.dst, b - a)
             })
-    }
-}
-
-/// Raw access to live parameters by index (one rank's GPU memory, or host buffers).
-pub trait ParamReader: Sync {
-    /// Copies `buf.len()` bytes of parameter `param` from `offset`.
-    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
-    /// A short description.
-    fn describe(&self) -> String;
-}
-
-/// Live parameters held in host memory (tests, and sources that copy whole parameters).
-#[derive(Clone, Debug, Default)]
-pub struct HostParams(pub Vec<Vec<u8>>);
-
-impl ParamReader for HostParams {
-    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        crate::source::copy_out(&self.0[param], offset, buf, || {
-            format!("live parameter {param}")
-        })
-    }
-
-    fn describe(&self) -> String {
-        format!("host memory ({} parameters)", self.0.len())
-    }
-}
-
-/// A [`WeightSource`] that presents the HF tensors of a [`LayoutMap`], reading their bytes from
-/// the live parameters through the map (no copy of a whole packed parameter is made).
-pub struct LayoutSource<R: ParamReader> {
-    map: LayoutMap,
-    tensors: Vec<SourceTensor>,
-    order: Vec<String>,
-    reader: R,
-}
-
-impl<R: ParamReader> LayoutSource<R> {
-    /// Presents `map`'s tensors, read through `reader`.
-    pub fn new(map: LayoutMap, reader: R) -> Self {
-        let order: Vec<String> = map.tensors.keys().cloned().collect();
-        let tensors = order
-            .iter()
-            .map(|n| {
-                let t = &map.tensors[n];
-                SourceTensor {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    len: t.len,
-                }
-            })
-            .collect();
-        LayoutSource {
-            map,
-            tensors,
-            order,
-            reader,
-        }
-    }
-}
-
-impl<R: ParamReader> WeightSource for LayoutSource<R> {
-    fn describe(&self) -> String {
-        format!("layout map over {}", self.reader.describe())
-    }
-
-    fn tensors(&self) -> &[SourceTensor] {
-        &self.tensors
-    }
-
-    fn is_partial(&self) -> bool {
-        true
-    }
-
-    fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let t = &self.map.tensors[&self.order[tensor]];
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > t.len)
-        {
-            return Err(SourceError::OutOfRange {
-                tensor: t.name.clone(),
-                offset,
-                len: buf.len() as u64,
-                tensor_len: t.len,
-            });
-        }
-        for (seg, within, len) in t.pieces(offset, buf.len() as u64) {
-            let at = (seg.dst + within - offset) as usize;
-            self.reader
-                .read_param(seg.param, seg.src + within, &mut buf[at..at + len as usize])?;
-        }
-        Ok(())
     }
 }
 

@@ -15,12 +15,14 @@ pub mod handles;
 pub mod layout;
 pub mod names;
 pub mod params;
+pub mod source;
 
 use handles::{
     HandlesError, ManifestTensor, Manifests, check_complete_set, check_same_model, manifest_paths,
     read_all, read_config,
 };
-use layout::{LayoutMap, LayoutSource};
+use layout::LayoutMap;
+use source::LayoutSource;
 use names::{NameResolver, Resolved, Unmatched};
 use params::{live_params, mapper};
 

@@ -1,7 +1,8 @@
 //! A sync whose live weights are packed, tensor-parallel parameters (vLLM's layout, two ranks,
 //! held in host memory here), read as HF tensors through the layout map.
 
-use apollo_checkpoint::live::layout::{HostParams, LayoutMap, LayoutSource, LiveParam, PackedPart};
+use apollo_checkpoint::live::layout::{LayoutMap, LiveParam, PackedPart};
+use apollo_checkpoint::live::source::{HostParams, LayoutSource};
 use apollo_checkpoint::synthetic::Rng;
 use safetensors::Dtype;
 

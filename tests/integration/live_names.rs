@@ -7,7 +7,8 @@ use std::path::Path;
 
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::live::handles::{ManifestTensor, Manifests};
-use apollo_checkpoint::live::layout::{HostParams, LayoutMap, LayoutSource};
+use apollo_checkpoint::live::layout::LayoutMap;
+use apollo_checkpoint::live::source::{HostParams, LayoutSource};
 use apollo_checkpoint::live::open_live;
 use apollo_checkpoint::live::params::live_params;
 use apollo_checkpoint::model::ModelLayout;

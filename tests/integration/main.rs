@@ -5,6 +5,7 @@ mod cli;
 mod diagnose;
 mod exit_codes;
 mod faults;
+mod gpu_kernel;
 mod handles;
 mod journal_size;
 mod kill;

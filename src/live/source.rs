@@ -1,0 +1,391 @@
+//! The HF view of live parameters as a [`WeightSource`]: every HF tensor read, hashed and
+//! captured through the [`LayoutMap`]'s segments.
+//!
+//! Where the parameters live on a device that can hash and copy in place ([`DeviceReader`], the
+//! GPU), the source splits each request into runs of blocks that lie inside one segment — one
+//! contiguous range of one parameter on one device — and hands those to the device: blocks are
+//! hashed where they live and only their hashes, or the changed blocks gathered into large
+//! transfers, cross to the host. A block that spans segments (a row-parallel tensor whose rows
+//! are split across ranks, or a tensor-parallel boundary inside a block) takes the host path:
+//! its pieces are copied and it is hashed on the CPU.
+
+use crate::blockhash::{self, Cv};
+use crate::live::layout::{HfTensor, LayoutMap, Segment};
+use crate::source::{BlockRun, CaptureStats, SourceError, SourceTensor, WeightSource};
+
+/// One run of a live parameter's bytes, hashed block by block (or copied) where it lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamJob {
+    /// The parameter.
+    pub param: usize,
+    /// Byte offset of the run in the parameter.
+    pub src: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset of the run's first byte in its HF tensor (a multiple of the block size).
+    pub tensor_offset: u64,
+    /// Where its bytes go in the capture buffer.
+    pub dst: u64,
+    /// Index of its first block's hash in the output.
+    pub out: u64,
+}
+
+/// A reader whose parameters can be hashed and copied where they live.
+pub trait DeviceReader: Sync {
+    /// Writes the hash of every block (`block_size`) of every job to `out[job.out..]`.
+    fn hash_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError>;
+
+    /// Copies every job's bytes to `bytes[job.dst..]` and the hashes of the copied blocks to
+    /// `cvs[job.out..]`, consistently (see [`WeightSource::capture`]).
+    fn capture_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError>;
+}
+
+/// Raw access to live parameters by index (one rank's GPU memory, or host buffers).
+pub trait ParamReader: Sync {
+    /// Copies `buf.len()` bytes of parameter `param` from `offset`.
+    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+    /// A short description.
+    fn describe(&self) -> String;
+
+    /// The device side of this reader, if its parameters can be hashed and copied in place.
+    fn device(&self) -> Option<&dyn DeviceReader> {
+        None
+    }
+}
+
+/// Live parameters held in host memory (tests, and sources that copy whole parameters).
+#[derive(Clone, Debug, Default)]
+pub struct HostParams(pub Vec<Vec<u8>>);
+
+impl ParamReader for HostParams {
+    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        crate::source::copy_out(&self.0[param], offset, buf, || {
+            format!("live parameter {param}")
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("host memory ({} parameters)", self.0.len())
+    }
+
+    fn device(&self) -> Option<&dyn DeviceReader> {
+        Some(self)
+    }
+}
+
+/// Host memory standing in for a device (tests of the job split, and host-held parameters):
+/// jobs are hashed and copied on the CPU.
+impl DeviceReader for HostParams {
+    fn hash_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        for j in jobs {
+            let data = self.job_bytes(j)?;
+            let n = j.len.div_ceil(block_size) as usize;
+            blockhash::hash_units(
+                j.tensor_offset,
+                block_size,
+                data,
+                &mut out[j.out as usize..j.out as usize + n],
+            );
+        }
+        Ok(CaptureStats::default())
+    }
+
+    fn capture_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        for j in jobs {
+            let data = self.job_bytes(j)?;
+            bytes[j.dst as usize..(j.dst + j.len) as usize].copy_from_slice(data);
+        }
+        self.hash_jobs(jobs, block_size, cvs)
+    }
+}
+
+impl HostParams {
+    fn job_bytes(&self, j: &ParamJob) -> Result<&[u8], SourceError> {
+        let p = &self.0[j.param];
+        usize::try_from(j.src)
+            .ok()
+            .and_then(|s| p.get(s..s.checked_add(j.len as usize)?))
+            .ok_or_else(|| SourceError::OutOfRange {
+                tensor: format!("live parameter {}", j.param),
+                offset: j.src,
+                len: j.len,
+                tensor_len: p.len() as u64,
+            })
+    }
+}
+
+/// A [`WeightSource`] that presents the HF tensors of a [`LayoutMap`], reading their bytes from
+/// the live parameters through the map (no copy of a whole packed parameter is made).
+pub struct LayoutSource<R: ParamReader> {
+    map: LayoutMap,
+    tensors: Vec<SourceTensor>,
+    order: Vec<String>,
+    reader: R,
+    in_place: bool,
+}
+
+impl<R: ParamReader> LayoutSource<R> {
+    /// Presents `map`'s tensors, read through `reader`.
+    pub fn new(map: LayoutMap, reader: R) -> Self {
+        let order: Vec<String> = map.tensors.keys().cloned().collect();
+        let tensors = order
+            .iter()
+            .map(|n| {
+                let t = &map.tensors[n];
+                SourceTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    len: t.len,
+                }
+            })
+            .collect();
+        LayoutSource {
+            map,
+            tensors,
+            order,
+            reader,
+            in_place: true,
+        }
+    }
+
+    /// Whether to hash and gather on the reader's device when it has one (the default), or to
+    /// copy the bytes to the host and hash there (`--hash-on cpu`).
+    #[must_use]
+    pub fn with_hashing_in_place(mut self, on: bool) -> Self {
+        self.in_place = on;
+        self
+    }
+
+    /// The reader.
+    pub fn reader(&self) -> &R {
+        &self.reader
+    }
+
+    fn device(&self) -> Option<&dyn DeviceReader> {
+        self.reader.device().filter(|_| self.in_place)
+    }
+
+    fn hf(&self, tensor: usize) -> &HfTensor {
+        &self.map.tensors[&self.order[tensor]]
+    }
+
+    /// Splits `runs` into device jobs (runs of blocks inside one segment) and host blocks
+    /// (blocks that span segments): (jobs, host blocks as (tensor, block, output index, byte
+    /// offset in the capture buffer)).
+    fn split(&self, runs: &[BlockRun], block_size: u64) -> (Vec<ParamJob>, Vec<HostBlock>) {
+        let mut jobs = Vec::new();
+        let mut host = Vec::new();
+        let (mut out, mut dst) = (0u64, 0u64);
+        for r in runs {
+            let t = self.hf(r.tensor);
+            let (start, len) = r.span(block_size, t.len);
+            let end_block = r.first + r.count;
+            let mut k = r.first;
+            while k < end_block {
+                let b0 = k * block_size;
+                let b_end = ((k + 1) * block_size).min(t.len);
+                let seg = segment_at(t, b0);
+                let seg_end = seg.dst + seg.len;
+                let at_out = out + (k - r.first);
+                let at_dst = dst + (b0 - start);
+                if b_end > seg_end {
+                    host.push(HostBlock {
+                        tensor: r.tensor,
+                        block: k,
+                        out: at_out,
+                        dst: at_dst,
+                    });
+                    k += 1;
+                    continue;
+                }
+                // Every following block that ends inside this segment joins the job.
+                let last = if seg_end >= t.len {
+                    end_block - 1
+                } else {
+                    (seg_end / block_size).saturating_sub(1).max(k)
+                };
+                let n = (last + 1).min(end_block) - k;
+                let job_end = ((k + n) * block_size).min(t.len);
+                jobs.push(ParamJob {
+                    param: seg.param,
+                    src: seg.src + (b0 - seg.dst),
+                    len: job_end - b0,
+                    tensor_offset: b0,
+                    dst: at_dst,
+                    out: at_out,
+                });
+                k += n;
+            }
+            out += r.count;
+            dst += len;
+        }
+        (jobs, host)
+    }
+}
+
+/// A block hashed (or copied) on the host: it spans segments.
+#[derive(Clone, Copy, Debug)]
+struct HostBlock {
+    tensor: usize,
+    block: u64,
+    out: u64,
+    dst: u64,
+}
+
+/// The segment holding byte `at` of `t`.
+fn segment_at(t: &HfTensor, at: u64) -> &Segment {
+    let i = t.segments.partition_point(|s| s.dst + s.len <= at);
+    &t.segments[i]
+}
+
+impl<R: ParamReader> WeightSource for LayoutSource<R> {
+    fn describe(&self) -> String {
+        format!("layout map over {}", self.reader.describe())
+    }
+
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    fn is_partial(&self) -> bool {
+        true
+    }
+
+    fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let t = &self.map.tensors[&self.order[tensor]];
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > t.len)
+        {
+            return Err(SourceError::OutOfRange {
+                tensor: t.name.clone(),
+                offset,
+                len: buf.len() as u64,
+                tensor_len: t.len,
+            });
+        }
+        for (seg, within, len) in t.pieces(offset, buf.len() as u64) {
+            let at = (seg.dst + within - offset) as usize;
+            self.reader
+                .read_param(seg.param, seg.src + within, &mut buf[at..at + len as usize])?;
+        }
+        Ok(())
+    }
+
+    fn hashes_in_place(&self) -> bool {
+        self.device().is_some()
+    }
+
+    fn hash_blocks(
+        &self,
+        runs: &[BlockRun],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        let Some(device) = self.device() else {
+            return default_hash_blocks(self, runs, block_size, out);
+        };
+        let (jobs, host) = self.split(runs, block_size);
+        let stats = device.hash_jobs(&jobs, block_size, out)?;
+        let hashed = self.host_blocks(&host, block_size, None)?;
+        for (h, cv) in host.iter().zip(hashed) {
+            out[h.out as usize] = cv;
+        }
+        Ok(stats)
+    }
+
+    fn capture(
+        &self,
+        runs: &[BlockRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        let Some(device) = self.device() else {
+            return default_capture(self, runs, block_size, bytes, cvs);
+        };
+        let (jobs, host) = self.split(runs, block_size);
+        let stats = device.capture_jobs(&jobs, block_size, bytes, cvs)?;
+        let hashed = self.host_blocks(&host, block_size, Some(bytes))?;
+        for (h, cv) in host.iter().zip(hashed) {
+            cvs[h.out as usize] = cv;
+        }
+        Ok(stats)
+    }
+}
+
+impl<R: ParamReader> LayoutSource<R> {
+    /// Reads and hashes blocks that span segments on the host (in parallel); with `bytes`, also
+    /// copies each to its place there.
+    fn host_blocks(
+        &self,
+        blocks: &[HostBlock],
+        block_size: u64,
+        bytes: Option<&mut [u8]>,
+    ) -> Result<Vec<Cv>, SourceError> {
+        use rayon::prelude::*;
+        let read = |h: &HostBlock| {
+            let len = self.hf(h.tensor).len;
+            let off = h.block * block_size;
+            let mut buf = vec![0u8; (block_size.min(len - off)) as usize];
+            self.read(h.tensor, off, &mut buf)?;
+            let cv = blockhash::subtree_cv(off, &buf);
+            Ok::<_, SourceError>((buf, cv))
+        };
+        let done: Vec<(Vec<u8>, Cv)> = blocks.par_iter().map(read).collect::<Result<_, _>>()?;
+        if let Some(bytes) = bytes {
+            for (h, (buf, _)) in blocks.iter().zip(&done) {
+                bytes[h.dst as usize..h.dst as usize + buf.len()].copy_from_slice(buf);
+            }
+        }
+        Ok(done.into_iter().map(|(_, cv)| cv).collect())
+    }
+}
+
+/// [`WeightSource::hash_blocks`]'s default, for a source that overrides it.
+fn default_hash_blocks(
+    source: &dyn WeightSource,
+    runs: &[BlockRun],
+    block_size: u64,
+    out: &mut [Cv],
+) -> Result<CaptureStats, SourceError> {
+    crate::source::for_each_run(runs, out, 1, |r, out| {
+        source.hash_units(r.tensor, block_size, r.first, out)
+    })?;
+    Ok(CaptureStats::default())
+}
+
+/// [`WeightSource::capture`]'s default, for a source that overrides it.
+fn default_capture(
+    source: &dyn WeightSource,
+    runs: &[BlockRun],
+    block_size: u64,
+    bytes: &mut [u8],
+    cvs: &mut [Cv],
+) -> Result<CaptureStats, SourceError> {
+    crate::source::capture_on_host(source, runs, block_size, bytes, cvs)
+}
+
