@@ -138,14 +138,32 @@ fn apply_run(
     run: &[Record],
     judge: bool,
 ) -> Result<Vec<Outcome>, ApplyError> {
+    let len: usize = run.iter().map(|r| r.len as usize).sum();
+    RUN.with_borrow_mut(|bytes| {
+        bytes.resize(len, 0);
+        apply_run_in(journal, file, run, judge, bytes)
+    })
+}
+
+thread_local! {
+    /// Each applying thread's buffer for a run of blocks, reused.
+    static RUN: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`apply_run`] with a buffer of the run's length.
+fn apply_run_in(
+    journal: &Journal,
+    file: &dyn FileIo,
+    run: &[Record],
+    judge: bool,
+    bytes: &mut [u8],
+) -> Result<Vec<Outcome>, ApplyError> {
     let first = &run[0];
     let io = |source| ApplyError::Io {
         file: journal.header.files[first.file as usize].name.clone(),
         source,
     };
-    let len: usize = run.iter().map(|r| r.len as usize).sum();
-    let mut bytes = vec![0u8; len];
-    file.read_at(first.offset, &mut bytes).map_err(io)?;
+    file.read_at(first.offset, bytes).map_err(io)?;
     let mut outcomes = Vec::with_capacity(run.len());
     let mut at = 0;
     for r in run {
@@ -159,7 +177,7 @@ fn apply_run(
         at += r.len as usize;
     }
     if outcomes.iter().any(|o| !matches!(o, Outcome::AlreadyNew)) {
-        file.write_at(first.offset, &bytes).map_err(io)?;
+        file.write_at(first.offset, bytes).map_err(io)?;
     }
     Ok(outcomes)
 }

@@ -213,6 +213,30 @@ fn get_varint(input: &[u8], pos: &mut usize) -> Option<u64> {
     None
 }
 
+/// The first index from `i` on where `old` and `new` differ (`n` if none), comparing 32 bytes
+/// at a time: a training step leaves most of a block's bytes equal.
+fn skip_equal(old: &[u8], new: &[u8], mut i: usize) -> usize {
+    let n = old.len();
+    let word = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8"));
+    while i + 32 <= n {
+        let x = (word(old, i) ^ word(new, i))
+            | (word(old, i + 8) ^ word(new, i + 8))
+            | (word(old, i + 16) ^ word(new, i + 16))
+            | (word(old, i + 24) ^ word(new, i + 24));
+        if x != 0 {
+            break;
+        }
+        i += 32;
+    }
+    while i + 8 <= n && word(old, i) == word(new, i) {
+        i += 8;
+    }
+    while i < n && old[i] == new[i] {
+        i += 1;
+    }
+    i
+}
+
 /// Appends the zero-run code of `old XOR new` to `out`; returns how many bytes differ.
 pub fn encode_xor(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> u64 {
     debug_assert_eq!(old.len(), new.len());
@@ -221,13 +245,7 @@ pub fn encode_xor(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> u64 {
     let mut pos = 0; // first byte not yet coded
     let mut i = 0;
     while i < n {
-        // Skip equal bytes, 8 at a time where possible.
-        while i + 8 <= n && old[i..i + 8] == new[i..i + 8] {
-            i += 8;
-        }
-        while i < n && old[i] == new[i] {
-            i += 1;
-        }
+        i = skip_equal(old, new, i);
         if i >= n {
             break;
         }

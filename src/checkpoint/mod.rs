@@ -49,6 +49,7 @@ use crate::lock::{LockKind, StateLock};
 use crate::model::{ModelError, ModelLayout, dtype_name};
 
 mod apply_delta;
+mod changes;
 pub mod error;
 mod export;
 mod init;

@@ -1,62 +1,25 @@
 //! `sync`: bring the model files up to date with live weights, writing only the blocks that
 //! changed, through the write transaction (steps 1–8 of [`super`]'s documentation).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::time::Instant;
 
-use rayon::prelude::*;
-
-use super::txn::{Mode, NewHashes, WriteTxn};
+use super::changes::{Changes, Comparison};
+use super::txn::{Mode, NewHashes};
 use super::{
     Checkpoint, Error, IndexedTensor, LastSync, RecoveryAction, SyncPhases, SyncReport,
     seconds_since,
 };
-use crate::blockhash::{self, BlockLayout, Cv};
-use crate::index::{BlockIndex, FileRanges, HashUpdate, unix_ms};
-use crate::io::{FileIo, OpenMode};
-use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
+use crate::blockhash;
+use crate::index::unix_ms;
+use crate::journal::GenerationInfo;
 use crate::model::{ModelLayout, dtype_name};
-use crate::plan::{self, ChangedBlock, Comparison, TensorPlan, block_span, merge_ranges};
-use crate::record::{self, Record, encode_xor, hash_prefix};
-use crate::source::WeightSource;
+use crate::source::{CaptureStats, WeightSource};
 
-/// Changed blocks staged by one parallel work item, at most.
+/// Blocks staged together by one parallel work item of a rollback, at most.
 pub(crate) const BLOCKS_PER_CHUNK: usize = 256;
-/// Work items staged before their records are appended to the journal.
+/// Work items encoded before their records are appended to the journal.
 pub(crate) const CHUNKS_PER_BATCH: usize = 64;
-
-/// The records of one staged work item.
-struct Staged {
-    plan: usize,
-    encoded: Vec<u8>,
-    records: u64,
-    bytes: u64,
-    differing: u64,
-    cvs: Vec<(u64, Cv)>,
-}
-
-/// What staging a sync's journal reads: the old bytes from the model files, the new ones from
-/// the source.
-struct Stage<'a> {
-    model: &'a ModelLayout,
-    model_dir: &'a Path,
-    handles: &'a [Box<dyn FileIo>],
-    /// Model file index -> its slot in the journal's file table (and in `handles`).
-    slot: &'a HashMap<usize, u32>,
-    source: &'a dyn WeightSource,
-    layout: BlockLayout,
-}
-
-/// What staging produced.
-#[derive(Default)]
-struct Journaled {
-    blocks: u64,
-    bytes_changed: u64,
-    differing: u64,
-    /// New hashes per plan: (block, hash).
-    new_cvs: Vec<Vec<(u64, Cv)>>,
-}
 
 impl Checkpoint {
     /// Brings the model files up to date with `source`, writing only the blocks that changed,
@@ -104,13 +67,6 @@ impl Checkpoint {
             check: (seconds_since(start) - write.flush_seconds).max(0.0),
             ..SyncPhases::default()
         };
-        let lap = Instant::now();
-        let pb = self.progress_bar(bytes_compared, "comparing");
-        let plans: Vec<TensorPlan> =
-            plan::find_changed::<Error>(&index, &model, source, &comparisons, layout, &pb)?;
-        pb.finish_and_clear();
-        phases.plan = seconds_since(lap);
-
         let current = index.generation()?.unwrap_or(0);
         let mut report = SyncReport {
             generation: current,
@@ -127,19 +83,51 @@ impl Checkpoint {
             files_changed: Vec::new(),
             model_bytes_read: 0,
             journal_bytes: 0,
+            capture: CaptureStats::default(),
             recovered,
             seconds: 0.0,
             phases: SyncPhases::default(),
         };
-        if !plans.is_empty() {
-            let (finished, journal_seconds) =
-                self.write_changes(&index, &model, source, &plans, &mut report, start)?;
-            phases.journal = journal_seconds;
+        let changes = Changes {
+            cp: self,
+            model: &model,
+            source,
+            layout,
+            info: GenerationInfo {
+                source: report.source.clone(),
+                tensors: report.tensors as u64,
+                bytes_compared,
+                restored_generation: None,
+            },
+        };
+        let pb = self.progress_bar(bytes_compared, "comparing");
+        let (found, write_txn) = changes.run(&index, &comparisons, &pb)?;
+        pb.finish_and_clear();
+        phases.plan = found.plan_seconds;
+        report.capture = found.capture;
+        if let Some((txn, files)) = write_txn {
+            let lap = Instant::now();
+            let (committed, journal_bytes) = txn.commit()?;
+            phases.journal = found.stage_seconds + seconds_since(lap);
+            report.journal_bytes = journal_bytes;
+            report.blocks_changed = found.blocks;
+            report.bytes_changed = found.bytes_changed;
+            report.bytes_differing = found.differing;
+            report.tensors_changed = found.tensors_changed;
+            report.files_changed = found.files_changed;
+            let hashes = NewHashes::Known {
+                updates: found.updates,
+                ranges: found.ranges,
+                bytes: found.bytes_changed,
+            };
+            let finished = committed.finish(Mode::Write, Some(files), hashes, start)?;
             phases.apply = finished.apply_seconds;
             phases.commit = finished.commit_seconds;
             phases.retire = finished.retire_seconds;
             report.generation = current + 1;
             report.changed = true;
+        } else {
+            phases.journal = found.stage_seconds;
         }
         report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
         report.phases = phases;
@@ -150,215 +138,6 @@ impl Checkpoint {
         };
         index.set_last_sync(&serde_json::to_string(&last).expect("plain data serializes"))?;
         Ok(report)
-    }
-
-    /// Journals, applies, records and retires the changed blocks of `plans`: the generation after
-    /// `report.generation`. Returns what finishing did and the time spent writing the journal.
-    fn write_changes(
-        &self,
-        index: &BlockIndex,
-        model: &ModelLayout,
-        source: &dyn WeightSource,
-        plans: &[TensorPlan],
-        report: &mut SyncReport,
-        start: Instant,
-    ) -> Result<(super::txn::Finished, f64), Error> {
-        let lap = Instant::now();
-        let layout = index.block_layout()?;
-        let current = report.generation;
-        // The files that change, opened read-write; their slot in the journal's file table.
-        let mut touched: Vec<usize> = plans.iter().map(|p| model.tensors[p.model].file).collect();
-        touched.sort_unstable();
-        touched.dedup();
-        let slot: HashMap<usize, u32> = touched
-            .iter()
-            .enumerate()
-            .map(|(s, &f)| (f, s as u32))
-            .collect();
-        let mut handles: Vec<Box<dyn FileIo>> = Vec::with_capacity(touched.len());
-        for &f in &touched {
-            let path = model.file_path(f);
-            let h = self
-                .io
-                .open(&path, OpenMode::ReadWrite)
-                .map_err(Self::io_err(&path))?;
-            if h.stat().map_err(Self::io_err(&path))? != model.files[f].stat {
-                return Err(Error::Stale {
-                    file: model.files[f].name.clone(),
-                    what: "changed while this sync was reading it".into(),
-                    model_dir: self.model_dir.clone(),
-                });
-            }
-            handles.push(h);
-        }
-        let header = JournalHeader {
-            kind: JournalKind::Sync,
-            block_size: layout.block_size as u32,
-            model_id: index.model_id()?,
-            base_generation: current,
-            target_generation: current + 1,
-            created_ms: unix_ms() as u64,
-            files: touched
-                .iter()
-                .map(|&f| JournalFile {
-                    name: model.files[f].name.clone(),
-                    size: model.files[f].stat.size,
-                })
-                .collect(),
-            info: GenerationInfo {
-                source: report.source.clone(),
-                tensors: report.tensors as u64,
-                bytes_compared: report.bytes_compared,
-                restored_generation: None,
-            },
-        };
-        // Journal: old ⊕ new of every changed block, then the commit record.
-        let stage = Stage {
-            model,
-            model_dir: &self.model_dir,
-            handles: &handles,
-            slot: &slot,
-            source,
-            layout,
-        };
-        let mut txn = WriteTxn::begin(self, &header)?;
-        let journaled = stage.all(plans, &mut txn)?;
-        let (committed, journal_bytes) = txn.commit()?;
-        let journal_seconds = seconds_since(lap);
-        report.journal_bytes = journal_bytes;
-        report.blocks_changed = journaled.blocks;
-        report.bytes_changed = journaled.bytes_changed;
-        report.bytes_differing = journaled.differing;
-        report.files_changed = header.files.iter().map(|f| f.name.clone()).collect();
-
-        // The new hashes and ranges are known: no block needs reading back.
-        let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-        let mut updates = Vec::new();
-        for (p, cvs) in plans.iter().zip(journaled.new_cvs) {
-            if cvs.is_empty() {
-                continue;
-            }
-            let t = &model.tensors[p.model];
-            let r = ranges.entry(t.file).or_default();
-            for (b, _) in &cvs {
-                let (off, len) = block_span(layout, t.entry.len, *b);
-                r.push((t.entry.offset + off, len));
-            }
-            report.tensors_changed += 1;
-            updates.push(HashUpdate {
-                tensor_id: p.index_id,
-                blocks: cvs,
-            });
-        }
-        let ranges: FileRanges = ranges
-            .into_iter()
-            .map(|(f, r)| (model.files[f].name.clone(), merge_ranges(r)))
-            .collect();
-        let hashes = NewHashes::Known {
-            updates,
-            ranges,
-            bytes: report.bytes_changed,
-        };
-        let finished = committed.finish(Mode::Write, Some(handles), hashes, start)?;
-        Ok((finished, journal_seconds))
-    }
-}
-
-impl Stage<'_> {
-    /// Stages the records of every changed block of `plans` into `txn`: reads and checks the
-    /// old bytes of each, reads its new bytes from the source and appends their XOR.
-    fn all(&self, plans: &[TensorPlan], txn: &mut WriteTxn<'_>) -> Result<Journaled, Error> {
-        let chunks: Vec<(usize, &[ChangedBlock])> = plans
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| p.blocks.chunks(BLOCKS_PER_CHUNK).map(move |c| (i, c)))
-            .collect();
-        let mut out = Journaled {
-            new_cvs: vec![Vec::new(); plans.len()],
-            ..Journaled::default()
-        };
-        for batch in chunks.chunks(CHUNKS_PER_BATCH) {
-            let staged: Vec<Staged> = batch
-                .par_iter()
-                .map(|&(i, blocks)| self.chunk(&plans[i], i, blocks))
-                .collect::<Result<_, Error>>()?;
-            for s in staged {
-                txn.stage(&s.encoded, s.records)?;
-                out.blocks += s.records;
-                out.bytes_changed += s.bytes;
-                out.differing += s.differing;
-                out.new_cvs[s.plan].extend(s.cvs);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Reads the old bytes of `blocks`, checks them against their stored hashes, reads the new
-    /// bytes from the source and encodes one journal record per block that still differs.
-    fn chunk(
-        &self,
-        plan: &TensorPlan,
-        plan_index: usize,
-        blocks: &[ChangedBlock],
-    ) -> Result<Staged, Error> {
-        let (model, layout) = (self.model, self.layout);
-        let t = &model.tensors[plan.model];
-        let file = self.slot[&t.file];
-        let handle = &self.handles[file as usize];
-        let mut old = vec![0u8; layout.block_size as usize];
-        let mut new = vec![0u8; layout.block_size as usize];
-        let mut staged = Staged {
-            plan: plan_index,
-            encoded: Vec::new(),
-            records: 0,
-            bytes: 0,
-            differing: 0,
-            cvs: Vec::new(),
-        };
-        for b in blocks {
-            let (off, len) = block_span(layout, t.entry.len, b.block);
-            let (old, new) = (&mut old[..len as usize], &mut new[..len as usize]);
-            handle
-                .read_at(t.entry.offset + off, old)
-                .map_err(Checkpoint::io_err(handle.path()))?;
-            if blockhash::subtree_cv(off, old) != b.old {
-                return Err(Error::OldBlockChanged {
-                    file: model.files[t.file].name.clone(),
-                    tensor: t.entry.name.clone(),
-                    block: b.block,
-                    offset: t.entry.offset + off,
-                    end: t.entry.offset + off + len,
-                    model_dir: self.model_dir.to_path_buf(),
-                });
-            }
-            // The source may have moved on since the plan: journal what it holds now.
-            self.source.read(plan.source, off, new)?;
-            let cv = if new == old {
-                b.old
-            } else {
-                blockhash::subtree_cv(off, new)
-            };
-            if cv == b.old {
-                continue;
-            }
-            let mut payload = Vec::new();
-            staged.differing += encode_xor(old, new, &mut payload);
-            Record {
-                tag: record::JOURNAL,
-                file,
-                tensor_offset: t.entry.offset,
-                offset: t.entry.offset + off,
-                len: len as u32,
-                old: hash_prefix(&b.old),
-                new: hash_prefix(&cv),
-                payload,
-            }
-            .encode(&mut staged.encoded);
-            staged.records += 1;
-            staged.bytes += len;
-            staged.cvs.push((b.block, cv));
-        }
-        Ok(staged)
     }
 }
 

@@ -1,0 +1,566 @@
+//! Finding and journaling what changed, streamed in bounded memory.
+//!
+//! Tensors are taken in batches whose stored hashes fit in [`plan::HASH_BATCH_BYTES`]. For each
+//! batch:
+//!
+//! 1. **Candidates.** A source that hashes where its data lives (the GPU) hashes every block in
+//!    place and only the hashes cross to the host; the blocks whose hash differs from the stored
+//!    one are candidates. A host source compares 16 KiB groups first (BLAKE3 runs at full SIMD
+//!    width on them) and only the blocks of differing groups are candidates — except in a
+//!    tensor whose sampled first groups nearly all differ (a training step changes every
+//!    block): there every block is a candidate and no group is hashed, so each byte is hashed
+//!    once, below.
+//! 2. **Capture.** The candidates' bytes are copied in runs of adjacent blocks, at most
+//!    [`CAPTURE_BYTES`] at a time, with the hash of each block *of the bytes copied* (a GPU
+//!    gathers them into large transfers and makes the copy consistent, see
+//!    [`WeightSource::capture`]). Blocks whose copy hashes as stored did not change.
+//! 3. **Stage.** For each run of changed blocks, the old bytes are read with one read, each
+//!    block checked against its stored hash and `old XOR new` zero-run coded, on all cores;
+//!    the records go to the write transaction, which is begun at the first change (a sync
+//!    that finds nothing writes no journal).
+//!
+//! Memory: one batch of stored hashes, candidates as block numbers, two capture buffers and the
+//! old bytes of one capture; plus the new hashes of the changed blocks, kept for the index.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+
+use super::txn::WriteTxn;
+use super::{Checkpoint, Error, seconds_since};
+use crate::blockhash::{self, BlockLayout, Cv, merge_blocks};
+use crate::index::{BlockIndex, FileRanges, HashUpdate, IndexedTensor, unix_ms};
+use crate::io::{FileIo, OpenMode};
+use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
+use crate::model::ModelLayout;
+use crate::plan::{self, merge_ranges};
+use crate::record::{self, Record, encode_xor, hash_prefix};
+use crate::source::{BlockRun, CaptureStats, WeightSource};
+
+/// Live bytes captured at a time, at most (one capture buffer).
+pub const CAPTURE_BYTES: u64 = 64 << 20;
+/// Old bytes read and coded by one parallel work item, at most.
+const STAGE_PIECE: u64 = 1 << 20;
+/// Groups sampled at the start of a tensor to judge whether nearly all of it changed.
+const SAMPLE_GROUPS: u64 = 8;
+
+/// One tensor to compare: (model tensor index, source tensor index, its index row).
+pub(crate) type Comparison<'a> = (usize, usize, &'a IndexedTensor);
+
+/// What the changes amount to.
+#[derive(Default)]
+pub(crate) struct Found {
+    /// Blocks journaled.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes_changed: u64,
+    /// Bytes that differ inside them.
+    pub differing: u64,
+    /// Tensors with a changed block.
+    pub tensors_changed: usize,
+    /// New block hashes per tensor.
+    pub updates: Vec<HashUpdate>,
+    /// Changed ranges per file.
+    pub ranges: FileRanges,
+    /// Files written.
+    pub files_changed: Vec<String>,
+    /// What copying from the source's device cost.
+    pub capture: CaptureStats,
+    /// Seconds spent finding candidates (hashing live bytes, comparing).
+    pub plan_seconds: f64,
+    /// Seconds spent capturing and staging.
+    pub stage_seconds: f64,
+}
+
+/// A write begun: its transaction and the model files it opened (in the journal's order).
+pub(crate) type Pending<'a> = (WriteTxn<'a>, Vec<Box<dyn FileIo>>);
+
+/// One batch of tensors: their comparisons and stored block hashes.
+struct Batch<'b> {
+    cmp: &'b [Comparison<'b>],
+    stored: &'b [Vec<Cv>],
+}
+
+/// The blocks of a capture whose copy (hash `cvs`, in run order) is not what the index holds.
+fn changed_blocks(
+    batch: &Batch<'_>,
+    runs: &[(usize, BlockRun)],
+    lens: &[u64],
+    cvs: &[Cv],
+    block_size: u64,
+) -> Vec<Changed> {
+    let mut changed = Vec::new();
+    let (mut at, mut i) = (0usize, 0usize);
+    for ((k, r), len) in runs.iter().zip(lens) {
+        for b in r.first..r.first + r.count {
+            if cvs[i] != batch.stored[*k][b as usize] {
+                changed.push(Changed {
+                    k: *k,
+                    block: b,
+                    at: at + ((b - r.first) * block_size) as usize,
+                    new: cvs[i],
+                });
+            }
+            i += 1;
+        }
+        at += *len as usize;
+    }
+    changed
+}
+
+/// A block whose live copy differs from the stored hash.
+#[derive(Clone, Copy)]
+struct Changed {
+    /// Index into the batch's comparisons.
+    k: usize,
+    block: u64,
+    /// Where its copy starts in the capture buffer.
+    at: usize,
+    new: Cv,
+}
+
+/// The streaming search and journaling of one sync.
+pub(crate) struct Changes<'a> {
+    pub cp: &'a Checkpoint,
+    pub model: &'a ModelLayout,
+    pub source: &'a dyn WeightSource,
+    pub layout: BlockLayout,
+    pub info: GenerationInfo,
+}
+
+impl<'a> Changes<'a> {
+    /// Finds and journals every change of `comparisons`; returns what was found and the write
+    /// transaction holding it (`None`: nothing changed), with the model files it opened.
+    pub fn run(
+        &self,
+        index: &BlockIndex,
+        comparisons: &[Comparison<'_>],
+        progress: &ProgressBar,
+    ) -> Result<(Found, Option<Pending<'a>>), Error> {
+        let mut out = Staging {
+            found: Found::default(),
+            txn: None,
+            capture: Vec::new(),
+            files: Vec::new(),
+            updates: BTreeMap::new(),
+            ranges: BTreeMap::new(),
+        };
+        let len = |c: &Comparison<'_>| self.model.tensors[c.0].entry.len;
+        for batch in plan::hash_batches(comparisons.iter().map(len), self.layout) {
+            let lap = Instant::now();
+            let cmp = &comparisons[batch];
+            let mut stored: Vec<Vec<Cv>> = Vec::with_capacity(cmp.len());
+            for c in cmp {
+                stored.push(index.tensor_hashes(c.2, self.layout)?);
+            }
+            let (candidates, stats) = self.candidates(cmp, &stored)?;
+            out.found.capture.add(stats);
+            out.found.plan_seconds += seconds_since(lap);
+            let lap = Instant::now();
+            let batch = Batch {
+                cmp,
+                stored: &stored,
+            };
+            for runs in capture_batches(&candidates, cmp, self.layout) {
+                self.capture_and_stage(index, &batch, &runs, &mut out)?;
+            }
+            out.found.stage_seconds += seconds_since(lap);
+            progress.inc(cmp.iter().map(len).sum());
+        }
+        let mut found = out.found;
+        found.tensors_changed = out.updates.len();
+        found.updates = out
+            .updates
+            .into_iter()
+            .map(|(tensor_id, blocks)| HashUpdate { tensor_id, blocks })
+            .collect();
+        found.files_changed = out
+            .ranges
+            .keys()
+            .map(|&f| self.model.files[f].name.clone())
+            .collect();
+        found.ranges = out
+            .ranges
+            .into_iter()
+            .map(|(f, r)| (self.model.files[f].name.clone(), merge_ranges(r)))
+            .collect();
+        Ok((found, out.txn.map(|t| (t, out.files))))
+    }
+
+    /// The candidate blocks of a batch, per comparison (sorted block numbers).
+    fn candidates(
+        &self,
+        cmp: &[Comparison<'_>],
+        stored: &[Vec<Cv>],
+    ) -> Result<(Vec<Vec<u64>>, CaptureStats), Error> {
+        let layout = self.layout;
+        if self.source.hashes_in_place() {
+            // Every block hashed where it lives; only the hashes come back.
+            let runs: Vec<BlockRun> = cmp
+                .iter()
+                .zip(stored)
+                .map(|(c, s)| BlockRun {
+                    tensor: c.1,
+                    first: 0,
+                    count: s.len() as u64,
+                })
+                .collect();
+            let mut live = vec![[0u8; 32]; stored.iter().map(Vec::len).sum()];
+            let stats = self.source.hash_blocks(&runs, layout.block_size, &mut live)?;
+            let mut at = 0;
+            let out = stored
+                .iter()
+                .map(|s| {
+                    let l = &live[at..at + s.len()];
+                    at += s.len();
+                    (0..s.len() as u64)
+                        .filter(|&b| l[b as usize] != s[b as usize])
+                        .collect()
+                })
+                .collect();
+            return Ok((out, stats));
+        }
+        // Groups: a sample of each tensor first, then the rest of the tensors that are not
+        // nearly all changed.
+        let per = layout.blocks_per_group();
+        let groups = |k: usize| layout.groups(self.model.tensors[cmp[k].0].entry.len);
+        let differing = |k: usize, first: u64, count: u64| -> Result<Vec<u64>, Error> {
+            let c = &cmp[k];
+            let len = self.model.tensors[c.0].entry.len;
+            let mut live = vec![[0u8; 32]; count as usize];
+            self.source
+                .hash_units(c.1, layout.group_size, first, &mut live)?;
+            Ok((0..count)
+                .filter(|&i| {
+                    let g = first + i;
+                    let b0 = (g * per) as usize;
+                    let b1 = (b0 + per as usize).min(stored[k].len());
+                    let glen = layout.group_size.min(len - g * layout.group_size);
+                    merge_blocks(&stored[k][b0..b1], glen, layout.block_size) != live[i as usize]
+                })
+                .map(|i| first + i)
+                .collect())
+        };
+        let sampled: Vec<(Vec<u64>, bool)> = (0..cmp.len())
+            .into_par_iter()
+            .map(|k| {
+                let n = SAMPLE_GROUPS.min(groups(k));
+                let diff = differing(k, 0, n)?;
+                // Nearly all of the sample changed, and there is more: take every block.
+                let dense = n == SAMPLE_GROUPS && diff.len() as u64 * 4 >= n * 3;
+                Ok::<_, Error>((diff, dense))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut items = Vec::new();
+        for (k, (_, dense)) in sampled.iter().enumerate() {
+            if !dense {
+                for (first, count) in plan::work_items(
+                    (groups(k) - SAMPLE_GROUPS.min(groups(k))) * layout.group_size,
+                    layout.group_size,
+                ) {
+                    items.push((k, SAMPLE_GROUPS.min(groups(k)) + first, count));
+                }
+            }
+        }
+        let rest: Vec<(usize, Vec<u64>)> = items
+            .into_par_iter()
+            .map(|(k, first, count)| Ok::<_, Error>((k, differing(k, first, count)?)))
+            .collect::<Result<_, _>>()?;
+        let mut out: Vec<Vec<u64>> = vec![Vec::new(); cmp.len()];
+        for (k, (diff, dense)) in sampled.into_iter().enumerate() {
+            if dense {
+                out[k] = (0..stored[k].len() as u64).collect();
+            } else {
+                out[k] = blocks_of_groups(&diff, per, stored[k].len() as u64);
+            }
+        }
+        for (k, diff) in rest {
+            out[k].extend(blocks_of_groups(&diff, per, stored[k].len() as u64));
+        }
+        for o in &mut out {
+            o.sort_unstable();
+        }
+        Ok((out, CaptureStats::default()))
+    }
+
+    /// Captures `runs` and stages the records of the blocks that changed.
+    fn capture_and_stage(
+        &self,
+        index: &BlockIndex,
+        batch: &Batch<'_>,
+        runs: &[(usize, BlockRun)],
+        out: &mut Staging<'a>,
+    ) -> Result<(), Error> {
+        let bs = self.layout.block_size;
+        let lens: Vec<u64> = runs
+            .iter()
+            .map(|(k, r)| r.span(bs, self.model.tensors[batch.cmp[*k].0].entry.len).1)
+            .collect();
+        let mut buffer = std::mem::take(&mut out.capture);
+        buffer.resize(lens.iter().sum::<u64>() as usize, 0);
+        let source_runs: Vec<BlockRun> = runs.iter().map(|r| r.1).collect();
+        let mut cvs = vec![[0u8; 32]; runs.iter().map(|r| r.1.count as usize).sum()];
+        let captured = self.source.capture(&source_runs, bs, &mut buffer, &mut cvs);
+        let result = captured.map_err(Error::from).and_then(|stats| {
+            out.found.capture.add(stats);
+            let changed = changed_blocks(batch, runs, &lens, &cvs, bs);
+            self.stage(index, batch, &changed, &buffer, out)
+        });
+        out.capture = buffer;
+        result
+    }
+
+    /// Stages the records of `changed` (their new bytes in `bytes`), beginning the write at the
+    /// first change.
+    fn stage(
+        &self,
+        index: &BlockIndex,
+        batch: &Batch<'_>,
+        changed: &[Changed],
+        bytes: &[u8],
+        out: &mut Staging<'a>,
+    ) -> Result<(), Error> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        if out.txn.is_none() {
+            out.begin(self, index)?;
+        }
+        // Pieces of adjacent changed blocks of one tensor, staged in parallel, in order.
+        let pieces = pieces(changed, self.layout.block_size, STAGE_PIECE);
+        let staged: Vec<(Vec<u8>, u64, u64)> = pieces
+            .par_iter()
+            .map(|p| self.stage_piece(batch, &changed[p.clone()], bytes, &out.files))
+            .collect::<Result<_, Error>>()?;
+        let txn = out.txn.as_mut().expect("begun above");
+        for (p, (encoded, bytes_changed, differing)) in pieces.iter().zip(staged) {
+            let n = p.len() as u64;
+            txn.stage(&encoded, n)?;
+            out.found.blocks += n;
+            out.found.bytes_changed += bytes_changed;
+            out.found.differing += differing;
+        }
+        for c in changed {
+            let t = &self.model.tensors[batch.cmp[c.k].0];
+            out.updates
+                .entry(batch.cmp[c.k].2.id)
+                .or_default()
+                .push((c.block, c.new));
+            let (off, len) = plan::block_span(self.layout, t.entry.len, c.block);
+            out.ranges
+                .entry(t.file)
+                .or_default()
+                .push((t.entry.offset + off, len));
+        }
+        for r in out.ranges.values_mut() {
+            if r.len() > 1 << 16 {
+                *r = merge_ranges(std::mem::take(r));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the old bytes of adjacent changed blocks with one read, checks each against its
+    /// stored hash and codes `old XOR new`: (encoded records, bytes, differing bytes).
+    fn stage_piece(
+        &self,
+        batch: &Batch<'_>,
+        piece: &[Changed],
+        bytes: &[u8],
+        files: &[Box<dyn FileIo>],
+    ) -> Result<(Vec<u8>, u64, u64), Error> {
+        let (bs, first) = (self.layout.block_size, piece[0]);
+        let t = &self.model.tensors[batch.cmp[first.k].0];
+        let file = &files[t.file];
+        let start = first.block * bs;
+        let end = ((piece[piece.len() - 1].block + 1) * bs).min(t.entry.len);
+        OLD.with_borrow_mut(|old| {
+            old.resize((end - start) as usize, 0);
+            file.read_at(t.entry.offset + start, old)
+                .map_err(Checkpoint::io_err(file.path()))?;
+            self.code_piece(batch, piece, bytes, old, start)
+        })
+    }
+
+    /// Codes the records of `piece` from its old bytes `old` (from tensor byte `start` on).
+    fn code_piece(
+        &self,
+        batch: &Batch<'_>,
+        piece: &[Changed],
+        bytes: &[u8],
+        old: &[u8],
+        start: u64,
+    ) -> Result<(Vec<u8>, u64, u64), Error> {
+        let t = &self.model.tensors[batch.cmp[piece[0].k].0];
+        let mut encoded = Vec::with_capacity(piece.len() * (record::HEAD_LEN + 64));
+        let (mut total, mut differing) = (0u64, 0u64);
+        let mut payload = Vec::with_capacity(self.layout.block_size as usize);
+        for c in piece {
+            let (off, len) = plan::block_span(self.layout, t.entry.len, c.block);
+            let o = &old[(off - start) as usize..(off - start + len) as usize];
+            let was = batch.stored[c.k][c.block as usize];
+            if blockhash::subtree_cv(off, o) != was {
+                return Err(Error::OldBlockChanged {
+                    file: self.model.files[t.file].name.clone(),
+                    tensor: t.entry.name.clone(),
+                    block: c.block,
+                    offset: t.entry.offset + off,
+                    end: t.entry.offset + off + len,
+                    model_dir: self.cp.model_dir.clone(),
+                });
+            }
+            let new = &bytes[c.at..c.at + len as usize];
+            payload.clear();
+            differing += encode_xor(o, new, &mut payload);
+            let record = Record {
+                tag: record::JOURNAL,
+                file: t.file as u32,
+                tensor_offset: t.entry.offset,
+                offset: t.entry.offset + off,
+                len: len as u32,
+                old: hash_prefix(&was),
+                new: hash_prefix(&c.new),
+                payload: std::mem::take(&mut payload),
+            };
+            record.encode(&mut encoded);
+            payload = record.payload;
+            total += len;
+        }
+        Ok((encoded, total, differing))
+    }
+}
+
+thread_local! {
+    /// Each staging thread's buffer of old bytes, reused (no fresh pages per piece).
+    static OLD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The write in progress: begun at the first change.
+struct Staging<'a> {
+    found: Found,
+    txn: Option<WriteTxn<'a>>,
+    /// The capture buffer, reused.
+    capture: Vec<u8>,
+    /// Every model file, open for writing, in the journal's file table order (model order).
+    files: Vec<Box<dyn FileIo>>,
+    updates: BTreeMap<i64, Vec<(u64, Cv)>>,
+    ranges: BTreeMap<usize, Vec<(u64, u64)>>,
+}
+
+impl<'a> Staging<'a> {
+    /// Opens every model file for writing (each still the file the index trusts) and begins the
+    /// write transaction; the journal's file table is the model's files, in order.
+    fn begin(&mut self, c: &Changes<'a>, index: &BlockIndex) -> Result<(), Error> {
+        let model = c.model;
+        for (f, mf) in model.files.iter().enumerate() {
+            let path = model.file_path(f);
+            let h = c
+                .cp
+                .io
+                .open(&path, OpenMode::ReadWrite)
+                .map_err(Checkpoint::io_err(&path))?;
+            if h.stat().map_err(Checkpoint::io_err(&path))? != mf.stat {
+                return Err(Error::Stale {
+                    file: mf.name.clone(),
+                    what: "changed while this sync was reading it".into(),
+                    model_dir: c.cp.model_dir.clone(),
+                });
+            }
+            self.files.push(h);
+        }
+        let current = index.generation()?.unwrap_or(0);
+        let header = JournalHeader {
+            kind: JournalKind::Sync,
+            block_size: c.layout.block_size as u32,
+            model_id: index.model_id()?,
+            base_generation: current,
+            target_generation: current + 1,
+            created_ms: unix_ms() as u64,
+            files: model
+                .files
+                .iter()
+                .map(|f| JournalFile {
+                    name: f.name.clone(),
+                    size: f.stat.size,
+                })
+                .collect(),
+            info: c.info.clone(),
+        };
+        self.txn = Some(WriteTxn::begin(c.cp, &header)?);
+        Ok(())
+    }
+}
+
+/// The blocks of groups `groups` (of `per` blocks each) of a tensor of `blocks` blocks.
+fn blocks_of_groups(groups: &[u64], per: u64, blocks: u64) -> Vec<u64> {
+    groups
+        .iter()
+        .flat_map(|g| (g * per..((g + 1) * per).min(blocks)).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The candidates as runs of adjacent blocks, in captures of at most [`CAPTURE_BYTES`]: each
+/// capture a list of (comparison index, run).
+fn capture_batches(
+    candidates: &[Vec<u64>],
+    cmp: &[Comparison<'_>],
+    layout: BlockLayout,
+) -> Vec<Vec<(usize, BlockRun)>> {
+    let bs = layout.block_size;
+    let per_capture = (CAPTURE_BYTES / bs).max(1);
+    let mut out = Vec::new();
+    let mut current: Vec<(usize, BlockRun)> = Vec::new();
+    let mut blocks = 0u64;
+    for (k, cands) in candidates.iter().enumerate() {
+        let tensor = cmp[k].1;
+        let mut i = 0;
+        while i < cands.len() {
+            let first = cands[i];
+            let mut count = 1;
+            while i + (count as usize) < cands.len()
+                && cands[i + count as usize] == first + count
+                && blocks + count < per_capture
+            {
+                count += 1;
+            }
+            current.push((
+                k,
+                BlockRun {
+                    tensor,
+                    first,
+                    count,
+                },
+            ));
+            blocks += count;
+            i += count as usize;
+            if blocks >= per_capture {
+                out.push(std::mem::take(&mut current));
+                blocks = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// `changed` cut into pieces of adjacent blocks of one tensor, of at most `max` bytes.
+fn pieces(changed: &[Changed], block_size: u64, max: u64) -> Vec<std::ops::Range<usize>> {
+    let per = (max / block_size).max(1) as usize;
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=changed.len() {
+        let split = i == changed.len()
+            || i - start == per
+            || changed[i].k != changed[i - 1].k
+            || changed[i].block != changed[i - 1].block + 1;
+        if split {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
+}
