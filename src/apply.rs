@@ -90,7 +90,11 @@ pub fn roll_forward_checked_by_writer(
     roll(journal, files, false)
 }
 
-fn roll(journal: &Journal, files: &[Box<dyn FileIo>], judge: bool) -> Result<ApplyStats, ApplyError> {
+fn roll(
+    journal: &Journal,
+    files: &[Box<dyn FileIo>],
+    judge: bool,
+) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
     journal.for_each_batch(BATCH_BYTES, |batch: Vec<Record>| {
         let outcomes: Vec<Vec<Outcome>> = runs(&batch)

@@ -68,6 +68,11 @@ enum Command {
         /// scripts/vllm_export_hook.py, or a folder of them (one per rank).
         #[arg(long, value_name = "PATH")]
         handles: Option<PathBuf>,
+        /// Where live weights are hashed: on their GPU (only hashes, and the changed blocks,
+        /// cross PCIe), on the host, or auto (the GPU for --handles when its driver can run the
+        /// hashing kernels, else the host, saying why).
+        #[arg(long, value_enum, default_value_t = HashOn::Auto)]
+        hash_on: HashOn,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
     ///
@@ -168,6 +173,17 @@ enum Command {
     },
 }
 
+/// `--hash-on`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum HashOn {
+    /// The GPU for GPU sources, else the host.
+    Auto,
+    /// The GPU (an error if the weights are not on one or its driver cannot run the kernels).
+    Gpu,
+    /// The host.
+    Cpu,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -231,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             from,
             handles,
+            hash_on,
         } => {
             let cp = checkpoint(&target);
             let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
@@ -243,10 +260,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             let report = if let Some(handles) = handles {
-                let source = apollo_checkpoint::live::open(&handles, &target.model_dir)?;
+                let source = apollo_checkpoint::live::open(&handles, &target.model_dir)?
+                    .with_hashing_in_place(hash_on != HashOn::Cpu);
+                if let Err(why) = source.reader().gpu_hashing() {
+                    if hash_on == HashOn::Gpu {
+                        return Err(Error::Usage(format!("--hash-on gpu: {why}")).into());
+                    }
+                    if !target.json && hash_on == HashOn::Auto {
+                        eprintln!("note: hashing on the host: {why}");
+                    }
+                }
                 announce(&cp)?;
                 cp.sync(&source)?
             } else {
+                if hash_on == HashOn::Gpu {
+                    return Err(Error::Usage(
+                        "--hash-on gpu needs live weights on a GPU (--handles); --from files are hashed on the host".into(),
+                    )
+                    .into());
+                }
                 let from = from.expect("clap requires --from or --handles");
                 let source = SafetensorsSource::open(&from).map_err(Error::from)?;
                 announce(&cp)?;

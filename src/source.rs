@@ -118,6 +118,12 @@ impl CaptureStats {
     }
 }
 
+/// Host memory that captures are copied into: a plain vector, or pinned memory a GPU copies
+/// into at full speed.
+pub trait CaptureBuffer: std::ops::DerefMut<Target = [u8]> + Send {}
+
+impl CaptureBuffer for Vec<u8> {}
+
 /// Live weights, by HF tensor name.
 pub trait WeightSource: Sync {
     /// A short description for logs and the generation record.
@@ -154,6 +160,11 @@ pub trait WeightSource: Sync {
         self.read(tensor, start, &mut buf)?;
         blockhash::hash_units(start, unit, &buf, out);
         Ok(())
+    }
+
+    /// A buffer of `len` bytes for [`Self::capture`] to copy into fastest.
+    fn capture_buffer(&self, len: usize) -> Result<Box<dyn CaptureBuffer>, SourceError> {
+        Ok(Box::new(vec![0u8; len]))
     }
 
     /// Whether hashing where the data lives is cheap enough to hash every block rather than
@@ -210,11 +221,13 @@ pub fn capture_on_host<S: WeightSource + ?Sized>(
         rest = tail;
         rest_cvs = ctail;
     }
-    pieces.into_par_iter().try_for_each(|(tensor, start, b, c)| {
-        source.read(tensor, start, b)?;
-        blockhash::hash_units(start, block_size, b, c);
-        Ok::<_, SourceError>(())
-    })?;
+    pieces
+        .into_par_iter()
+        .try_for_each(|(tensor, start, b, c)| {
+            source.read(tensor, start, b)?;
+            blockhash::hash_units(start, block_size, b, c);
+            Ok::<_, SourceError>(())
+        })?;
     Ok(CaptureStats::default())
 }
 

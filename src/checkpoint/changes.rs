@@ -37,7 +37,7 @@ use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
 use crate::model::ModelLayout;
 use crate::plan::{self, merge_ranges};
 use crate::record::{self, Record, encode_xor, hash_prefix};
-use crate::source::{BlockRun, CaptureStats, WeightSource};
+use crate::source::{BlockRun, CaptureBuffer, CaptureStats, WeightSource};
 
 /// Live bytes captured at a time, at most (one capture buffer).
 pub const CAPTURE_BYTES: u64 = 64 << 20;
@@ -142,7 +142,7 @@ impl<'a> Changes<'a> {
         let mut out = Staging {
             found: Found::default(),
             txn: None,
-            capture: Vec::new(),
+            capture: None,
             files: Vec::new(),
             updates: BTreeMap::new(),
             ranges: BTreeMap::new(),
@@ -208,7 +208,9 @@ impl<'a> Changes<'a> {
                 })
                 .collect();
             let mut live = vec![[0u8; 32]; stored.iter().map(Vec::len).sum()];
-            let stats = self.source.hash_blocks(&runs, layout.block_size, &mut live)?;
+            let stats = self
+                .source
+                .hash_blocks(&runs, layout.block_size, &mut live)?;
             let mut at = 0;
             let out = stored
                 .iter()
@@ -298,17 +300,22 @@ impl<'a> Changes<'a> {
             .iter()
             .map(|(k, r)| r.span(bs, self.model.tensors[batch.cmp[*k].0].entry.len).1)
             .collect();
-        let mut buffer = std::mem::take(&mut out.capture);
-        buffer.resize(lens.iter().sum::<u64>() as usize, 0);
+        let mut buffer = match out.capture.take() {
+            Some(b) => b,
+            None => self.source.capture_buffer(CAPTURE_BYTES as usize)?,
+        };
+        let total = lens.iter().sum::<u64>() as usize;
         let source_runs: Vec<BlockRun> = runs.iter().map(|r| r.1).collect();
         let mut cvs = vec![[0u8; 32]; runs.iter().map(|r| r.1.count as usize).sum()];
-        let captured = self.source.capture(&source_runs, bs, &mut buffer, &mut cvs);
+        let captured = self
+            .source
+            .capture(&source_runs, bs, &mut buffer[..total], &mut cvs);
         let result = captured.map_err(Error::from).and_then(|stats| {
             out.found.capture.add(stats);
             let changed = changed_blocks(batch, runs, &lens, &cvs, bs);
-            self.stage(index, batch, &changed, &buffer, out)
+            self.stage(index, batch, &changed, &buffer[..total], out)
         });
-        out.capture = buffer;
+        out.capture = Some(buffer);
         result
     }
 
@@ -441,8 +448,8 @@ thread_local! {
 struct Staging<'a> {
     found: Found,
     txn: Option<WriteTxn<'a>>,
-    /// The capture buffer, reused.
-    capture: Vec<u8>,
+    /// The capture buffer ([`CAPTURE_BYTES`]), from the source, reused.
+    capture: Option<Box<dyn CaptureBuffer>>,
     /// Every model file, open for writing, in the journal's file table order (model order).
     files: Vec<Box<dyn FileIo>>,
     updates: BTreeMap<i64, Vec<(u64, Cv)>>,
@@ -456,11 +463,10 @@ impl<'a> Staging<'a> {
         let model = c.model;
         for (f, mf) in model.files.iter().enumerate() {
             let path = model.file_path(f);
-            let h = c
-                .cp
-                .io
-                .open(&path, OpenMode::ReadWrite)
-                .map_err(Checkpoint::io_err(&path))?;
+            let h =
+                c.cp.io
+                    .open(&path, OpenMode::ReadWrite)
+                    .map_err(Checkpoint::io_err(&path))?;
             if h.stat().map_err(Checkpoint::io_err(&path))? != mf.stat {
                 return Err(Error::Stale {
                     file: mf.name.clone(),

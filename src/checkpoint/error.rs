@@ -28,6 +28,8 @@ pub enum ErrorKind {
     State,
     /// Another apollo-checkpoint holds the lock (75).
     Busy,
+    /// A temporary failure: the live weights kept changing while they were copied (75).
+    Temporary,
     /// A bad command line (2).
     Usage,
 }
@@ -40,7 +42,7 @@ impl ErrorKind {
             ErrorKind::BadData => 65,
             ErrorKind::Io => 74,
             ErrorKind::State => 78,
-            ErrorKind::Busy => 75,
+            ErrorKind::Busy | ErrorKind::Temporary => 75,
             ErrorKind::Usage => 2,
         }
     }
@@ -217,6 +219,9 @@ pub enum Error {
         /// The model directory.
         model_dir: PathBuf,
     },
+    /// A command line that cannot work (arguments that contradict each other or the source).
+    #[error("{0}")]
+    Usage(String),
     /// A committed journal that does not belong to this model or state.
     #[error("{path}: {what}; it is not applied and the model is left as it is")]
     ForeignJournal {
@@ -241,6 +246,7 @@ impl Error {
             Error::Delta(e) => e.kind(),
             Error::Cuda(e) => e.kind(),
             Error::Io { .. } => ErrorKind::Io,
+            Error::Usage(_) => ErrorKind::Usage,
             Error::Mismatch(_)
             | Error::OldBlockChanged { .. }
             | Error::BaseMismatch { .. }
@@ -281,6 +287,7 @@ impl SourceError {
         match self {
             SourceError::Model(e) => e.kind(),
             SourceError::Io { .. } => ErrorKind::Io,
+            SourceError::Unstable { .. } => ErrorKind::Temporary,
             _ => ErrorKind::BadData,
         }
     }

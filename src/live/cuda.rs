@@ -15,8 +15,12 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, DriverError, result, sys};
 
+use crate::blockhash::Cv;
+use crate::live::gpu::{DevRun, Gpu};
 use crate::live::handles::ManifestTensor;
 use crate::live::source::ParamReader;
+use crate::live::source::{DeviceReader, ParamJob};
+use crate::source::CaptureStats;
 use crate::source::SourceError;
 
 /// Bytes of each pinned staging buffer.
@@ -107,6 +111,8 @@ impl Drop for Pinned {
 struct Mapping {
     ctx: Arc<CudaContext>,
     ptr: sys::CUdeviceptr,
+    /// Index of its GPU in `CudaIpcReader::gpus`.
+    gpu: usize,
 }
 
 /// Live parameters of another process, read through their CUDA IPC handles.
@@ -114,8 +120,12 @@ pub struct CudaIpcReader {
     mappings: Vec<Mapping>,
     /// Per parameter: (mapping, byte offset in the allocation, bytes).
     params: Vec<(usize, u64, u64)>,
-    staging: Vec<Mutex<Pinned>>,
+    /// Host-path staging buffers, allocated at first use.
+    staging: Vec<Mutex<Option<Pinned>>>,
     staging_ctx: Arc<CudaContext>,
+    /// The hashing and gather kernels of each GPU the weights are on, or why they are not
+    /// there (then everything takes the host path).
+    gpus: Result<Vec<Gpu>, String>,
     describe: String,
 }
 
@@ -156,6 +166,9 @@ impl CudaIpcReader {
         let mut opened: HashMap<(String, String), usize> = HashMap::new();
         let mut params = Vec::with_capacity(tensors.len());
         let mut reader_ctx = None;
+        // The GPUs in use, by UUID: their index in `gpus`.
+        let mut gpu_of: HashMap<String, usize> = HashMap::new();
+        let mut contexts: Vec<Arc<CudaContext>> = Vec::new();
         for t in tensors {
             let ctx =
                 by_uuid
@@ -192,9 +205,14 @@ impl CudaIpcReader {
                         error: format!("{rc:?}"),
                     });
                 }
+                let gpu = *gpu_of.entry(key.0.clone()).or_insert_with(|| {
+                    contexts.push(Arc::clone(ctx));
+                    contexts.len() - 1
+                });
                 mappings.push(Mapping {
                     ctx: Arc::clone(ctx),
                     ptr,
+                    gpu,
                 });
                 opened.insert(key, mappings.len() - 1);
                 mappings.len() - 1
@@ -205,33 +223,108 @@ impl CudaIpcReader {
             Some(c) => c,
             None => CudaContext::new(0).map_err(driver("opening a GPU"))?,
         };
-        staging_ctx
-            .bind_to_thread()
-            .map_err(driver("binding a GPU context"))?;
-        let mut staging = Vec::new();
-        for _ in 0..buffers.max(1) {
-            // SAFETY: the staging context is current on this thread; on success the buffer is
-            // owned by a `Pinned`, which frees it once when dropped (here, with `staging`, if a
-            // later allocation fails).
-            let host = unsafe { result::malloc_host(STAGING_BYTES, 0) }
-                .map_err(driver("allocating pinned memory"))?;
-            staging.push(Mutex::new(Pinned {
-                ptr: host.cast(),
-                len: STAGING_BYTES,
-            }));
-        }
+        let staging = (0..buffers.max(1)).map(|_| Mutex::new(None)).collect();
+        let gpus: Result<Vec<Gpu>, String> = contexts.iter().map(Gpu::load).collect();
         let describe = format!(
-            "CUDA IPC ({} tensors in {} allocations)",
+            "CUDA IPC ({} tensors in {} allocations; {})",
             tensors.len(),
-            mappings.len()
+            mappings.len(),
+            match &gpus {
+                Ok(_) => "hashed on the GPU".to_string(),
+                Err(why) => format!("hashed on the host: {why}"),
+            }
         );
         Ok(CudaIpcReader {
             mappings,
             params,
             staging,
             staging_ctx,
+            gpus,
             describe,
         })
+    }
+
+    /// Whether the weights are hashed and gathered on their GPUs, or why not.
+    pub fn gpu_hashing(&self) -> Result<(), &str> {
+        self.gpus.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// The device runs of `jobs` on each GPU: (GPU, runs), with every job checked to lie inside
+    /// its parameter.
+    fn device_runs(&self, jobs: &[ParamJob]) -> Result<Vec<(usize, Vec<DevRun>)>, SourceError> {
+        let mut by_gpu: Vec<(usize, Vec<DevRun>)> = Vec::new();
+        for j in jobs {
+            let (m, base, nbytes) = self.params[j.param];
+            if j.src.checked_add(j.len).is_none_or(|e| e > nbytes) {
+                return Err(SourceError::OutOfRange {
+                    tensor: format!("live parameter {}", j.param),
+                    offset: j.src,
+                    len: j.len,
+                    tensor_len: nbytes,
+                });
+            }
+            let mapping = &self.mappings[m];
+            let run = DevRun {
+                ptr: mapping.ptr + base + j.src,
+                len: j.len,
+                tensor_offset: j.tensor_offset,
+                dst: j.dst,
+                out: j.out,
+            };
+            match by_gpu.iter_mut().find(|(g, _)| *g == mapping.gpu) {
+                Some((_, runs)) => runs.push(run),
+                None => by_gpu.push((mapping.gpu, vec![run])),
+            }
+        }
+        Ok(by_gpu)
+    }
+}
+
+impl DeviceReader for CudaIpcReader {
+    fn capture_buffer(
+        &self,
+        len: usize,
+    ) -> Result<Box<dyn crate::source::CaptureBuffer>, SourceError> {
+        let gpus = self
+            .gpus
+            .as_ref()
+            .expect("device() is None without kernels");
+        Ok(Box::new(gpus[0].capture_buffer(len)?))
+    }
+
+    fn hash_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        let gpus = self
+            .gpus
+            .as_ref()
+            .expect("device() is None without kernels");
+        let mut stats = CaptureStats::default();
+        for (g, runs) in self.device_runs(jobs)? {
+            stats.add(gpus[g].hash(&runs, block_size, out)?);
+        }
+        Ok(stats)
+    }
+
+    fn capture_jobs(
+        &self,
+        jobs: &[ParamJob],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        let gpus = self
+            .gpus
+            .as_ref()
+            .expect("device() is None without kernels");
+        let mut stats = CaptureStats::default();
+        for (g, runs) in self.device_runs(jobs)? {
+            stats.add(gpus[g].capture(&runs, block_size, bytes, cvs)?);
+        }
+        Ok(stats)
     }
 }
 
@@ -251,7 +344,7 @@ impl ParamReader for CudaIpcReader {
         }
         let mapping = &self.mappings[m];
         // A free staging buffer if there is one, else wait for this thread's.
-        let staging = self
+        let mut guard = self
             .staging
             .iter()
             .find_map(|b| b.try_lock().ok())
@@ -265,6 +358,20 @@ impl ParamReader for CudaIpcReader {
             path: std::path::PathBuf::from(format!("<GPU live parameter {param}>")),
             source: std::io::Error::other(e),
         };
+        if guard.is_none() {
+            self.staging_ctx
+                .bind_to_thread()
+                .map_err(|e| io(format!("{e:?}")))?;
+            // SAFETY: the staging context is current on this thread; the buffer is owned by a
+            // `Pinned`, which frees it once when dropped.
+            let host = unsafe { result::malloc_host(STAGING_BYTES, 0) }
+                .map_err(|e| io(format!("allocating pinned memory: {e:?}")))?;
+            *guard = Some(Pinned {
+                ptr: host.cast(),
+                len: STAGING_BYTES,
+            });
+        }
+        let staging = guard.as_mut().expect("allocated above");
         mapping
             .ctx
             .bind_to_thread()
@@ -288,6 +395,10 @@ impl ParamReader for CudaIpcReader {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn device(&self) -> Option<&dyn DeviceReader> {
+        self.gpus.is_ok().then_some(self as &dyn DeviceReader)
     }
 }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 pub mod cuda;
 pub mod experts;
+pub mod gpu;
 pub mod handles;
 pub mod layout;
 pub mod names;
@@ -22,9 +23,9 @@ use handles::{
     read_all, read_config,
 };
 use layout::LayoutMap;
-use source::LayoutSource;
 use names::{NameResolver, Resolved, Unmatched};
 use params::{live_params, mapper};
+use source::LayoutSource;
 
 use crate::checkpoint::Error;
 use crate::io::RealIo;

@@ -11,7 +11,9 @@
 
 use crate::blockhash::{self, Cv};
 use crate::live::layout::{HfTensor, LayoutMap, Segment};
-use crate::source::{BlockRun, CaptureStats, SourceError, SourceTensor, WeightSource};
+use crate::source::{
+    BlockRun, CaptureBuffer, CaptureStats, SourceError, SourceTensor, WeightSource,
+};
 
 /// One run of a live parameter's bytes, hashed block by block (or copied) where it lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,11 @@ pub trait DeviceReader: Sync {
         block_size: u64,
         out: &mut [Cv],
     ) -> Result<CaptureStats, SourceError>;
+
+    /// A buffer of `len` bytes the device copies into fastest (pinned host memory).
+    fn capture_buffer(&self, len: usize) -> Result<Box<dyn CaptureBuffer>, SourceError> {
+        Ok(Box::new(vec![0u8; len]))
+    }
 
     /// Copies every job's bytes to `bytes[job.dst..]` and the hashes of the copied blocks to
     /// `cvs[job.out..]`, consistently (see [`WeightSource::capture`]).
@@ -299,6 +306,13 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
         self.device().is_some()
     }
 
+    fn capture_buffer(&self, len: usize) -> Result<Box<dyn CaptureBuffer>, SourceError> {
+        match self.device() {
+            Some(d) => d.capture_buffer(len),
+            None => Ok(Box::new(vec![0u8; len])),
+        }
+    }
+
     fn hash_blocks(
         &self,
         runs: &[BlockRun],
@@ -388,4 +402,3 @@ fn default_capture(
 ) -> Result<CaptureStats, SourceError> {
     crate::source::capture_on_host(source, runs, block_size, bytes, cvs)
 }
-

@@ -30,11 +30,7 @@ fn build(dir: &Path) -> Option<std::path::PathBuf> {
         .arg(&src)
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     Some(exe)
 }
 
@@ -49,7 +45,9 @@ fn kernel_block_hashes_equal_the_reference_and_the_gather_copies_every_run() {
     // and blocks, every allowed block size up to 2 MiB here, odd and unaligned starts.
     let mut jobs: Vec<(usize, usize, u64, u64)> = Vec::new();
     for bs in [1024u64, 2048, 4096, 8192, 65536, 1 << 20, 2 << 20] {
-        for len in [1usize, 63, 64, 65, 1023, 1024, 1025, 2047, 3000, 4095, 4096, 4097, 10_000] {
+        for len in [
+            1usize, 63, 64, 65, 1023, 1024, 1025, 2047, 3000, 4095, 4096, 4097, 10_000,
+        ] {
             jobs.push((7, len, 0, bs));
         }
         jobs.push((0, (bs as usize) * 2 + 777, bs * 3, bs));
@@ -60,8 +58,12 @@ fn kernel_block_hashes_equal_the_reference_and_the_gather_copies_every_run() {
     for (start, len, off, bs) in &jobs {
         writeln!(spec, "{start} {len} {off} {bs}").unwrap();
     }
-    let runs: Vec<(usize, usize, usize)> =
-        vec![(0, 4096, 0), (8192, 4096, 4096), (5, 100, 8192), (16, 32, 8292)];
+    let runs: Vec<(usize, usize, usize)> = vec![
+        (0, 4096, 0),
+        (8192, 4096, 4096),
+        (5, 100, 8192),
+        (16, 32, 8292),
+    ];
     let mut rspec = String::new();
     for (s, l, d) in &runs {
         writeln!(rspec, "{s} {l} {d}").unwrap();
@@ -93,5 +95,26 @@ fn kernel_block_hashes_equal_the_reference_and_the_gather_copies_every_run() {
     let staged = std::fs::read(p("staged")).unwrap();
     for (s, l, d) in &runs {
         assert_eq!(&staged[*d..d + l], &data[*s..s + l]);
+    }
+}
+
+/// The PTX the binary embeds was generated from the kernel source as it is (rerun
+/// `scripts/build_ptx.py` after changing `src/live/blake3.cu`).
+#[test]
+fn the_embedded_ptx_comes_from_the_current_kernel_source() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read(root.join("src/live/blake3.cu")).unwrap();
+    let ptx = apollo_checkpoint::live::gpu::PTX;
+    let recorded = ptx
+        .lines()
+        .find_map(|l| l.strip_prefix("// source blake3: "))
+        .expect("the PTX names its source's hash");
+    assert_eq!(
+        recorded,
+        blake3::hash(&source).to_hex().as_str(),
+        "src/live/blake3.ptx is stale: run scripts/build_ptx.py"
+    );
+    for entry in ["apollo_block_cvs", "apollo_gather"] {
+        assert!(ptx.contains(&format!(".entry {entry}")), "{entry} missing");
     }
 }

@@ -206,3 +206,59 @@ fn tensors_the_engine_does_not_hold_are_left_untouched_and_listed() {
     write_model(&exp_dir, &expected, 1);
     crate::util::assert_same_tensors(&model, &exp_dir);
 }
+
+/// Hashing and capturing "where the weights live" (the device path, host memory standing in
+/// for a GPU) gives exactly what copying every byte to the host and hashing there gives, for
+/// every block size, including blocks that span ranks (row-parallel rows, a column-parallel
+/// boundary inside a block), which take the host path.
+#[test]
+fn in_place_hashing_and_capture_equal_the_host_path_for_any_layout() {
+    use apollo_checkpoint::WeightSource;
+    use apollo_checkpoint::source::BlockRun;
+    let mut rng = Rng::new(92);
+    let hf = hf_tensors(&mut rng);
+    for tp in [1, 2, 4] {
+        let (params, live) = pack(&hf, tp);
+        let map = LayoutMap::build(&params).unwrap();
+        let device = LayoutSource::new(map.clone(), live.clone());
+        let host = LayoutSource::new(map, live).with_hashing_in_place(false);
+        assert!(device.hashes_in_place() && !host.hashes_in_place());
+        for bs in [1024u64, 4096, 8192] {
+            // Every block of every tensor, and a scattered subset.
+            let all: Vec<BlockRun> = (0..device.tensors().len())
+                .map(|t| BlockRun {
+                    tensor: t,
+                    first: 0,
+                    count: device.tensors()[t].len.div_ceil(bs),
+                })
+                .collect();
+            let some: Vec<BlockRun> = all
+                .iter()
+                .filter(|r| r.count > 1)
+                .map(|r| BlockRun {
+                    first: 1,
+                    count: r.count - 1,
+                    ..*r
+                })
+                .collect();
+            for runs in [&all, &some] {
+                let n: usize = runs.iter().map(|r| r.count as usize).sum();
+                let bytes: usize = runs
+                    .iter()
+                    .map(|r| r.span(bs, device.tensors()[r.tensor].len).1 as usize)
+                    .sum();
+                let (mut a, mut b) = (vec![[0u8; 32]; n], vec![[0u8; 32]; n]);
+                device.hash_blocks(runs, bs, &mut a).unwrap();
+                host.hash_blocks(runs, bs, &mut b).unwrap();
+                assert!(a == b, "hashes differ at tp {tp}, block size {bs}");
+                let (mut ca, mut cb) = (vec![0u8; bytes], vec![0u8; bytes]);
+                device.capture(runs, bs, &mut ca, &mut a).unwrap();
+                host.capture(runs, bs, &mut cb, &mut b).unwrap();
+                assert!(
+                    ca == cb && a == b,
+                    "captures differ at tp {tp}, block size {bs}"
+                );
+            }
+        }
+    }
+}

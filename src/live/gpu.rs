@@ -1,0 +1,541 @@
+//! Hashing and copying live weights where they live: the kernels of `src/live/blake3.cu`
+//! (embedded as PTX, JIT-compiled by the driver: nothing but the NVIDIA driver is needed) run
+//! on the GPU that holds the weights, through the IPC mappings [`super::cuda`] opened.
+//!
+//! - [`Gpu::hash`]: the hash of every block of many runs, one launch per up to
+//!   [`CV_BYTES`] of hashes; only the hashes (32 bytes per block) cross PCIe.
+//! - [`Gpu::capture`]: changed blocks gathered on the GPU into a staging buffer laid out like
+//!   the host buffer, the staged copy hashed, and copied to the host with one transfer per
+//!   staging fill. Then the live blocks are hashed again: a block whose live hash is no longer
+//!   the hash of its copy changed while it was being copied (training runs meanwhile), and is
+//!   copied again, up to [`ATTEMPTS`] times; if some block never holds still, the capture fails
+//!   and nothing is committed. Every block hash returned is the hash of the bytes returned.
+//!
+//! Memory on each GPU: at most [`JOB_BYTES`] of job tables, [`CV_BYTES`] of hashes and
+//! [`STAGE_BYTES`] of staging, allocated at first use and freed with the reader; on the host, a
+//! pinned buffer for the hashes.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg, result, sys,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::blockhash::Cv;
+use crate::source::{CaptureBuffer, CaptureStats, SourceError};
+
+/// The kernels, as PTX generated from `src/live/blake3.cu` by `scripts/build_ptx.py`.
+pub const PTX: &str = include_str!("blake3.ptx");
+/// Bytes of job tables on the GPU, at most (40 bytes a job).
+pub const JOB_BYTES: usize = 16 << 20;
+/// Bytes of block hashes computed per launch, at most.
+pub const CV_BYTES: usize = 64 << 20;
+/// Bytes of the staging buffer a capture gathers into.
+pub const STAGE_BYTES: usize = 64 << 20;
+/// Copies of a block that keeps changing, at most.
+pub const ATTEMPTS: u32 = 4;
+/// Threads per block of the kernels.
+const THREADS: u32 = 128;
+
+/// One run to hash, as the kernel reads it (`struct Job` in blake3.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Job {
+    ptr: u64,
+    len: u64,
+    offset: u64,
+    first: u64,
+    block_size: u64,
+}
+
+/// One run to gather (`struct Run` in blake3.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    src: u64,
+    len: u64,
+    dst: u64,
+}
+
+/// A run of live bytes at a device address: what the GPU side works on.
+#[derive(Clone, Copy, Debug)]
+pub struct DevRun {
+    /// Device address of the run's first byte.
+    pub ptr: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Offset of its first byte in its tensor (a multiple of the block size).
+    pub tensor_offset: u64,
+    /// Where its bytes go in the host buffer.
+    pub dst: u64,
+    /// Index of its first block hash in the output.
+    pub out: u64,
+}
+
+/// Device memory freed on drop (in its context).
+struct DeviceBuf {
+    ptr: u64,
+    len: usize,
+}
+
+/// Host memory pinned for transfers, freed on drop.
+struct PinnedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain host memory owned by this struct, used under the scratch mutex only.
+unsafe impl Send for PinnedBuf {}
+
+impl PinnedBuf {
+    fn as_mut(&mut self, n: usize) -> &mut [u8] {
+        // SAFETY: `ptr` holds `len` bytes of pinned memory owned by this struct; `n <= len`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, n.min(self.len)) }
+    }
+}
+
+/// Pinned host memory a GPU copies captures into at full speed, freed (in its context) on drop.
+pub struct PinnedCapture {
+    ctx: Arc<CudaContext>,
+    buf: PinnedBuf,
+}
+
+impl std::ops::Deref for PinnedCapture {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `buf.ptr` holds `buf.len` bytes of pinned memory owned by this struct.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr, self.buf.len) }
+    }
+}
+
+impl std::ops::DerefMut for PinnedCapture {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.buf.as_mut(self.buf.len)
+    }
+}
+
+impl CaptureBuffer for PinnedCapture {}
+
+impl Drop for PinnedCapture {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            // Leak rather than free in another context.
+            self.buf.len = 0;
+            self.buf.ptr = std::ptr::null_mut();
+        }
+    }
+}
+
+/// Buffers of one GPU, allocated at first use.
+struct Scratch {
+    jobs: DeviceBuf,
+    cvs: DeviceBuf,
+    stage: DeviceBuf,
+    host_cvs: PinnedBuf,
+}
+
+/// The kernels of one GPU.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    hash_fn: CudaFunction,
+    gather_fn: CudaFunction,
+    scratch: Mutex<Option<Scratch>>,
+}
+
+fn driver(what: &'static str) -> impl Fn(result::DriverError) -> SourceError {
+    move |e| SourceError::Io {
+        path: std::path::PathBuf::from("<GPU>"),
+        source: std::io::Error::other(format!("{what}: {e:?}")),
+    }
+}
+
+impl Gpu {
+    /// Loads the kernels into `ctx`; an error says why (e.g. a driver too old for the PTX).
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Gpu, String> {
+        let module = ctx
+            .load_module(Ptx::from_src(PTX))
+            .map_err(|e| format!("the driver cannot load the hashing kernels ({e:?})"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| format!("kernel {name}: {e:?}"))
+        };
+        Ok(Gpu {
+            ctx: Arc::clone(ctx),
+            stream: ctx.default_stream(),
+            hash_fn: f("apollo_block_cvs")?,
+            gather_fn: f("apollo_gather")?,
+            scratch: Mutex::new(None),
+        })
+    }
+
+    fn alloc(len: usize) -> Result<DeviceBuf, SourceError> {
+        // SAFETY: the context is current (bound by the caller); the buffer is freed once, in
+        // `DeviceBuf::drop`.
+        let ptr = unsafe { result::malloc_sync(len) }.map_err(driver("allocating GPU memory"))?;
+        Ok(DeviceBuf { ptr, len })
+    }
+
+    fn with_scratch<T>(
+        &self,
+        f: impl FnOnce(&Gpu, &mut Scratch) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the GPU context"))?;
+        let mut guard = self
+            .scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            // SAFETY: the context is current; the buffer is freed once, in `PinnedBuf::drop`.
+            let host = unsafe { result::malloc_host(CV_BYTES, 0) }
+                .map_err(driver("allocating pinned memory"))?;
+            *guard = Some(Scratch {
+                jobs: Self::alloc(JOB_BYTES)?,
+                cvs: Self::alloc(CV_BYTES)?,
+                stage: Self::alloc(STAGE_BYTES)?,
+                host_cvs: PinnedBuf {
+                    ptr: host.cast(),
+                    len: CV_BYTES,
+                },
+            });
+        }
+        f(self, guard.as_mut().expect("allocated above"))
+    }
+
+    /// `len` bytes of pinned host memory for captures.
+    pub fn capture_buffer(&self, len: usize) -> Result<PinnedCapture, SourceError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the GPU context"))?;
+        // SAFETY: the context is current; the buffer is freed once, by `PinnedBuf::drop`.
+        // Portable: pinned for every context, so copies from any of the GPUs run at full speed.
+        let ptr = unsafe { result::malloc_host(len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(driver("allocating pinned memory"))?;
+        Ok(PinnedCapture {
+            ctx: Arc::clone(&self.ctx),
+            buf: PinnedBuf {
+                ptr: ptr.cast(),
+                len,
+            },
+        })
+    }
+
+    /// Hashes every block of `runs` (`block_size` bytes, the last of a run possibly partial)
+    /// into `out[run.out..]`.
+    pub fn hash(
+        &self,
+        runs: &[DevRun],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        self.with_scratch(|gpu, s| gpu.hash_in(s, runs, block_size, out))
+    }
+
+    fn hash_in(
+        &self,
+        s: &mut Scratch,
+        runs: &[DevRun],
+        block_size: u64,
+        out: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        let mut stats = CaptureStats::default();
+        let max_blocks = (CV_BYTES / 32) as u64;
+        let max_jobs = JOB_BYTES / std::mem::size_of::<Job>();
+        let mut jobs: Vec<Job> = Vec::new();
+        // (job's first block in the launch, its output index, blocks) for the copy out.
+        let mut places: Vec<(u64, u64, u64)> = Vec::new();
+        let mut total = 0u64;
+        let mut pending = runs.iter().copied().peekable();
+        let mut carry: Option<DevRun> = None;
+        loop {
+            let next = carry.take().or_else(|| pending.next());
+            let launch_now = next.is_none() || jobs.len() == max_jobs || total == max_blocks;
+            if launch_now && !jobs.is_empty() {
+                self.launch_hash(s, &jobs, total, &mut stats)?;
+                let host = s.host_cvs.as_mut(total as usize * 32);
+                for &(first, at, n) in &places {
+                    for k in 0..n {
+                        let src = ((first + k) * 32) as usize;
+                        out[(at + k) as usize].copy_from_slice(&host[src..src + 32]);
+                    }
+                }
+                jobs.clear();
+                places.clear();
+                total = 0;
+            }
+            let Some(r) = next else { break };
+            if r.len == 0 {
+                continue;
+            }
+            let blocks = r.len.div_ceil(block_size);
+            let room = max_blocks - total;
+            let take = blocks.min(room);
+            let len = (take * block_size).min(r.len);
+            jobs.push(Job {
+                ptr: r.ptr,
+                len,
+                offset: r.tensor_offset,
+                first: total,
+                block_size,
+            });
+            places.push((total, r.out, take));
+            total += take;
+            if take < blocks {
+                carry = Some(DevRun {
+                    ptr: r.ptr + len,
+                    len: r.len - len,
+                    tensor_offset: r.tensor_offset + len,
+                    dst: r.dst + len,
+                    out: r.out + take,
+                });
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Hashes `total` blocks of `jobs` into the scratch's pinned host buffer.
+    fn launch_hash(
+        &self,
+        s: &mut Scratch,
+        jobs: &[Job],
+        total: u64,
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError> {
+        // SAFETY: `Job` is plain old data (`repr(C)`, no padding: five u64).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(jobs.as_ptr().cast::<u8>(), std::mem::size_of_val(jobs))
+        };
+        // SAFETY: the job table fits `s.jobs` (callers keep to JOB_BYTES); synchronous copy.
+        unsafe { result::memcpy_htod_sync(s.jobs.ptr, bytes) }
+            .map_err(driver("copying the job table"))?;
+        let (njobs, out) = (jobs.len() as u32, s.cvs.ptr);
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(u64::from(THREADS)) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.hash_fn);
+        launch.arg(&s.jobs.ptr).arg(&njobs).arg(&total).arg(&out);
+        // SAFETY: the arguments match `apollo_block_cvs(const Job*, u32, u64, u32*)`; every job
+        // addresses live bytes inside an opened allocation (the layout map's segments, within
+        // the manifest's sizes) or the staging buffer; `total` hashes fit `s.cvs`.
+        unsafe { launch.launch(cfg) }.map_err(driver("launching the hashing kernel"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver("hashing on the GPU"))?;
+        let host = s.host_cvs.as_mut(total as usize * 32);
+        // SAFETY: `host` holds `total` hashes of pinned memory; synchronous copy.
+        unsafe { result::memcpy_dtoh_sync(host, out) }.map_err(driver("copying hashes"))?;
+        stats.gpu_bytes_copied += total * 32;
+        stats.gpu_copies += 1;
+        Ok(())
+    }
+
+    /// Copies the bytes of `runs` to `bytes[run.dst..]` consistently and their block hashes to
+    /// `cvs[run.out..]` (see the module documentation).
+    pub fn capture(
+        &self,
+        runs: &[DevRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+    ) -> Result<CaptureStats, SourceError> {
+        // No run longer than the staging buffer: longer ones are cut at block boundaries.
+        let stage = (STAGE_BYTES as u64 / block_size).max(1) * block_size;
+        let mut cut = Vec::with_capacity(runs.len());
+        for r in runs.iter().filter(|r| r.len > 0) {
+            let mut off = 0;
+            while off < r.len {
+                let len = stage.min(r.len - off);
+                cut.push(DevRun {
+                    ptr: r.ptr + off,
+                    len,
+                    tensor_offset: r.tensor_offset + off,
+                    dst: r.dst + off,
+                    out: r.out + off / block_size,
+                });
+                off += len;
+            }
+        }
+        self.with_scratch(|gpu, s| {
+            let mut stats = CaptureStats::default();
+            for fill in fills(&cut) {
+                gpu.capture_fill(s, &cut[fill], block_size, bytes, cvs, &mut stats)?;
+            }
+            Ok(stats)
+        })
+    }
+
+    /// One staging fill: `runs` span at most [`STAGE_BYTES`] of the host buffer.
+    fn capture_fill(
+        &self,
+        s: &mut Scratch,
+        runs: &[DevRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError> {
+        // The staging buffer mirrors the host buffer from `base` on, for every attempt: a
+        // block copied again lands where its first copy was, and the bytes around it that are
+        // copied along are the ones already copied.
+        let base = runs.iter().map(|r| r.dst).min().unwrap_or(0);
+        let mut todo: Vec<DevRun> = runs.to_vec();
+        for attempt in 1..=ATTEMPTS {
+            let first = todo.iter().map(|r| r.dst).min().unwrap_or(base);
+            let end = todo.iter().map(|r| r.dst + r.len).max().unwrap_or(first);
+            self.gather(s, &todo, base)?;
+            // The copy's hashes, then the live bytes' hashes, block by block.
+            let staged: Vec<DevRun> = todo
+                .iter()
+                .map(|r| DevRun {
+                    ptr: s.stage.ptr + (r.dst - base),
+                    ..*r
+                })
+                .collect();
+            self.hash_in(s, &staged, block_size, cvs)?;
+            let host = &mut bytes[first as usize..end as usize];
+            // SAFETY: staging bytes `first - base .. end - base` (within STAGE_BYTES) hold the
+            // gathered runs (and, between them, bytes of earlier attempts' same places);
+            // synchronous copy into the host buffer.
+            unsafe { result::memcpy_dtoh_sync(host, s.stage.ptr + (first - base)) }
+                .map_err(driver("copying changed blocks"))?;
+            stats.gpu_bytes_copied += end - first;
+            stats.gpu_copies += 1;
+            let nblocks: u64 = todo.iter().map(|r| r.len.div_ceil(block_size)).sum();
+            let mut live = vec![[0u8; 32]; nblocks as usize];
+            let relative: Vec<DevRun> = todo
+                .iter()
+                .scan(0u64, |at, r| {
+                    let out = *at;
+                    *at += r.len.div_ceil(block_size);
+                    Some(DevRun { out, ..*r })
+                })
+                .collect();
+            self.hash_in(s, &relative, block_size, &mut live)?;
+            // Blocks whose live bytes moved on since their copy: copy them again.
+            let mut moved = Vec::new();
+            for (r, rel) in todo.iter().zip(&relative) {
+                for k in 0..r.len.div_ceil(block_size) {
+                    if live[(rel.out + k) as usize] != cvs[(r.out + k) as usize] {
+                        let off = k * block_size;
+                        moved.push(DevRun {
+                            ptr: r.ptr + off,
+                            len: block_size.min(r.len - off),
+                            tensor_offset: r.tensor_offset + off,
+                            dst: r.dst + off,
+                            out: r.out + k,
+                        });
+                    }
+                }
+            }
+            if moved.is_empty() {
+                return Ok(());
+            }
+            stats.recaptured_blocks += moved.len() as u64;
+            if attempt == ATTEMPTS {
+                return Err(SourceError::Unstable {
+                    blocks: moved.len() as u64,
+                    attempts: ATTEMPTS,
+                });
+            }
+            todo = moved;
+        }
+        Ok(())
+    }
+
+    /// Gathers `runs` into the staging buffer at `run.dst - base`.
+    fn gather(&self, s: &mut Scratch, runs: &[DevRun], base: u64) -> Result<(), SourceError> {
+        let max = JOB_BYTES / std::mem::size_of::<Run>();
+        for chunk in runs.chunks(max) {
+            let table: Vec<Run> = chunk
+                .iter()
+                .map(|r| Run {
+                    src: r.ptr,
+                    len: r.len,
+                    dst: r.dst - base,
+                })
+                .collect();
+            // SAFETY: `Run` is plain old data (`repr(C)`, three u64).
+            let raw = unsafe {
+                std::slice::from_raw_parts(
+                    table.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(table.as_slice()),
+                )
+            };
+            // SAFETY: the table fits `s.jobs` (at most JOB_BYTES); synchronous copy.
+            unsafe { result::memcpy_htod_sync(s.jobs.ptr, raw) }
+                .map_err(driver("copying the gather table"))?;
+            let n = table.len() as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (n.min(65_535), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = self.stream.launch_builder(&self.gather_fn);
+            launch.arg(&s.jobs.ptr).arg(&n).arg(&s.stage.ptr);
+            // SAFETY: the arguments match `apollo_gather(const Run*, u32, u8*)`; every source
+            // range lies in an opened allocation and every destination inside the staging
+            // buffer (a fill spans at most STAGE_BYTES).
+            unsafe { launch.launch(cfg) }.map_err(driver("launching the gather kernel"))?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(driver("gathering on the GPU"))
+    }
+}
+
+/// `runs` cut into staging fills: consecutive runs spanning at most [`STAGE_BYTES`] of the host
+/// buffer (no run is longer).
+fn fills(runs: &[DevRun]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < runs.len() {
+        let base = runs[start].dst;
+        let mut end = start + 1;
+        while end < runs.len() && runs[end].dst + runs[end].len - base <= STAGE_BYTES as u64 {
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            // Leak rather than free in another context.
+            if let Some(s) = self
+                .scratch
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
+                std::mem::forget(s);
+            }
+        }
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `malloc_sync` and is freed only here, with its context
+        // current (`Gpu::drop` leaks the scratch when it cannot bind it).
+        let _ = unsafe { result::free_sync(self.ptr) };
+        let _ = self.len;
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            // SAFETY: `ptr` came from `malloc_host` and is freed only here.
+            let _ = unsafe { result::free_host(self.ptr.cast()) };
+        }
+    }
+}
