@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import gpu_checks  # noqa: E402
 
-ST = {"torch.bfloat16": "BF16", "torch.float32": "F32"}
+ST = {"torch.bfloat16": "BF16", "torch.float32": "F32", "torch.uint8": "U8"}
 
 
 def write_safetensors(path, tensors):

@@ -83,11 +83,37 @@ pub fn roll_forward(
 
 /// [`roll_forward`] of a journal whose writer checked, under the lock it still holds, that
 /// every block holds its old bytes: each record's XOR is applied without hashing the block.
+/// `sections` (file, start, end) say where each file's records are, as the writer noted them:
+/// the files are written in parallel (a buffered write holds its file's lock, so writes to one
+/// file do not overlap, but writes to different files do).
 pub fn roll_forward_checked_by_writer(
     journal: &Journal,
     files: &[Box<dyn FileIo>],
+    sections: &[(u32, u64, u64)],
 ) -> Result<ApplyStats, ApplyError> {
-    roll(journal, files, false)
+    let mut by_file: Vec<Vec<(u64, u64)>> = vec![Vec::new(); files.len()];
+    for &(f, start, end) in sections {
+        if let Some(v) = by_file.get_mut(f as usize) {
+            v.push((start, end));
+        }
+    }
+    let stats: Vec<ApplyStats> = by_file
+        .par_iter()
+        .map(|ranges| {
+            let mut stats = ApplyStats::default();
+            for &range in ranges {
+                roll_range(journal, files, false, range, &mut stats)?;
+            }
+            Ok::<_, ApplyError>(stats)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(stats
+        .into_iter()
+        .fold(ApplyStats::default(), |a, b| ApplyStats {
+            applied: a.applied + b.applied,
+            already_new: a.already_new + b.already_new,
+            repaired: a.repaired + b.repaired,
+        }))
 }
 
 fn roll(
@@ -96,7 +122,19 @@ fn roll(
     judge: bool,
 ) -> Result<ApplyStats, ApplyError> {
     let mut stats = ApplyStats::default();
-    journal.for_each_batch(BATCH_BYTES, |batch: Vec<Record>| {
+    roll_range(journal, files, judge, (0, u64::MAX), &mut stats)?;
+    Ok(stats)
+}
+
+/// Applies the records between journal offsets `range`, adding what it found to `stats`.
+fn roll_range(
+    journal: &Journal,
+    files: &[Box<dyn FileIo>],
+    judge: bool,
+    range: (u64, u64),
+    stats: &mut ApplyStats,
+) -> Result<(), ApplyError> {
+    journal.for_each_batch_in(range, BATCH_BYTES, |batch: Vec<Record>| {
         let outcomes: Vec<Vec<Outcome>> = runs(&batch)
             .par_iter()
             .map(|run| apply_run(journal, files[run[0].file as usize].as_ref(), run, judge))
@@ -109,8 +147,7 @@ fn roll(
             }
         }
         Ok::<_, ApplyError>(())
-    })?;
-    Ok(stats)
+    })
 }
 
 /// Most records written with one `pwrite`.

@@ -490,6 +490,17 @@ impl Journal {
         batch_bytes: usize,
         f: impl FnMut(Vec<Record>) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.for_each_batch_in((self.records_start, self.records_end), batch_bytes, f)
+    }
+
+    /// [`Self::for_each_batch`] over the records between byte offsets `range` of the journal
+    /// (record boundaries, as its writer noted them).
+    pub fn for_each_batch_in<E: From<JournalError>>(
+        &self,
+        range: (u64, u64),
+        batch_bytes: usize,
+        f: impl FnMut(Vec<Record>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let files = &self.header.files;
         let check = |r: &Record, _plen: u32| {
             if r.tag != JOURNAL {
@@ -503,9 +514,13 @@ impl Journal {
             }
         };
         let path = &self.path;
+        let range = (
+            range.0.max(self.records_start),
+            range.1.min(self.records_end),
+        );
         record::read_batches(
             self.file.as_ref(),
-            (self.records_start, self.records_end),
+            range,
             batch_bytes,
             check,
             |e| E::from(JournalError::read(path, e)),

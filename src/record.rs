@@ -120,6 +120,13 @@ impl Record {
         )
     }
 
+    /// The file index and encoded length of the record at the start of `bytes`, from its head.
+    pub fn decode_head_len(bytes: &[u8]) -> Option<(u32, usize)> {
+        let head: &[u8; HEAD_LEN] = bytes.get(..HEAD_LEN)?.try_into().ok()?;
+        let (r, plen) = Record::decode_head(head);
+        Some((r.file, HEAD_LEN + plen as usize))
+    }
+
     /// Decodes one whole record from the start of `bytes`; returns it and its encoded length.
     pub fn decode(bytes: &[u8]) -> Option<(Record, usize)> {
         let head: &[u8; HEAD_LEN] = bytes.get(..HEAD_LEN)?.try_into().ok()?;

@@ -30,7 +30,7 @@ use crate::journal::{
 use crate::lock::{LockKind, StateLock};
 use crate::model::ModelLayout;
 use crate::plan::merge_ranges;
-use crate::record::hash_prefix;
+use crate::record::{self, hash_prefix};
 
 /// The exclusive lock of a writer, taken with the previous write's pages made durable.
 #[derive(Debug)]
@@ -98,6 +98,8 @@ pub(crate) struct WriteTxn<'c> {
     cp: &'c Checkpoint,
     path: PathBuf,
     writer: Option<JournalWriter>,
+    /// Where each model file's records are: (file, start, end) byte ranges of the journal.
+    sections: Vec<(u32, u64, u64)>,
 }
 
 impl<'c> WriteTxn<'c> {
@@ -107,6 +109,7 @@ impl<'c> WriteTxn<'c> {
             cp,
             path: cp.journal_path(),
             writer: None,
+            sections: Vec::new(),
         };
         match JournalWriter::create(cp.io.as_ref(), &txn.path, header) {
             Ok(w) => txn.writer = Some(w),
@@ -121,7 +124,19 @@ impl<'c> WriteTxn<'c> {
     /// Appends `records` encoded records.
     pub fn stage(&mut self, encoded: &[u8], records: u64) -> Result<(), Error> {
         let writer = self.writer.as_mut().expect("staged before commit");
-        Ok(writer.append(encoded, records)?)
+        let mut pos = writer.len();
+        writer.append(encoded, records)?;
+        // Note which file each record is for, by the record's own head.
+        let mut at = 0;
+        while let Some((r, n)) = encoded.get(at..).and_then(record::Record::decode_head_len) {
+            match self.sections.last_mut() {
+                Some(s) if s.0 == r && s.2 == pos => s.2 += n as u64,
+                _ => self.sections.push((r, pos, pos + n as u64)),
+            }
+            pos += n as u64;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Makes the records and then the commit record durable: from here on the write happens,
@@ -132,7 +147,9 @@ impl<'c> WriteTxn<'c> {
             // Durable from here on: never discarded, only rolled forward.
             Ok(journal) => {
                 let bytes = journal.len();
-                Ok((Committed::found(self.cp, journal), bytes))
+                let mut committed = Committed::found(self.cp, journal);
+                committed.sections = Some(std::mem::take(&mut self.sections));
+                Ok((committed, bytes))
             }
             Err(e) => {
                 // A commit that failed is never trusted to be durable (a failed fsync is not
@@ -201,12 +218,18 @@ pub(crate) struct Finished {
 pub(crate) struct Committed<'c> {
     cp: &'c Checkpoint,
     journal: Journal,
+    /// For a journal this process wrote: where each file's records are.
+    sections: Option<Vec<(u32, u64, u64)>>,
 }
 
 impl<'c> Committed<'c> {
     /// A committed journal of this checkpoint (just written, or found after a crash).
     pub fn found(cp: &'c Checkpoint, journal: Journal) -> Self {
-        Committed { cp, journal }
+        Committed {
+            cp,
+            journal,
+            sections: None,
+        }
     }
 
     /// Rolls the journal forward into the files (`files`: the model files already open for
@@ -255,8 +278,8 @@ impl<'c> Committed<'c> {
         let lap = Instant::now();
         // A write that just committed knows every block holds its old bytes (the writer checked
         // them under this lock): no hash is needed to judge them. Recovery judges each.
-        let blocks = if mode == Mode::Write {
-            apply::roll_forward_checked_by_writer(&self.journal, &handles)?
+        let blocks = if let (Mode::Write, Some(sections)) = (mode, &self.sections) {
+            apply::roll_forward_checked_by_writer(&self.journal, &handles, sections)?
         } else {
             apply::roll_forward(&self.journal, &handles)?
         };

@@ -293,7 +293,9 @@ impl Rebuild<'_> {
 
 /// Writes the log and then `updates` into the tensors' BLOBs and empties the log.
 fn fold_log(tx: &Transaction<'_>, updates: &[HashUpdate]) -> Result<(), LogError> {
-    let mut by_tensor: BTreeMap<i64, BTreeMap<u64, Cv>> = BTreeMap::new();
+    // Per tensor, (block, hash) in the order they were written: the log first, then this
+    // commit's; a later hash of a block replaces an earlier one (a stable sort keeps the order).
+    let mut by_tensor: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
     for (id, rows) in read_log(tx)? {
         by_tensor.entry(id).or_default().extend(rows);
     }
@@ -301,18 +303,29 @@ fn fold_log(tx: &Transaction<'_>, updates: &[HashUpdate]) -> Result<(), LogError
         by_tensor
             .entry(u.tensor_id)
             .or_default()
-            .extend(u.blocks.iter().copied());
+            .extend_from_slice(&u.blocks);
     }
-    for (id, blocks) in by_tensor {
+    let mut run = Vec::new();
+    for (id, mut blocks) in by_tensor {
+        blocks.sort_by_key(|b| b.0);
         let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, id, false)?;
         // Write runs of consecutive blocks with one call each.
-        let blocks: Vec<(u64, Cv)> = blocks.into_iter().collect();
         let mut i = 0;
         while i < blocks.len() {
             let start = blocks[i].0;
-            let mut run = Vec::new();
-            while i < blocks.len() && blocks[i].0 == start + (run.len() / CV_LEN) as u64 {
-                run.extend_from_slice(&blocks[i].1);
+            run.clear();
+            while i < blocks.len() {
+                let (b, cv) = blocks[i];
+                let next = start + (run.len() / CV_LEN) as u64;
+                if b + 1 == next {
+                    // The same block again, later: its newer hash wins.
+                    let at = run.len() - CV_LEN;
+                    run[at..].copy_from_slice(&cv);
+                } else if b == next {
+                    run.extend_from_slice(&cv);
+                } else {
+                    break;
+                }
                 i += 1;
             }
             blob.write_at(&run, start as usize * CV_LEN)?;
