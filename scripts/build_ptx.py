@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Compiles src/live/blake3.cu to src/live/blake3.ptx with NVRTC (no CUDA toolkit, no GPU).
+"""Compiles src/live/blake3.cu with NVRTC (no CUDA toolkit, no GPU) to src/live/blake3.ptx, and
+to ready machine code for the GPU generations vLLM hosts run (src/live/blake3.sm80.cubin for
+A100-class and newer sm_8x, src/live/blake3.sm90.cubin for H100/H200).
 
-The PTX is committed and embedded in the binary; the NVIDIA driver JIT-compiles it at run time
-for whatever GPU the weights are on. Run this after changing blake3.cu. It uses NVRTC from the
+Both are committed and embedded in the binary: a GPU with matching machine code loads it
+directly; any other takes the PTX, which the NVIDIA driver JIT-compiles at run time. Run this after changing blake3.cu. It uses NVRTC from the
 `nvidia-cuda-nvrtc-cu12` wheel (downloaded from PyPI into target/nvrtc if NVRTC_LIB does not
 name a libnvrtc.so): NVRTC 12.1 emits PTX ISA 8.1, which drivers for CUDA 12.1 and newer load.
 The PTX records the BLAKE3 of the source it came from (checked by tests/integration/gpu_kernel.rs).
@@ -23,6 +25,7 @@ SRC = ROOT / "src/live/blake3.cu"
 OUT = ROOT / "src/live/blake3.ptx"
 WHEEL = "nvidia-cuda-nvrtc-cu12==12.1.105"
 ARCH = "compute_70"
+CUBINS = {"sm_80": ROOT / "src/live/blake3.sm80.cubin", "sm_90": ROOT / "src/live/blake3.sm90.cubin"}
 
 
 def nvrtc_lib():
@@ -51,14 +54,13 @@ def source_hash(text):
     return blake3.blake3(text).hexdigest()
 
 
-def main():
-    lib = ctypes.CDLL(nvrtc_lib())
-    src = SRC.read_bytes()
+def compile_for(lib, src, arch):
+    """The program compiled for `arch` (compute_XX: PTX; sm_XX: machine code)."""
     prog = ctypes.c_void_p()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"blake3.cu", 0, None, None)
     if rc:
         sys.exit(f"nvrtcCreateProgram: {rc}")
-    opts = [f"--gpu-architecture={ARCH}".encode(), b"-std=c++14", b"--use_fast_math"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++14", b"--use_fast_math"]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     size = ctypes.c_size_t()
@@ -66,10 +68,22 @@ def main():
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
     if rc:
-        sys.exit(f"nvrtcCompileProgram failed ({rc}):\n{log.value.decode()}")
-    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-    ptx = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetPTX(prog, ptx)
+        sys.exit(f"nvrtcCompileProgram {arch} failed ({rc}):\n{log.value.decode()}")
+    kind = "CUBIN" if arch.startswith("sm_") else "PTX"
+    getsize, get = getattr(lib, f"nvrtcGet{kind}Size"), getattr(lib, f"nvrtcGet{kind}")
+    getsize(prog, ctypes.byref(size))
+    out = ctypes.create_string_buffer(size.value)
+    get(prog, out)
+    return out.raw[:size.value]
+
+
+def main():
+    lib = ctypes.CDLL(nvrtc_lib())
+    src = SRC.read_bytes()
+    ptx = ctypes.create_string_buffer(compile_for(lib, src, ARCH))
+    for arch, path in CUBINS.items():
+        path.write_bytes(compile_for(lib, src, arch))
+        print(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size} bytes)")
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     header = (f"// Generated from src/live/blake3.cu by scripts/build_ptx.py (NVRTC {major.value}.{minor.value}, "

@@ -9,8 +9,10 @@ a larger allocation) and writes the manifest and the HF files for them. Then:
    scattered blocks with the bytes themselves;
 2. sparse and dense changes are synced with `--hash-on gpu` and the files compared byte for byte;
    the report says how much crossed PCIe;
-3. a tensor rewritten without pause while a sync runs: the sync stops with exit 75 (the live
-   weights kept changing) and writes nothing; once the writer stops, the next sync succeeds.
+3. a tensor rewritten without pause while a sync runs: the sync either copies it consistently
+   (every block's copy is what the block holds when the copy is done; verify is clean) or stops
+   with exit 75 (it kept changing) and writes nothing; once the writer stops, the next sync
+   takes it. (The retry logic itself is unit-tested with a simulated writer in src/live/gpu.rs.)
 
 Prints a pass/fail summary; exits non-zero on failure; skips (exit 77, saying so) without
 PyTorch or a GPU.
@@ -116,8 +118,18 @@ def main():
             stop.set()
             th.join()
         torch.cuda.synchronize()
-        ok("a tensor that never holds still: exit 75, saying so", code == 75 and "kept changing" in err, f"{code}: {err}")
-        ok("and nothing is written", open(os.path.join(model, "model.safetensors"), "rb").read() == before)
+        # Contexts of two processes share the GPU by time slices, so the sync may find the
+        # tensor still within its slices (then its copy is consistent: verify is clean) or see
+        # it move under every attempt (then exit 75 and nothing written). Never a mix.
+        after = open(os.path.join(model, "model.safetensors"), "rb").read()
+        if code == 75:
+            ok("a tensor rewritten without pause: exit 75, saying so", "kept changing" in err, err)
+            ok("and nothing is written", after == before)
+        else:
+            ok(f"a tensor rewritten without pause: a consistent copy (exit {code})", code == 0, err)
+            vcode, _, verr = run("verify", "--model-dir", model)
+            ok("and the files are what the index says", vcode == 0, verr)
+        print(f"  writer running during the sync: exit {code}")
         code, _, err = run("sync", "--model-dir", model, "--handles", manifest, "--hash-on", "gpu")
         got = read_safetensors(os.path.join(model, "model.safetensors"))
         ok("once it stops, the next sync takes it", code == 0 and got == view(), err)

@@ -27,6 +27,10 @@ use crate::source::{CaptureBuffer, CaptureStats, SourceError};
 
 /// The kernels, as PTX generated from `src/live/blake3.cu` by `scripts/build_ptx.py`.
 pub const PTX: &str = include_str!("blake3.ptx");
+/// The same, compiled for sm_80 (A100-class, and the sm_8x GPUs after it).
+pub const CUBIN_SM80: &[u8] = include_bytes!("blake3.sm80.cubin");
+/// The same, compiled for sm_90 (H100, H200).
+pub const CUBIN_SM90: &[u8] = include_bytes!("blake3.sm90.cubin");
 /// Bytes of job tables on the GPU, at most (40 bytes a job).
 pub const JOB_BYTES: usize = 16 << 20;
 /// Bytes of block hashes computed per launch, at most.
@@ -152,10 +156,17 @@ fn driver(what: &'static str) -> impl Fn(result::DriverError) -> SourceError {
 }
 
 impl Gpu {
-    /// Loads the kernels into `ctx`; an error says why (e.g. a driver too old for the PTX).
+    /// Loads the kernels into `ctx`: the machine code for its GPU if shipped, else the PTX
+    /// (JIT-compiled by the driver); an error says why neither loads (e.g. a driver too old).
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Gpu, String> {
-        let module = ctx
-            .load_module(Ptx::from_src(PTX))
+        let cubin = match ctx.compute_capability() {
+            Ok((9, 0)) => Some(CUBIN_SM90),
+            Ok((8, _)) => Some(CUBIN_SM80),
+            _ => None,
+        };
+        let module = cubin
+            .and_then(|c| ctx.load_module(Ptx::from_binary(c.to_vec())).ok())
+            .map_or_else(|| ctx.load_module(Ptx::from_src(PTX)), Ok)
             .map_err(|e| format!("the driver cannot load the hashing kernels ({e:?})"))?;
         let f = |name: &str| {
             module
@@ -380,72 +391,9 @@ impl Gpu {
         cvs: &mut [Cv],
         stats: &mut CaptureStats,
     ) -> Result<(), SourceError> {
-        // The staging buffer mirrors the host buffer from `base` on, for every attempt: a
-        // block copied again lands where its first copy was, and the bytes around it that are
-        // copied along are the ones already copied.
         let base = runs.iter().map(|r| r.dst).min().unwrap_or(0);
-        let mut todo: Vec<DevRun> = runs.to_vec();
-        for attempt in 1..=ATTEMPTS {
-            let first = todo.iter().map(|r| r.dst).min().unwrap_or(base);
-            let end = todo.iter().map(|r| r.dst + r.len).max().unwrap_or(first);
-            self.gather(s, &todo, base)?;
-            // The copy's hashes, then the live bytes' hashes, block by block.
-            let staged: Vec<DevRun> = todo
-                .iter()
-                .map(|r| DevRun {
-                    ptr: s.stage.ptr + (r.dst - base),
-                    ..*r
-                })
-                .collect();
-            self.hash_in(s, &staged, block_size, cvs)?;
-            let host = &mut bytes[first as usize..end as usize];
-            // SAFETY: staging bytes `first - base .. end - base` (within STAGE_BYTES) hold the
-            // gathered runs (and, between them, bytes of earlier attempts' same places);
-            // synchronous copy into the host buffer.
-            unsafe { result::memcpy_dtoh_sync(host, s.stage.ptr + (first - base)) }
-                .map_err(driver("copying changed blocks"))?;
-            stats.gpu_bytes_copied += end - first;
-            stats.gpu_copies += 1;
-            let nblocks: u64 = todo.iter().map(|r| r.len.div_ceil(block_size)).sum();
-            let mut live = vec![[0u8; 32]; nblocks as usize];
-            let relative: Vec<DevRun> = todo
-                .iter()
-                .scan(0u64, |at, r| {
-                    let out = *at;
-                    *at += r.len.div_ceil(block_size);
-                    Some(DevRun { out, ..*r })
-                })
-                .collect();
-            self.hash_in(s, &relative, block_size, &mut live)?;
-            // Blocks whose live bytes moved on since their copy: copy them again.
-            let mut moved = Vec::new();
-            for (r, rel) in todo.iter().zip(&relative) {
-                for k in 0..r.len.div_ceil(block_size) {
-                    if live[(rel.out + k) as usize] != cvs[(r.out + k) as usize] {
-                        let off = k * block_size;
-                        moved.push(DevRun {
-                            ptr: r.ptr + off,
-                            len: block_size.min(r.len - off),
-                            tensor_offset: r.tensor_offset + off,
-                            dst: r.dst + off,
-                            out: r.out + k,
-                        });
-                    }
-                }
-            }
-            if moved.is_empty() {
-                return Ok(());
-            }
-            stats.recaptured_blocks += moved.len() as u64;
-            if attempt == ATTEMPTS {
-                return Err(SourceError::Unstable {
-                    blocks: moved.len() as u64,
-                    attempts: ATTEMPTS,
-                });
-            }
-            todo = moved;
-        }
-        Ok(())
+        let mut device = OnGpu { gpu: self, s, base };
+        capture_consistently(&mut device, runs, block_size, bytes, cvs, stats)
     }
 
     /// Gathers `runs` into the staging buffer at `run.dst - base`.
@@ -486,6 +434,138 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(driver("gathering on the GPU"))
+    }
+}
+
+/// What a consistent capture needs from the device holding the live bytes.
+pub(crate) trait Capturer {
+    /// Copies `runs` to `bytes[run.dst..]` (through the device's staging, which mirrors the host
+    /// buffer: bytes between the runs that are copied along are ones copied before, at the same
+    /// places) and writes the hashes of the copied blocks to `cvs[run.out..]`.
+    fn copy(
+        &mut self,
+        runs: &[DevRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError>;
+
+    /// Writes the hashes of the live blocks of `runs` to `out[run.out..]`.
+    fn hash_live(
+        &mut self,
+        runs: &[DevRun],
+        block_size: u64,
+        out: &mut [Cv],
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError>;
+}
+
+/// Copies `runs` so that every block's copy is what the block holds once the copy is done:
+/// after each copy the live blocks are hashed again, and those whose hash is no longer their
+/// copy's (they changed meanwhile) are copied again, up to [`ATTEMPTS`] times in all; a block
+/// still moving then fails the capture ([`SourceError::Unstable`]).
+pub(crate) fn capture_consistently(
+    device: &mut impl Capturer,
+    runs: &[DevRun],
+    block_size: u64,
+    bytes: &mut [u8],
+    cvs: &mut [Cv],
+    stats: &mut CaptureStats,
+) -> Result<(), SourceError> {
+    let mut todo: Vec<DevRun> = runs.to_vec();
+    for attempt in 1..=ATTEMPTS {
+        device.copy(&todo, block_size, bytes, cvs, stats)?;
+        let relative: Vec<DevRun> = todo
+            .iter()
+            .scan(0u64, |at, r| {
+                let out = *at;
+                *at += r.len.div_ceil(block_size);
+                Some(DevRun { out, ..*r })
+            })
+            .collect();
+        let nblocks: u64 = todo.iter().map(|r| r.len.div_ceil(block_size)).sum();
+        let mut live = vec![[0u8; 32]; nblocks as usize];
+        device.hash_live(&relative, block_size, &mut live, stats)?;
+        // Blocks whose live bytes moved on since their copy: copy them again.
+        let mut moved = Vec::new();
+        for (r, rel) in todo.iter().zip(&relative) {
+            for k in 0..r.len.div_ceil(block_size) {
+                if live[(rel.out + k) as usize] != cvs[(r.out + k) as usize] {
+                    let off = k * block_size;
+                    moved.push(DevRun {
+                        ptr: r.ptr + off,
+                        len: block_size.min(r.len - off),
+                        tensor_offset: r.tensor_offset + off,
+                        dst: r.dst + off,
+                        out: r.out + k,
+                    });
+                }
+            }
+        }
+        if moved.is_empty() {
+            return Ok(());
+        }
+        stats.recaptured_blocks += moved.len() as u64;
+        if attempt == ATTEMPTS {
+            return Err(SourceError::Unstable {
+                blocks: moved.len() as u64,
+                attempts: ATTEMPTS,
+            });
+        }
+        todo = moved;
+    }
+    Ok(())
+}
+
+/// A staging fill on the GPU: the staging buffer mirrors the host buffer from `base` on.
+struct OnGpu<'a> {
+    gpu: &'a Gpu,
+    s: &'a mut Scratch,
+    base: u64,
+}
+
+impl Capturer for OnGpu<'_> {
+    fn copy(
+        &mut self,
+        runs: &[DevRun],
+        block_size: u64,
+        bytes: &mut [u8],
+        cvs: &mut [Cv],
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError> {
+        let (gpu, base) = (self.gpu, self.base);
+        let first = runs.iter().map(|r| r.dst).min().unwrap_or(base);
+        let end = runs.iter().map(|r| r.dst + r.len).max().unwrap_or(first);
+        gpu.gather(self.s, runs, base)?;
+        let staged: Vec<DevRun> = runs
+            .iter()
+            .map(|r| DevRun {
+                ptr: self.s.stage.ptr + (r.dst - base),
+                ..*r
+            })
+            .collect();
+        stats.add(gpu.hash_in(self.s, &staged, block_size, cvs)?);
+        let host = &mut bytes[first as usize..end as usize];
+        // SAFETY: staging bytes `first - base .. end - base` (within STAGE_BYTES) hold the
+        // gathered runs (and, between them, bytes copied before to the same places);
+        // synchronous copy into the host buffer.
+        unsafe { result::memcpy_dtoh_sync(host, self.s.stage.ptr + (first - base)) }
+            .map_err(driver("copying changed blocks"))?;
+        stats.gpu_bytes_copied += end - first;
+        stats.gpu_copies += 1;
+        Ok(())
+    }
+
+    fn hash_live(
+        &mut self,
+        runs: &[DevRun],
+        block_size: u64,
+        out: &mut [Cv],
+        stats: &mut CaptureStats,
+    ) -> Result<(), SourceError> {
+        stats.add(self.gpu.hash_in(self.s, runs, block_size, out)?);
+        Ok(())
     }
 }
 
@@ -537,5 +617,137 @@ impl Drop for PinnedBuf {
             // SAFETY: `ptr` came from `malloc_host` and is freed only here.
             let _ = unsafe { result::free_host(self.ptr.cast()) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockhash::hash_units;
+
+    /// Host memory standing in for a GPU whose weights a trainer keeps writing: after each
+    /// copy, the blocks listed in `writes` (one list per attempt) change.
+    struct Moving {
+        live: Vec<u8>,
+        writes: Vec<Vec<usize>>,
+        copies: usize,
+    }
+
+    impl Capturer for Moving {
+        fn copy(
+            &mut self,
+            runs: &[DevRun],
+            block_size: u64,
+            bytes: &mut [u8],
+            cvs: &mut [Cv],
+            _stats: &mut CaptureStats,
+        ) -> Result<(), SourceError> {
+            for r in runs {
+                let src = &self.live[r.ptr as usize..(r.ptr + r.len) as usize];
+                bytes[r.dst as usize..(r.dst + r.len) as usize].copy_from_slice(src);
+                let n = r.len.div_ceil(block_size) as usize;
+                let out = &mut cvs[r.out as usize..r.out as usize + n];
+                hash_units(r.tensor_offset, block_size, src, out);
+            }
+            // The trainer writes while the copy is in flight.
+            if let Some(blocks) = self.writes.get(self.copies) {
+                for &b in blocks {
+                    self.live[b * block_size as usize] ^= 0x11;
+                }
+            }
+            self.copies += 1;
+            Ok(())
+        }
+
+        fn hash_live(
+            &mut self,
+            runs: &[DevRun],
+            block_size: u64,
+            out: &mut [Cv],
+            _stats: &mut CaptureStats,
+        ) -> Result<(), SourceError> {
+            for r in runs {
+                let src = &self.live[r.ptr as usize..(r.ptr + r.len) as usize];
+                let n = r.len.div_ceil(block_size) as usize;
+                hash_units(
+                    r.tensor_offset,
+                    block_size,
+                    src,
+                    &mut out[r.out as usize..][..n],
+                );
+            }
+            Ok(())
+        }
+    }
+
+    fn capture(
+        writes: Vec<Vec<usize>>,
+    ) -> (
+        Result<(), SourceError>,
+        Moving,
+        Vec<u8>,
+        Vec<Cv>,
+        CaptureStats,
+    ) {
+        let bs = 1024u64;
+        let live: Vec<u8> = (0..16 * 1024u32).map(|i| (i * 7) as u8).collect();
+        let mut dev = Moving {
+            live,
+            writes,
+            copies: 0,
+        };
+        // Two runs: blocks 0..4 and 8..16 of one tensor.
+        let runs = [
+            DevRun {
+                ptr: 0,
+                len: 4 * bs,
+                tensor_offset: 0,
+                dst: 0,
+                out: 0,
+            },
+            DevRun {
+                ptr: 8 * bs,
+                len: 8 * bs,
+                tensor_offset: 8 * bs,
+                dst: 4 * bs,
+                out: 4,
+            },
+        ];
+        let mut bytes = vec![0u8; 12 * bs as usize];
+        let mut cvs = vec![[0u8; 32]; 12];
+        let mut stats = CaptureStats::default();
+        let r = capture_consistently(&mut dev, &runs, bs, &mut bytes, &mut cvs, &mut stats);
+        (r, dev, bytes, cvs, stats)
+    }
+
+    #[test]
+    fn blocks_that_change_during_the_copy_are_copied_again_until_they_hold_still() {
+        // Blocks 1 and 9 change during the first copy, block 9 again during the second.
+        let (r, dev, bytes, cvs, stats) = capture(vec![vec![1, 9], vec![9]]);
+        r.unwrap();
+        assert_eq!((dev.copies, stats.recaptured_blocks), (3, 3));
+        // Every copy is what the block holds now, and every hash is its copy's.
+        assert_eq!(&bytes[..4096], &dev.live[..4096]);
+        assert_eq!(&bytes[4096..], &dev.live[8192..]);
+        let mut want = vec![[0u8; 32]; 12];
+        hash_units(0, 1024, &dev.live[..4096], &mut want[..4]);
+        hash_units(8192, 1024, &dev.live[8192..], &mut want[4..]);
+        assert_eq!(cvs, want);
+    }
+
+    #[test]
+    fn a_block_that_never_holds_still_fails_the_capture() {
+        let (r, dev, ..) = capture(vec![vec![2]; ATTEMPTS as usize]);
+        assert!(
+            matches!(
+                r,
+                Err(SourceError::Unstable {
+                    blocks: 1,
+                    attempts: ATTEMPTS
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(dev.copies, ATTEMPTS as usize);
     }
 }
