@@ -180,10 +180,7 @@ pub trait WeightSource: Sync {
         block_size: u64,
         out: &mut [Cv],
     ) -> Result<CaptureStats, SourceError> {
-        for_each_run(runs, out, 1, |r, out| {
-            self.hash_units(r.tensor, block_size, r.first, out)
-        })?;
-        Ok(CaptureStats::default())
+        hash_blocks_on_host(self, runs, block_size, out)
     }
 
     /// Copies the bytes of every run, concatenated in order, into `bytes`, and writes the hash of
@@ -199,6 +196,19 @@ pub trait WeightSource: Sync {
     ) -> Result<CaptureStats, SourceError> {
         capture_on_host(self, runs, block_size, bytes, cvs)
     }
+}
+
+/// [`WeightSource::hash_blocks`] through [`WeightSource::hash_units`], runs in parallel.
+pub fn hash_blocks_on_host<S: WeightSource + ?Sized>(
+    source: &S,
+    runs: &[BlockRun],
+    block_size: u64,
+    out: &mut [Cv],
+) -> Result<CaptureStats, SourceError> {
+    for_each_run(runs, out, 1, |r, out| {
+        source.hash_units(r.tensor, block_size, r.first, out)
+    })?;
+    Ok(CaptureStats::default())
 }
 
 /// [`WeightSource::capture`] on the host: every run read and its blocks hashed, in parallel.

@@ -320,7 +320,7 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
         out: &mut [Cv],
     ) -> Result<CaptureStats, SourceError> {
         let Some(device) = self.device() else {
-            return default_hash_blocks(self, runs, block_size, out);
+            return crate::source::hash_blocks_on_host(self, runs, block_size, out);
         };
         let (jobs, host) = self.split(runs, block_size);
         let stats = device.hash_jobs(&jobs, block_size, out)?;
@@ -339,7 +339,7 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
         cvs: &mut [Cv],
     ) -> Result<CaptureStats, SourceError> {
         let Some(device) = self.device() else {
-            return default_capture(self, runs, block_size, bytes, cvs);
+            return crate::source::capture_on_host(self, runs, block_size, bytes, cvs);
         };
         let (jobs, host) = self.split(runs, block_size);
         let stats = device.capture_jobs(&jobs, block_size, bytes, cvs)?;
@@ -377,28 +377,4 @@ impl<R: ParamReader> LayoutSource<R> {
         }
         Ok(done.into_iter().map(|(_, cv)| cv).collect())
     }
-}
-
-/// [`WeightSource::hash_blocks`]'s default, for a source that overrides it.
-fn default_hash_blocks(
-    source: &dyn WeightSource,
-    runs: &[BlockRun],
-    block_size: u64,
-    out: &mut [Cv],
-) -> Result<CaptureStats, SourceError> {
-    crate::source::for_each_run(runs, out, 1, |r, out| {
-        source.hash_units(r.tensor, block_size, r.first, out)
-    })?;
-    Ok(CaptureStats::default())
-}
-
-/// [`WeightSource::capture`]'s default, for a source that overrides it.
-fn default_capture(
-    source: &dyn WeightSource,
-    runs: &[BlockRun],
-    block_size: u64,
-    bytes: &mut [u8],
-    cvs: &mut [Cv],
-) -> Result<CaptureStats, SourceError> {
-    crate::source::capture_on_host(source, runs, block_size, bytes, cvs)
 }
