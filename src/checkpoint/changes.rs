@@ -20,9 +20,10 @@
 //!    that finds nothing writes no journal).
 //!
 //! Memory: one batch of stored hashes, candidates as block numbers, two capture buffers and the
-//! old bytes of one capture; plus the new hashes of the changed blocks, kept for the index.
+//! old bytes of one capture; the new hashes of the changed blocks go to a [`HashSpill`] (in
+//! memory up to 48 MiB, then sorted runs in a temporary file) for the index.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use indicatif::ProgressBar;
@@ -31,7 +32,7 @@ use rayon::prelude::*;
 use super::txn::WriteTxn;
 use super::{Checkpoint, Error, seconds_since};
 use crate::blockhash::{self, BlockLayout, Cv, merge_blocks};
-use crate::index::{BlockIndex, FileRanges, HashUpdate, IndexedTensor, unix_ms};
+use crate::index::{BlockIndex, FileRanges, HashSpill, IndexedTensor, unix_ms};
 use crate::io::{FileIo, OpenMode};
 use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
 use crate::model::ModelLayout;
@@ -41,10 +42,17 @@ use crate::source::{BlockRun, CaptureBuffer, CaptureStats, WeightSource};
 
 /// Live bytes captured at a time, at most (one capture buffer).
 pub const CAPTURE_BYTES: u64 = 64 << 20;
+/// Capture buffers: one being copied into while the other is staged.
+const CAPTURE_BUFFERS: usize = 2;
 /// Old bytes read and coded by one parallel work item, at most.
 const STAGE_PIECE: u64 = 1 << 20;
 /// Groups sampled at the start of a tensor to judge whether nearly all of it changed.
 const SAMPLE_GROUPS: u64 = 8;
+
+/// A batch's stored block hashes, per comparison.
+type Stored = Vec<Vec<Cv>>;
+/// A batch's candidate blocks, per comparison (sorted block numbers).
+type Candidates = Vec<Vec<u64>>;
 
 /// One tensor to compare: (model tensor index, source tensor index, its index row).
 pub(crate) type Comparison<'a> = (usize, usize, &'a IndexedTensor);
@@ -60,18 +68,22 @@ pub(crate) struct Found {
     pub differing: u64,
     /// Tensors with a changed block.
     pub tensors_changed: usize,
-    /// New block hashes per tensor.
-    pub updates: Vec<HashUpdate>,
+    /// New block hashes of the changed blocks.
+    pub updates: HashSpill,
     /// Changed ranges per file.
     pub ranges: FileRanges,
     /// Files written.
     pub files_changed: Vec<String>,
     /// What copying from the source's device cost.
     pub capture: CaptureStats,
+    /// Seconds spent reading stored block hashes.
+    pub index_read_seconds: f64,
     /// Seconds spent finding candidates (hashing live bytes, comparing).
     pub plan_seconds: f64,
     /// Seconds spent capturing and staging.
     pub stage_seconds: f64,
+    /// Seconds spent copying changed blocks from the source (overlapping the staging).
+    pub capture_seconds: f64,
 }
 
 /// A write begun: its transaction and the model files it opened (in the journal's order).
@@ -142,40 +154,36 @@ impl<'a> Changes<'a> {
         let mut out = Staging {
             found: Found::default(),
             txn: None,
-            capture: None,
+            captures: Vec::new(),
             files: Vec::new(),
-            updates: BTreeMap::new(),
+            tensors: BTreeSet::new(),
             ranges: BTreeMap::new(),
         };
+        out.found.updates = HashSpill::new(&self.cp.state_dir);
         let len = |c: &Comparison<'_>| self.model.tensors[c.0].entry.len;
         for batch in plan::hash_batches(comparisons.iter().map(len), self.layout) {
-            let lap = Instant::now();
             let cmp = &comparisons[batch];
-            let mut stored: Vec<Vec<Cv>> = Vec::with_capacity(cmp.len());
-            for c in cmp {
-                stored.push(index.tensor_hashes(c.2, self.layout)?);
-            }
-            let (candidates, stats) = self.candidates(cmp, &stored)?;
-            out.found.capture.add(stats);
-            out.found.plan_seconds += seconds_since(lap);
+            let (stored, candidates) = if self.source.hashes_in_place() {
+                self.hash_in_place(index, cmp, &mut out.found)?
+            } else {
+                let stored = self.stored(index, cmp, &mut out.found)?;
+                let lap = Instant::now();
+                let candidates = self.compare_groups(cmp, &stored)?;
+                out.found.plan_seconds += seconds_since(lap);
+                (stored, candidates)
+            };
             let lap = Instant::now();
             let batch = Batch {
                 cmp,
                 stored: &stored,
             };
-            for runs in capture_batches(&candidates, cmp, self.layout) {
-                self.capture_and_stage(index, &batch, &runs, &mut out)?;
-            }
+            let captures = capture_batches(&candidates, cmp, self.layout);
+            self.capture_and_stage(index, &batch, &captures, &mut out)?;
             out.found.stage_seconds += seconds_since(lap);
             progress.inc(cmp.iter().map(len).sum());
         }
         let mut found = out.found;
-        found.tensors_changed = out.updates.len();
-        found.updates = out
-            .updates
-            .into_iter()
-            .map(|(tensor_id, blocks)| HashUpdate { tensor_id, blocks })
-            .collect();
+        found.tensors_changed = out.tensors.len();
         found.files_changed = out
             .ranges
             .keys()
@@ -189,41 +197,82 @@ impl<'a> Changes<'a> {
         Ok((found, out.txn.map(|t| (t, out.files))))
     }
 
-    /// The candidate blocks of a batch, per comparison (sorted block numbers).
-    fn candidates(
+    /// The stored hashes of a batch.
+    fn stored(
+        &self,
+        index: &BlockIndex,
+        cmp: &[Comparison<'_>],
+        found: &mut Found,
+    ) -> Result<Vec<Vec<Cv>>, Error> {
+        let lap = Instant::now();
+        let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
+        let stored = index.tensors_hashes(&rows, self.layout)?;
+        found.index_read_seconds += seconds_since(lap);
+        Ok(stored)
+    }
+
+    /// For a source that hashes where its data lives (the GPU): every block of the batch hashed
+    /// there while the stored hashes are read (only the hashes come back); the candidates are
+    /// the blocks whose hashes differ. Returns the stored hashes and the candidates.
+    fn hash_in_place(
+        &self,
+        index: &BlockIndex,
+        cmp: &[Comparison<'_>],
+        found: &mut Found,
+    ) -> Result<(Stored, Candidates), Error> {
+        let lap = Instant::now();
+        let layout = self.layout;
+        let blocks: Vec<u64> = cmp
+            .iter()
+            .map(|c| layout.blocks(self.model.tensors[c.0].entry.len))
+            .collect();
+        let runs: Vec<BlockRun> = cmp
+            .iter()
+            .zip(&blocks)
+            .map(|(c, &count)| BlockRun {
+                tensor: c.1,
+                first: 0,
+                count,
+            })
+            .collect();
+        let mut live = vec![[0u8; 32]; blocks.iter().sum::<u64>() as usize];
+        let source = self.source;
+        let (stored, hashed) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| source.hash_blocks(&runs, layout.block_size, &mut live));
+            let stored = self.stored(index, cmp, found);
+            (stored, hashing.join().expect("hashing does not panic"))
+        });
+        let (stored, stats) = (stored?, hashed?);
+        found.capture.add(stats);
+        let mut per: Vec<&[Cv]> = Vec::with_capacity(cmp.len());
+        let mut rest = live.as_slice();
+        for &n in &blocks {
+            let (head, tail) = rest.split_at(n as usize);
+            per.push(head);
+            rest = tail;
+        }
+        let candidates = per
+            .par_iter()
+            .zip(&stored)
+            .map(|(l, s)| {
+                (0..s.len() as u64)
+                    .filter(|&b| l[b as usize] != s[b as usize])
+                    .collect()
+            })
+            .collect();
+        // Wall time, with the reading of the stored hashes (`index_read`) inside it.
+        found.plan_seconds += seconds_since(lap);
+        Ok((stored, candidates))
+    }
+
+    /// For a host source: the candidate blocks of a batch, per comparison (sorted block
+    /// numbers), by comparing 16 KiB groups first.
+    fn compare_groups(
         &self,
         cmp: &[Comparison<'_>],
         stored: &[Vec<Cv>],
-    ) -> Result<(Vec<Vec<u64>>, CaptureStats), Error> {
+    ) -> Result<Vec<Vec<u64>>, Error> {
         let layout = self.layout;
-        if self.source.hashes_in_place() {
-            // Every block hashed where it lives; only the hashes come back.
-            let runs: Vec<BlockRun> = cmp
-                .iter()
-                .zip(stored)
-                .map(|(c, s)| BlockRun {
-                    tensor: c.1,
-                    first: 0,
-                    count: s.len() as u64,
-                })
-                .collect();
-            let mut live = vec![[0u8; 32]; stored.iter().map(Vec::len).sum()];
-            let stats = self
-                .source
-                .hash_blocks(&runs, layout.block_size, &mut live)?;
-            let mut at = 0;
-            let out = stored
-                .iter()
-                .map(|s| {
-                    let l = &live[at..at + s.len()];
-                    at += s.len();
-                    (0..s.len() as u64)
-                        .filter(|&b| l[b as usize] != s[b as usize])
-                        .collect()
-                })
-                .collect();
-            return Ok((out, stats));
-        }
         // Groups: a sample of each tensor first, then the rest of the tensors that are not
         // nearly all changed.
         let per = layout.blocks_per_group();
@@ -284,39 +333,84 @@ impl<'a> Changes<'a> {
         for o in &mut out {
             o.sort_unstable();
         }
-        Ok((out, CaptureStats::default()))
+        Ok(out)
     }
 
-    /// Captures `runs` and stages the records of the blocks that changed.
+    /// Captures each of `captures` and stages the records of the blocks that changed: the next
+    /// capture is copied (by another thread, into the other of two buffers) while the last one
+    /// is staged.
     fn capture_and_stage(
         &self,
         index: &BlockIndex,
         batch: &Batch<'_>,
-        runs: &[(usize, BlockRun)],
+        captures: &[Vec<(usize, BlockRun)>],
         out: &mut Staging<'a>,
     ) -> Result<(), Error> {
+        if captures.is_empty() {
+            return Ok(());
+        }
         let bs = self.layout.block_size;
-        let lens: Vec<u64> = runs
-            .iter()
-            .map(|(k, r)| r.span(bs, self.model.tensors[batch.cmp[*k].0].entry.len).1)
-            .collect();
-        let mut buffer = match out.capture.take() {
-            Some(b) => b,
-            None => self.source.capture_buffer(CAPTURE_BYTES as usize)?,
+        let lens = |runs: &[(usize, BlockRun)]| -> Vec<u64> {
+            runs.iter()
+                .map(|(k, r)| r.span(bs, self.model.tensors[batch.cmp[*k].0].entry.len).1)
+                .collect()
         };
-        let total = lens.iter().sum::<u64>() as usize;
-        let source_runs: Vec<BlockRun> = runs.iter().map(|r| r.1).collect();
-        let mut cvs = vec![[0u8; 32]; runs.iter().map(|r| r.1.count as usize).sum()];
-        let captured = self
-            .source
-            .capture(&source_runs, bs, &mut buffer[..total], &mut cvs);
-        let result = captured.map_err(Error::from).and_then(|stats| {
-            out.found.capture.add(stats);
-            let changed = changed_blocks(batch, runs, &lens, &cvs, bs);
-            self.stage(index, batch, &changed, &buffer[..total], out)
-        });
-        out.capture = Some(buffer);
-        result
+        let all_lens: Vec<Vec<u64>> = captures.iter().map(|c| lens(c)).collect();
+        while out.captures.len() < CAPTURE_BUFFERS.min(captures.len()) {
+            out.captures
+                .push(self.source.capture_buffer(CAPTURE_BYTES as usize)?);
+        }
+        let source = self.source;
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Box<dyn CaptureBuffer>>();
+        for b in out.captures.drain(..) {
+            free_tx.send(b).expect("the receiver is alive");
+        }
+        std::thread::scope(|scope| {
+            let capturer = scope.spawn(|| {
+                for (runs, lens) in captures.iter().zip(&all_lens) {
+                    let Ok(mut buffer) = free_rx.recv() else {
+                        break;
+                    };
+                    let total = lens.iter().sum::<u64>() as usize;
+                    let source_runs: Vec<BlockRun> = runs.iter().map(|r| r.1).collect();
+                    let mut cvs = vec![[0u8; 32]; runs.iter().map(|r| r.1.count as usize).sum()];
+                    let lap = Instant::now();
+                    let captured = source.capture(&source_runs, bs, &mut buffer[..total], &mut cvs);
+                    let took = seconds_since(lap);
+                    if done_tx.send((buffer, cvs, captured, took)).is_err() {
+                        break;
+                    }
+                }
+                drop(done_tx);
+                free_rx
+            });
+            let mut result = Ok(());
+            for (runs, lens) in captures.iter().zip(&all_lens) {
+                let Ok((buffer, cvs, captured, took)) = done_rx.recv() else {
+                    break;
+                };
+                out.found.capture_seconds += took;
+                let total = lens.iter().sum::<u64>() as usize;
+                result = captured.map_err(Error::from).and_then(|stats| {
+                    out.found.capture.add(stats);
+                    let changed = changed_blocks(batch, runs, lens, &cvs, bs);
+                    self.stage(index, batch, &changed, &buffer[..total], out)
+                });
+                out.captures.push(buffer);
+                if result.is_err() {
+                    break;
+                }
+                free_tx
+                    .send(out.captures.pop().expect("pushed above"))
+                    .expect("the capturer keeps its receiver until it ends");
+            }
+            drop(free_tx);
+            drop(done_rx);
+            let free_rx = capturer.join().expect("capturing does not panic");
+            out.captures.extend(free_rx.try_iter());
+            result
+        })
     }
 
     /// Stages the records of `changed` (their new bytes in `bytes`), beginning the write at the
@@ -351,10 +445,15 @@ impl<'a> Changes<'a> {
         }
         for c in changed {
             let t = &self.model.tensors[batch.cmp[c.k].0];
-            out.updates
-                .entry(batch.cmp[c.k].2.id)
-                .or_default()
-                .push((c.block, c.new));
+            let id = batch.cmp[c.k].2.id;
+            out.tensors.insert(id);
+            out.found
+                .updates
+                .push(id, c.block, c.new)
+                .map_err(|source| Error::Io {
+                    path: self.cp.state_dir.clone(),
+                    source,
+                })?;
             let (off, len) = plan::block_span(self.layout, t.entry.len, c.block);
             out.ranges
                 .entry(t.file)
@@ -448,11 +547,12 @@ thread_local! {
 struct Staging<'a> {
     found: Found,
     txn: Option<WriteTxn<'a>>,
-    /// The capture buffer ([`CAPTURE_BYTES`]), from the source, reused.
-    capture: Option<Box<dyn CaptureBuffer>>,
+    /// The capture buffers ([`CAPTURE_BYTES`] each), from the source, reused.
+    captures: Vec<Box<dyn CaptureBuffer>>,
     /// Every model file, open for writing, in the journal's file table order (model order).
     files: Vec<Box<dyn FileIo>>,
-    updates: BTreeMap<i64, Vec<(u64, Cv)>>,
+    /// Tensors with a changed block (row ids).
+    tensors: BTreeSet<i64>,
     ranges: BTreeMap<usize, Vec<(u64, u64)>>,
 }
 

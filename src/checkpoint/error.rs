@@ -297,7 +297,7 @@ impl IndexError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            IndexError::Sqlite { .. } => ErrorKind::Io,
+            IndexError::Sqlite { .. } | IndexError::Spill { .. } => ErrorKind::Io,
             _ => ErrorKind::State,
         }
     }

@@ -251,7 +251,7 @@ impl Checkpoint {
                 .iter()
                 .map(|f| (f.name.clone(), f.stat))
                 .collect();
-            index.commit_sync(&SyncCommit {
+            index.commit_sync(SyncCommit {
                 file_stats,
                 ..SyncCommit::default()
             })?;

@@ -75,11 +75,19 @@ pub struct SyncReport {
 pub struct SyncPhases {
     /// Opening the index, parsing headers, checking trust, matching names (not `flush`).
     pub check: f64,
+    /// Reading the stored block hashes from the index (for a source that hashes where its
+    /// data lives, the GPU, at the same time as `plan` hashes the live weights, and inside it).
+    #[serde(default)]
+    pub index_read: f64,
     /// Hashing the live weights and finding the changed blocks.
     pub plan: f64,
-    /// Reading and checking the old bytes of the changed blocks, writing and committing the
-    /// journal.
+    /// Copying the changed blocks from the source, reading and checking their old bytes,
+    /// writing and committing the journal.
     pub journal: f64,
+    /// Of `journal`: copying the changed blocks from the source, while the previous copy's
+    /// records are staged.
+    #[serde(default)]
+    pub capture: f64,
     /// Rolling the journal forward into the files.
     pub apply: f64,
     /// Making the previous write's model pages durable (see [`crate::journal`], "Unflushed

@@ -103,6 +103,8 @@ impl Checkpoint {
         let pb = self.progress_bar(bytes_compared, "comparing");
         let (found, write_txn) = changes.run(&index, &comparisons, &pb)?;
         pb.finish_and_clear();
+        phases.index_read = found.index_read_seconds;
+        phases.capture = found.capture_seconds;
         phases.plan = found.plan_seconds;
         report.capture = found.capture;
         if let Some((txn, files)) = write_txn {

@@ -20,7 +20,7 @@ use super::{Checkpoint, Error, RecoverReport, RecoveryAction, seconds_since};
 use crate::apply::{self, ApplyStats};
 use crate::blockhash::{self, BlockLayout, Cv};
 use crate::index::{
-    BlockIndex, FileRanges, GenerationRecord, HashUpdate, IndexError, IndexedTensor, SyncCommit,
+    BlockIndex, FileRanges, GenerationRecord, HashSpill, IndexError, IndexedTensor, SyncCommit,
     unix_ms,
 };
 use crate::io::{FileIo, FileStat, OpenMode};
@@ -195,8 +195,8 @@ pub(crate) enum Mode {
 pub(crate) enum NewHashes {
     /// The writer knows them (a sync hashed the new bytes to plan).
     Known {
-        /// Per tensor, the new hashes of its changed blocks.
-        updates: Vec<HashUpdate>,
+        /// The new hashes of the changed blocks.
+        updates: HashSpill,
         /// Changed ranges per file.
         ranges: FileRanges,
         /// Bytes of the changed blocks.
@@ -318,10 +318,10 @@ impl<'c> Committed<'c> {
                 bytes_changed,
                 seconds: seconds_since(start),
             });
-            commit.updates = updates;
+            commit.hashes = updates;
             commit.ranges = ranges;
         }
-        index.commit_sync(&commit)?;
+        index.commit_sync(commit)?;
         let commit_seconds = seconds_since(lap);
         drop(self.journal);
         let lap = Instant::now();
@@ -393,7 +393,7 @@ impl<'c> Committed<'c> {
         index: &BlockIndex,
         handles: &[Box<dyn FileIo>],
         layout: BlockLayout,
-    ) -> Result<(Vec<HashUpdate>, FileRanges, u64), Error> {
+    ) -> Result<(HashSpill, FileRanges, u64), Error> {
         let journal = &self.journal;
         let model_dir = &self.cp.model_dir;
         let files = index.files()?;
@@ -412,7 +412,8 @@ impl<'c> Committed<'c> {
             .map(|f| f.name.as_str())
             .collect();
         let index_path = index.path().to_path_buf();
-        let mut updates: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
+        let state_dir = &self.cp.state_dir;
+        let mut updates = HashSpill::new(state_dir);
         let mut ranges: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
         let mut bytes = 0;
         journal.for_each_batch(64 << 20, |batch| {
@@ -448,22 +449,18 @@ impl<'c> Committed<'c> {
                 })
                 .collect::<Result<_, Error>>()?;
             for (r, (id, block, cv)) in batch.iter().zip(hashed) {
-                updates.entry(id).or_default().push((block, cv));
-                ranges
-                    .entry(r.file as usize)
-                    .or_default()
-                    .push((r.offset, u64::from(r.len)));
+                updates
+                    .push(id, block, cv)
+                    .map_err(Checkpoint::io_err(state_dir))?;
+                let file = ranges.entry(r.file as usize).or_default();
+                file.push((r.offset, u64::from(r.len)));
+                if file.len() > 1 << 16 {
+                    *file = merge_ranges(std::mem::take(file));
+                }
                 bytes += u64::from(r.len);
             }
             Ok::<_, Error>(())
         })?;
-        let updates = updates
-            .into_iter()
-            .map(|(tensor_id, mut blocks)| {
-                blocks.sort_unstable_by_key(|b| b.0);
-                HashUpdate { tensor_id, blocks }
-            })
-            .collect();
         let ranges = ranges
             .into_iter()
             .map(|(f, r)| (names[f].to_string(), merge_ranges(r)))

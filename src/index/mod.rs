@@ -20,8 +20,10 @@ use rusqlite::{Connection, OptionalExtension};
 
 use crate::blockhash::{self, BlockLayout, Cv};
 use crate::io::FileStat;
+mod spill;
 mod write;
 
+pub use spill::{HashSpill, SortedHashes};
 pub use write::Rebuild;
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
@@ -58,6 +60,14 @@ pub enum IndexError {
         found: u32,
         /// The newest this binary knows.
         supported: u32,
+    },
+    /// Reading or writing the scratch runs of new block hashes failed.
+    #[error("{path}: temporary file of new block hashes: {source}")]
+    Spill {
+        /// The directory the runs go to.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
     },
     /// The database exists but holds something this binary cannot use.
     #[error(
@@ -257,7 +267,7 @@ pub struct HashUpdate {
 #[derive(Debug, Default)]
 pub struct SyncCommit {
     /// New block hashes.
-    pub updates: Vec<HashUpdate>,
+    pub hashes: HashSpill,
     /// Files' stats after their new bytes were made durable.
     pub file_stats: Vec<(String, FileStat)>,
     /// The new generation, if anything changed.
@@ -307,6 +317,11 @@ pub struct BlockIndex {
 
 /// `block_hash_log` by tensor id: (block, hash) in seq order.
 type HashLog = HashMap<i64, Vec<(u64, Cv)>>;
+
+/// Connections reading stored hashes at once, at most.
+pub const READERS: usize = 4;
+/// Stored hash bytes worth another reader.
+const PER_READER: u64 = 8 << 20;
 
 /// Fewest and most rows `block_hash_log` may reach before a commit folds it.
 const FOLD_LIMIT_MIN: u64 = 1024;
@@ -492,42 +507,75 @@ impl BlockIndex {
         Ok(out)
     }
 
-    /// The block hashes of one tensor.
+    /// The block hashes of one tensor: its BLOB with the log's newer hashes laid over it.
     pub fn tensor_hashes(
         &self,
         tensor: &IndexedTensor,
         layout: BlockLayout,
     ) -> Result<Vec<Cv>, IndexError> {
-        let blob: Vec<u8> = self
-            .conn
-            .query_row(
-                "SELECT block_hashes FROM tensors WHERE id = ?1",
-                [tensor.id],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.sql(e))?;
-        let mut cvs = blockhash::cvs_from_bytes(&blob)
-            .filter(|c| c.len() as u64 == layout.blocks(tensor.len))
-            .ok_or_else(|| {
-                self.corrupt(format!(
-                    "block hashes of tensor {} have {} bytes",
-                    tensor.name,
-                    blob.len()
-                ))
-            })?;
-        for &(block, cv) in self.log()?.get(&tensor.id).into_iter().flatten() {
-            *usize::try_from(block)
-                .ok()
-                .and_then(|b| cvs.get_mut(b))
-                .ok_or_else(|| {
-                    self.corrupt(format!(
-                        "block_hash_log names block {block} of tensor {}, which has {}",
-                        tensor.name,
-                        layout.blocks(tensor.len)
-                    ))
-                })? = cv;
+        read_hashes(&self.conn, &self.path, tensor, layout, self.log()?)
+    }
+
+    /// The block hashes of `tensors`, in order, read by up to [`READERS`] connections at once
+    /// (one reader when there is little to read).
+    pub fn tensors_hashes(
+        &self,
+        tensors: &[&IndexedTensor],
+        layout: BlockLayout,
+    ) -> Result<Vec<Vec<Cv>>, IndexError> {
+        let log = self.log()?;
+        let bytes: u64 = tensors.iter().map(|t| layout.blocks(t.len) * 32).sum();
+        let readers = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .min(READERS)
+            .min(tensors.len())
+            .min(bytes.div_ceil(PER_READER) as usize);
+        if readers <= 1 {
+            return tensors
+                .iter()
+                .map(|t| read_hashes(&self.conn, &self.path, t, layout, log))
+                .collect();
         }
-        Ok(cvs)
+        // Largest first, each to the reader with the least to read.
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(tensors[i].len));
+        let mut shares: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); readers];
+        for i in order {
+            let least = shares.iter_mut().min_by_key(|s| s.0).expect("readers > 1");
+            least.0 += tensors[i].len;
+            least.1.push(i);
+        }
+        let path = &self.path;
+        let read = |share: &[usize]| -> Result<Vec<(usize, Vec<Cv>)>, IndexError> {
+            let sql = |source| IndexError::Sqlite {
+                path: path.clone(),
+                source,
+            };
+            let conn = Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql)?;
+            share
+                .iter()
+                .map(|&i| Ok((i, read_hashes(&conn, path, tensors[i], layout, log)?)))
+                .collect()
+        };
+        let mut out: Vec<Vec<Cv>> = vec![Vec::new(); tensors.len()];
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shares
+                .iter()
+                .map(|(_, share)| scope.spawn(|| read(share)))
+                .collect();
+            for h in handles {
+                for (i, cvs) in h.join().expect("a reader does not panic")? {
+                    out[i] = cvs;
+                }
+            }
+            Ok::<_, IndexError>(())
+        })?;
+        Ok(out)
     }
 
     /// `block_hash_log`, read on first use.
@@ -647,6 +695,53 @@ impl From<rusqlite::Error> for LogError {
     fn from(e: rusqlite::Error) -> Self {
         LogError::Sql(e)
     }
+}
+
+/// The block hashes of `tensor` through `conn`: its BLOB read straight into place, with the
+/// log's newer hashes laid over it.
+fn read_hashes(
+    conn: &Connection,
+    path: &Path,
+    tensor: &IndexedTensor,
+    layout: BlockLayout,
+    log: &HashLog,
+) -> Result<Vec<Cv>, IndexError> {
+    let corrupt = |what: String| IndexError::Corrupt {
+        path: path.to_path_buf(),
+        what,
+    };
+    let n = layout.blocks(tensor.len) as usize;
+    let mut cvs = vec![[0u8; 32]; n];
+    if n == 0 {
+        return Ok(cvs);
+    }
+    let blob = conn
+        .blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, tensor.id, true)
+        .map_err(|source| IndexError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if blob.len() != n * 32 {
+        return Err(corrupt(format!(
+            "block hashes of tensor {} have {} bytes",
+            tensor.name,
+            blob.len()
+        )));
+    }
+    blob.read_at_exact(cvs.as_flattened_mut(), 0)
+        .map_err(|e| corrupt(format!("block hashes of tensor {}: {e}", tensor.name)))?;
+    for &(block, cv) in log.get(&tensor.id).into_iter().flatten() {
+        *usize::try_from(block)
+            .ok()
+            .and_then(|b| cvs.get_mut(b))
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "block_hash_log names block {block} of tensor {}, which has {n}",
+                    tensor.name
+                ))
+            })? = cv;
+    }
+    Ok(cvs)
 }
 
 /// `block_hash_log` by tensor id, each tensor's rows in seq order.

@@ -1,14 +1,13 @@
 //! The index's write transactions: a sync's commit (hashes to the log or folded into the
 //! BLOBs, files' stats, the generation and its ranges), a rebuild (init, repair), exports.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use rusqlite::{Connection, Transaction, params};
 
 use super::{
-    BLOCK_HASHES, BlockIndex, ExportRow, GenerationRecord, HashUpdate, IndexError, LogError,
-    MetaKey, SyncCommit, TENSORS, encode_ranges, read_log, unix_ms,
+    BLOCK_HASHES, BlockIndex, ExportRow, GenerationRecord, IndexError, LogError, MetaKey,
+    SortedHashes, SyncCommit, TENSORS, encode_ranges, read_log, unix_ms,
 };
 use crate::blockhash::{self, CV_LEN, Cv};
 use crate::model::{ModelFile, TensorEntry, dtype_name};
@@ -34,9 +33,10 @@ impl BlockIndex {
     }
 
     /// Commits what one sync did, in one transaction. New block hashes go to `block_hash_log`,
-    /// or, when that would pass [`Self::fold_limit`], into the BLOBs with the log folded in.
-    pub fn commit_sync(&mut self, commit: &SyncCommit) -> Result<(), IndexError> {
-        let layout = if commit.updates.is_empty() {
+    /// or, when that would pass [`Self::fold_limit`], into the BLOBs with the log folded in,
+    /// one tensor at a time (memory stays bounded at any model size, see [`HashSpill`]).
+    pub fn commit_sync(&mut self, commit: SyncCommit) -> Result<(), IndexError> {
+        let layout = if commit.hashes.is_empty() {
             None
         } else {
             Some(self.block_layout()?)
@@ -47,9 +47,13 @@ impl BlockIndex {
             path: path.clone(),
             source,
         };
+        let spill = |source| IndexError::Spill {
+            path: path.parent().unwrap_or(&path).to_path_buf(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(sql)?;
         if let Some(layout) = layout {
-            let new_rows: u64 = commit.updates.iter().map(|u| u.blocks.len() as u64).sum();
+            let new_rows = commit.hashes.len();
             // Rows are only appended, and all deleted at once, so seq counts them (count(*)
             // would read the whole table).
             let logged: i64 = tx
@@ -60,15 +64,20 @@ impl BlockIndex {
                 )
                 .map_err(sql)?;
             let limit = Self::fold_limit(&tx, layout).map_err(sql)?;
+            let updates = commit.hashes.sorted();
             if u64::try_from(logged).unwrap_or(0) + new_rows > limit {
-                fold_log(&tx, &commit.updates).map_err(|e| e.at(&path))?;
+                fold_log(&tx, updates).map_err(|e| match e {
+                    FoldError::Log(e) => e.at(&path),
+                    FoldError::Spill(e) => spill(e),
+                })?;
             } else {
                 let mut insert = tx
                     .prepare_cached(
                         "INSERT INTO block_hash_log (tensor_id, block, cv) VALUES (?1, ?2, ?3)",
                     )
                     .map_err(sql)?;
-                for u in &commit.updates {
+                for u in updates {
+                    let u = u.map_err(spill)?;
                     for (block, cv) in &u.blocks {
                         insert
                             .execute(params![u.tensor_id, *block as i64, cv.as_slice()])
@@ -291,46 +300,68 @@ impl Rebuild<'_> {
     }
 }
 
-/// Writes the log and then `updates` into the tensors' BLOBs and empties the log.
-fn fold_log(tx: &Transaction<'_>, updates: &[HashUpdate]) -> Result<(), LogError> {
+/// Why a fold failed.
+enum FoldError {
+    Log(LogError),
+    Spill(std::io::Error),
+}
+
+impl From<rusqlite::Error> for FoldError {
+    fn from(e: rusqlite::Error) -> Self {
+        FoldError::Log(LogError::Sql(e))
+    }
+}
+
+/// Writes the log and then `updates` into the tensors' BLOBs and empties the log. The log is
+/// bounded by the fold limit; `updates` come one tensor at a time.
+fn fold_log(tx: &Transaction<'_>, updates: SortedHashes) -> Result<(), FoldError> {
     // Per tensor, (block, hash) in the order they were written: the log first, then this
     // commit's; a later hash of a block replaces an earlier one (a stable sort keeps the order).
-    let mut by_tensor: BTreeMap<i64, Vec<(u64, Cv)>> = BTreeMap::new();
-    for (id, rows) in read_log(tx)? {
-        by_tensor.entry(id).or_default().extend(rows);
-    }
-    for u in updates {
-        by_tensor
-            .entry(u.tensor_id)
-            .or_default()
-            .extend_from_slice(&u.blocks);
-    }
+    let mut log = read_log(tx).map_err(FoldError::Log)?;
     let mut run = Vec::new();
-    for (id, mut blocks) in by_tensor {
-        blocks.sort_by_key(|b| b.0);
-        let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, id, false)?;
-        // Write runs of consecutive blocks with one call each.
-        let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i].0;
-            run.clear();
-            while i < blocks.len() {
-                let (b, cv) = blocks[i];
-                let next = start + (run.len() / CV_LEN) as u64;
-                if b + 1 == next {
-                    // The same block again, later: its newer hash wins.
-                    let at = run.len() - CV_LEN;
-                    run[at..].copy_from_slice(&cv);
-                } else if b == next {
-                    run.extend_from_slice(&cv);
-                } else {
-                    break;
-                }
-                i += 1;
-            }
-            blob.write_at(&run, start as usize * CV_LEN)?;
-        }
+    for u in updates {
+        let u = u.map_err(FoldError::Spill)?;
+        let mut blocks = log.remove(&u.tensor_id).unwrap_or_default();
+        blocks.extend_from_slice(&u.blocks);
+        write_blocks(tx, u.tensor_id, blocks, &mut run)?;
+    }
+    for (id, blocks) in log {
+        write_blocks(tx, id, blocks, &mut run)?;
     }
     tx.execute("DELETE FROM block_hash_log", [])?;
+    Ok(())
+}
+
+/// Writes `blocks` (block, hash), in the order written, into tensor `id`'s BLOB: runs of
+/// consecutive blocks with one call each.
+fn write_blocks(
+    tx: &Transaction<'_>,
+    id: i64,
+    mut blocks: Vec<(u64, Cv)>,
+    run: &mut Vec<u8>,
+) -> Result<(), FoldError> {
+    blocks.sort_by_key(|b| b.0);
+    let mut blob = tx.blob_open(rusqlite::MAIN_DB, TENSORS, BLOCK_HASHES, id, false)?;
+    let mut i = 0;
+    while i < blocks.len() {
+        let start = blocks[i].0;
+        run.clear();
+        while i < blocks.len() {
+            let (b, cv) = blocks[i];
+            let next = start + (run.len() / CV_LEN) as u64;
+            if b + 1 == next {
+                // The same block again, later: its newer hash wins.
+                let at = run.len() - CV_LEN;
+                run[at..].copy_from_slice(&cv);
+            } else if b == next {
+                run.extend_from_slice(&cv);
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        blob.write_at(run, start as usize * CV_LEN)
+            .map_err(FoldError::from)?;
+    }
     Ok(())
 }

@@ -97,6 +97,20 @@ DEV void compress(u32 cv[8], const u32 m[16], u64 counter, u32 block_len, u32 fl
 
 // Loads `n` (<= 64) bytes at `p` as 16 little-endian message words, zero-padded.
 DEV void load_block(const u8* p, u32 n, u32 m[16]) {
+#if defined(__CUDACC__)
+    // Four 16-byte loads instead of sixteen 4-byte ones (a quarter of the load instructions).
+    if (n == BLOCK_LEN && (((u64)p) & 15) == 0) {
+        const uint4* w = (const uint4*)p;
+        for (int i = 0; i < 4; i++) {
+            const uint4 v = w[i];
+            m[4 * i] = v.x;
+            m[4 * i + 1] = v.y;
+            m[4 * i + 2] = v.z;
+            m[4 * i + 3] = v.w;
+        }
+        return;
+    }
+#endif
     if (n == BLOCK_LEN && (((u64)p) & 3) == 0) {
         const u32* w = (const u32*)p;
         for (int i = 0; i < 16; i++) m[i] = w[i];

@@ -41,6 +41,8 @@ pub const STAGE_BYTES: usize = 64 << 20;
 pub const ATTEMPTS: u32 = 4;
 /// Threads per block of the kernels.
 const THREADS: u32 = 128;
+/// Bytes one thread block of the gather kernel copies, at most (a multiple of 16).
+const GATHER_PIECE: u64 = 256 << 10;
 
 /// One run to hash, as the kernel reads it (`struct Job` in blake3.cu).
 #[repr(C)]
@@ -269,10 +271,10 @@ impl Gpu {
                 self.launch_hash(s, &jobs, total, &mut stats)?;
                 let host = s.host_cvs.as_mut(total as usize * 32);
                 for &(first, at, n) in &places {
-                    for k in 0..n {
-                        let src = ((first + k) * 32) as usize;
-                        out[(at + k) as usize].copy_from_slice(&host[src..src + 32]);
-                    }
+                    let (src, at, n) = ((first * 32) as usize, at as usize, n as usize);
+                    out[at..at + n]
+                        .as_flattened_mut()
+                        .copy_from_slice(&host[src..src + n * 32]);
                 }
                 jobs.clear();
                 places.clear();
@@ -398,21 +400,29 @@ impl Gpu {
 
     /// Gathers `runs` into the staging buffer at `run.dst - base`.
     fn gather(&self, s: &mut Scratch, runs: &[DevRun], base: u64) -> Result<(), SourceError> {
-        let max = JOB_BYTES / std::mem::size_of::<Run>();
-        for chunk in runs.chunks(max) {
-            let table: Vec<Run> = chunk
-                .iter()
-                .map(|r| Run {
-                    src: r.ptr,
-                    len: r.len,
-                    dst: r.dst - base,
+        // One thread block copies one piece: long runs are cut so that a fill of a few large
+        // runs still keeps every multiprocessor busy (one block per 64 MiB run copied at a
+        // fraction of the GPU's bandwidth: 1.7 s of a 17 GB dense sync).
+        let pieces: Vec<Run> = runs
+            .iter()
+            .flat_map(|r| {
+                (0..r.len.div_ceil(GATHER_PIECE)).map(move |i| {
+                    let off = i * GATHER_PIECE;
+                    Run {
+                        src: r.ptr + off,
+                        len: GATHER_PIECE.min(r.len - off),
+                        dst: r.dst - base + off,
+                    }
                 })
-                .collect();
+            })
+            .collect();
+        let max = JOB_BYTES / std::mem::size_of::<Run>();
+        for table in pieces.chunks(max) {
             // SAFETY: `Run` is plain old data (`repr(C)`, three u64).
             let raw = unsafe {
                 std::slice::from_raw_parts(
                     table.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(table.as_slice()),
+                    std::mem::size_of_val(table),
                 )
             };
             // SAFETY: the table fits `s.jobs` (at most JOB_BYTES); synchronous copy.
