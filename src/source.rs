@@ -142,6 +142,11 @@ pub trait WeightSource: Sync {
         false
     }
 
+    /// Seconds it took to open the source, when it knows (reported in a sync's `phases.open`).
+    fn open_seconds(&self) -> f64 {
+        0.0
+    }
+
     /// Writes to `out` the chaining values (see [`crate::blockhash`]) of `out.len()` consecutive
     /// units of `unit` bytes of tensor `tensor`, starting at unit `first`; the tensor's last unit
     /// may be partial. Sources that can hash where their data lives override this; the default

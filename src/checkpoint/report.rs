@@ -73,6 +73,10 @@ pub struct SyncReport {
 /// Wall time of each phase of a sync (see the module documentation), in seconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SyncPhases {
+    /// Opening the source before the sync began (live weights: manifests, names, GPU contexts
+    /// and IPC mappings); not part of `seconds`.
+    #[serde(default)]
+    pub open: f64,
     /// Opening the index, parsing headers, checking trust, matching names (not `flush`).
     pub check: f64,
     /// Reading the stored block hashes from the index (for a source that hashes where its

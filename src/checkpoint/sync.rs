@@ -63,6 +63,7 @@ impl Checkpoint {
             .sum();
 
         let mut phases = SyncPhases {
+            open: (source.open_seconds() * 1e6).round() / 1e6,
             flush: write.flush_seconds,
             check: (seconds_since(start) - write.flush_seconds).max(0.0),
             ..SyncPhases::default()

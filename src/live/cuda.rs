@@ -153,14 +153,22 @@ impl CudaIpcReader {
                 return Err(CudaError::ProducerGone { pid });
             }
         }
-        let count = CudaContext::device_count().map_err(driver("counting GPUs"))?;
+        // A context (a costly setup, and GPU memory) only on the GPUs the manifests name: a
+        // device's UUID is read without one.
+        result::init().map_err(driver("initializing CUDA"))?;
+        let count = result::device::get_count().map_err(driver("counting GPUs"))?;
+        let wanted: std::collections::HashSet<String> =
+            tensors.iter().map(|t| uuid_hex(&t.device_uuid)).collect();
         let mut by_uuid: HashMap<String, Arc<CudaContext>> = HashMap::new();
-        for ordinal in 0..usize::try_from(count).unwrap_or(0) {
-            let ctx = CudaContext::new(ordinal).map_err(driver("opening a GPU"))?;
-            let uuid = ctx.uuid().map_err(driver("reading a GPU's UUID"))?;
+        for ordinal in 0..count {
+            let dev = result::device::get(ordinal).map_err(driver("opening a GPU"))?;
+            let uuid = result::device::get_uuid(dev).map_err(driver("reading a GPU's UUID"))?;
             let raw: Vec<u8> = uuid.bytes.iter().map(|b| *b as u8).collect();
             let hex = crate::blockhash::hex(&raw);
-            by_uuid.insert(hex, ctx);
+            if wanted.contains(&hex) {
+                let ctx = CudaContext::new(ordinal as usize).map_err(driver("opening a GPU"))?;
+                by_uuid.insert(hex, ctx);
+            }
         }
         let mut mappings: Vec<Mapping> = Vec::new();
         let mut opened: HashMap<(String, String), usize> = HashMap::new();

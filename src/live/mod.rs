@@ -35,12 +35,13 @@ use crate::model::{ModelLayout, dtype_name};
 /// model in `model_dir`: the manifests checked to be one complete set of this model's engine,
 /// every live parameter matched to a tensor of the files, every allocation opened on its GPU.
 pub fn open(handles: &Path, model_dir: &Path) -> Result<LayoutSource<cuda::CudaIpcReader>, Error> {
+    let start = std::time::Instant::now();
     let model = ModelLayout::open(model_dir, &RealIo::new())?;
     let live = open_live(handles, model_dir, &model)?;
     drop(model);
     live.require_all_matched()?;
     let reader = cuda::CudaIpcReader::open(&live.tensors)?;
-    Ok(LayoutSource::new(live.map, reader))
+    Ok(LayoutSource::new(live.map, reader).opened_in(start.elapsed().as_secs_f64()))
 }
 
 /// The live weights of one engine as HF tensors of the model files: what `sync --handles` and

@@ -151,6 +151,8 @@ pub struct LayoutSource<R: ParamReader> {
     order: Vec<String>,
     reader: R,
     in_place: bool,
+    /// Seconds it took to open (manifests, names, GPU contexts and mappings).
+    open_seconds: f64,
 }
 
 impl<R: ParamReader> LayoutSource<R> {
@@ -175,7 +177,15 @@ impl<R: ParamReader> LayoutSource<R> {
             order,
             reader,
             in_place: true,
+            open_seconds: 0.0,
         }
+    }
+
+    /// Records how long opening the source took (reported in a sync's `phases.open`).
+    #[must_use]
+    pub fn opened_in(mut self, seconds: f64) -> Self {
+        self.open_seconds = seconds;
+        self
     }
 
     /// Whether to hash and gather on the reader's device when it has one (the default), or to
@@ -279,6 +289,10 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
 
     fn is_partial(&self) -> bool {
         true
+    }
+
+    fn open_seconds(&self) -> f64 {
+        self.open_seconds
     }
 
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
