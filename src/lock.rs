@@ -75,7 +75,8 @@ impl StateLock {
             .truncate(false)
             .open(&path)
             .map_err(io)?;
-        let deadline = Instant::now() + wait;
+        // No deadline: wait as long as it takes (`--wait inf`).
+        let deadline = Instant::now().checked_add(wait);
         loop {
             let r = match kind {
                 LockKind::Shared => FileExt::try_lock_shared(&file),
@@ -84,19 +85,25 @@ impl StateLock {
             match r {
                 Ok(()) => break,
                 Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
-                    if Instant::now() >= deadline {
+                    let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    if left == Some(Duration::ZERO) {
                         return Err(LockError::Busy {
                             path: path.clone(),
                             holder: describe_holder(&mut file),
                         });
                     }
-                    std::thread::sleep(Duration::from_millis(50).min(deadline - Instant::now()));
+                    std::thread::sleep(left.map_or(Duration::from_millis(50), |l| {
+                        l.min(Duration::from_millis(50))
+                    }));
                 }
                 Err(e) => return Err(io(e)),
             }
         }
         if kind == LockKind::Exclusive {
-            let cmd: Vec<String> = std::env::args().collect();
+            // Arguments that are not UTF-8 (paths) are shown lossily: this line is informative.
+            let cmd: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
             let line = format!("pid {} running `{}`\n", std::process::id(), cmd.join(" "));
             let written = file
                 .set_len(0)

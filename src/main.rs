@@ -15,6 +15,19 @@ use apollo_checkpoint::{
 };
 use clap::{Args, Parser, Subcommand};
 
+/// `println!` that does not panic when stdout is closed (`status | head -1`): the rest of the
+/// output is dropped quietly and the command ends as it would have.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("apollo-checkpoint: writing to stdout: {e}");
+            }
+        }
+    }};
+}
+
 /// Keep a model's safetensors files up to date with live weights, writing only what changed.
 #[derive(Parser, Debug)]
 #[command(name = "apollo-checkpoint", version, about, long_about = None)]
@@ -35,9 +48,28 @@ struct Target {
     #[arg(long)]
     json: bool,
     /// If another apollo-checkpoint holds the model's lock, wait up to this long for it
-    /// instead of failing at once (exit 75).
-    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
-    wait: f64,
+    /// instead of failing at once (exit 75); `inf` waits as long as it takes [default: 0, and
+    /// 600 for `verify` and `retention` without changes, which wait for a running writer].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
+    wait: Option<f64>,
+    /// Write model files that are symbolic links, through them (into the files they point to).
+    /// Without it a writing command refuses them: in a Hugging Face cache the target is a blob
+    /// other revisions share.
+    #[arg(long)]
+    follow_symlinks: bool,
+}
+
+/// Seconds a reader waits for a running writer when `--wait` is not given.
+const READER_WAIT: f64 = 600.0;
+
+/// `--wait`: seconds, at least 0, or `inf`.
+fn parse_wait(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(w) if w >= 0.0 => Ok(w),
+        _ => Err(format!(
+            "{s:?} is not a wait: give seconds (0 or more, e.g. 30 or 2.5) or inf"
+        )),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,9 +170,13 @@ enum Command {
         /// Print one JSON object on stdout instead of text on stderr.
         #[arg(long)]
         json: bool,
-        /// Wait up to this long for the replica's lock instead of failing at once (exit 75).
-        #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
-        wait: f64,
+        /// Wait up to this long for the replica's lock instead of failing at once (exit 75);
+        /// `inf` waits as long as it takes.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
+        wait: Option<f64>,
+        /// Write replica files that are symbolic links, through them.
+        #[arg(long)]
+        follow_symlinks: bool,
         /// The delta files (.apd), in any order.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -212,9 +248,20 @@ fn error_chain(err: &anyhow::Error) -> String {
     msg
 }
 
+/// The checkpoint a command works on; `--wait` as given, else 0 (a writer fails at once when
+/// the model is busy: overlapping cron runs).
 fn checkpoint(target: &Target) -> Checkpoint {
-    let wait = std::time::Duration::try_from_secs_f64(target.wait.max(0.0))
-        .unwrap_or(std::time::Duration::MAX);
+    checkpoint_waiting(target, target.wait.unwrap_or(0.0))
+}
+
+/// [`checkpoint`] for a reader: without `--wait` it waits for a running writer.
+fn reader_checkpoint(target: &Target) -> Checkpoint {
+    checkpoint_waiting(target, target.wait.unwrap_or(READER_WAIT))
+}
+
+fn checkpoint_waiting(target: &Target, wait: f64) -> Checkpoint {
+    // Infinite (or too large to represent): the lock waits without a deadline.
+    let wait = std::time::Duration::try_from_secs_f64(wait).unwrap_or(std::time::Duration::MAX);
     Checkpoint::new(
         &target.model_dir,
         target.state_dir.as_deref(),
@@ -222,6 +269,7 @@ fn checkpoint(target: &Target) -> Checkpoint {
     )
     .with_progress(!target.json)
     .with_wait(wait)
+    .with_follow_symlinks(target.follow_symlinks)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -320,11 +368,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             generations,
             bytes,
         } => {
-            let r = checkpoint(&target).retention(generations, bytes)?;
+            let cp = if generations.is_none() && bytes.is_none() {
+                reader_checkpoint(&target)
+            } else {
+                checkpoint(&target)
+            };
+            let r = cp.retention(generations, bytes)?;
             if target.json {
                 print_json(&r)?;
             } else {
-                println!(
+                out!(
                     "undo data kept: the last {} generations, at most {}",
                     r.generations,
                     human_bytes(r.bytes)
@@ -379,6 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             json,
             wait,
+            follow_symlinks,
             files,
         } => {
             let target = Target {
@@ -386,6 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir,
                 json,
                 wait,
+                follow_symlinks,
             };
             let r = checkpoint(&target).apply_delta(&files)?;
             if json {
@@ -420,13 +475,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&d)?;
             } else {
-                println!(
+                out!(
                     "live parameters: {} (from {} manifest(s)), as {} HF tensors",
                     d.live_params,
                     d.manifests,
                     live.map.tensors.len()
                 );
-                println!("matched:         {}", d.matched.len());
+                out!("matched:         {}", d.matched.len());
                 let unmatched: Vec<String> = d.unmatched.iter().map(ToString::to_string).collect();
                 for (what, list) in [
                     ("live only (would not be synced)", &d.live_only),
@@ -435,13 +490,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ("dtype or shape differs", &d.mismatched),
                     ("notes", &d.notes),
                 ] {
-                    println!("{what}: {}", list.len());
+                    out!("{what}: {}", list.len());
                     for n in list {
-                        println!("  {n}");
+                        out!("  {n}");
                     }
                 }
                 if !d.ok {
-                    println!(
+                    out!(
                         "not ok: a sync would refuse these live weights (exit 1); fix the names, dtypes or shapes listed above"
                     );
                 }
@@ -467,7 +522,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Verify { target, repair } => {
-            let report = checkpoint(&target).verify(repair)?;
+            let cp = if repair {
+                checkpoint(&target)
+            } else {
+                reader_checkpoint(&target)
+            };
+            let report = cp.verify(repair)?;
             if target.json {
                 print_json(&report)?;
             } else {
@@ -565,23 +625,23 @@ fn time_ms(ms: i64) -> String {
 }
 
 fn print_status(r: &StatusReport) {
-    println!("model dir:   {}", r.model_dir.display());
-    println!("state dir:   {}", r.state_dir.display());
+    out!("model dir:   {}", r.model_dir.display());
+    out!("state dir:   {}", r.state_dir.display());
     if !r.initialized {
         for p in &r.pending {
-            println!("pending:     {p}");
+            out!("pending:     {p}");
         }
         return;
     }
     let total: u64 = r.files.iter().map(|f| f.size).sum();
-    println!(
+    out!(
         "index:       {} tensors, blocks of {}, {} on disk",
         r.tensors,
         human_bytes(r.block_size.unwrap_or(0)),
         human_bytes(r.index_bytes)
     );
     if let Some(g) = &r.last_generation {
-        println!(
+        out!(
             "generation:  {} ({}, {}, {} blocks / {} changed)",
             g.generation,
             g.kind,
@@ -590,17 +650,18 @@ fn print_status(r: &StatusReport) {
             human_bytes(g.bytes_changed)
         );
     }
-    match &r.last_sync {
-        Some(s) => println!(
+    if let Some(s) = &r.last_sync {
+        out!(
             "last sync:   {}, {} blocks changed, {} compared in {:.3} s",
             time_ms(s.at_ms),
             s.report.blocks_changed,
             human_bytes(s.report.bytes_compared),
             s.report.seconds
-        ),
-        None => println!("last sync:   never"),
+        );
+    } else {
+        out!("last sync:   never");
     }
-    println!(
+    out!(
         "undo data:   {} generations, {} (keeps the last {} generations, at most {})",
         r.undo_generations,
         human_bytes(r.undo_bytes),
@@ -608,24 +669,24 @@ fn print_status(r: &StatusReport) {
         human_bytes(r.retain_bytes.unwrap_or(0))
     );
     match r.exported_through {
-        Some(e) => println!(
+        Some(e) => out!(
             "exported:    through generation {e}; {} generations not yet exported ({} of undo data kept for them)",
             r.unexported_generations,
             human_bytes(r.unexported_bytes)
         ),
         None => {
-            println!("exported:    never (export-delta --full or --since GEN starts a replica)");
+            out!("exported:    never (export-delta --full or --since GEN starts a replica)");
         }
     }
-    println!("files:       {} ({})", r.files.len(), human_bytes(total));
+    out!("files:       {} ({})", r.files.len(), human_bytes(total));
     for f in &r.files {
-        println!("  {:<40} {:>12}  {}", f.name, human_bytes(f.size), f.state);
+        out!("  {:<40} {:>12}  {}", f.name, human_bytes(f.size), f.state);
     }
     if r.pending.is_empty() {
-        println!("pending:     nothing");
+        out!("pending:     nothing");
     }
     for p in &r.pending {
-        println!("pending:     {p}");
+        out!("pending:     {p}");
     }
 }
 

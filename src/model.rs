@@ -453,8 +453,21 @@ impl ModelLayout {
             let mut files: Vec<String> = raw.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
+            if files.is_empty() {
+                return Err(ModelError::BadIndex {
+                    reason: "its weight_map is empty: it names no tensor and no shard".into(),
+                });
+            }
             for f in &files {
                 check_file_name(f)?;
+                if let Some(kind) = not_a_regular_file(&dir.join(f)) {
+                    return Err(ModelError::BadIndex {
+                        reason: format!(
+                            "names shard {f}, which is {kind} in {}, not a regular file",
+                            dir.display()
+                        ),
+                    });
+                }
                 if !dir.join(f).is_file() {
                     let tensor = raw
                         .weight_map
@@ -561,6 +574,24 @@ impl ModelLayout {
     /// Path of file `i`.
     pub fn file_path(&self, i: usize) -> PathBuf {
         self.dir.join(&self.files[i].name)
+    }
+}
+
+/// What `path` is when it exists but is not a regular file (after following links): a FIFO,
+/// a directory, a socket or a device; `None` for a regular file or nothing at all.
+fn not_a_regular_file(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a device")
     }
 }
 

@@ -21,7 +21,7 @@ use crate::delta::{Delta, DeltaError, DeltaHeader, record_hash};
 use crate::index::{GenerationKind, unix_ms};
 use crate::io::OpenMode;
 use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
-use crate::model::{INDEX_FILE, ModelLayout};
+use crate::model::INDEX_FILE;
 use crate::record::{self, RAW, Record, encode_xor};
 
 impl Checkpoint {
@@ -264,7 +264,7 @@ impl Checkpoint {
         let start = Instant::now();
         let h = &d.header;
         let index = self.require_index()?;
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let model = self.open_model_for_write()?;
         self.check_trusted(&index, &model)?;
         let mut handles = Vec::new();
         for f in &h.files {

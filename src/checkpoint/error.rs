@@ -70,6 +70,16 @@ pub enum Error {
     /// The state lock is held by another process.
     #[error(transparent)]
     Lock(#[from] LockError),
+    /// A model file is a symbolic link, and writing it in place would change what it points to.
+    #[error(
+        "{file} is a symbolic link to {target}: writing the model in place would change that file (in a Hugging Face cache, a blob other revisions share). Make real copies (`huggingface-cli download --local-dir DIR`, or `cp -L`), or pass --follow-symlinks if you own the target and want it written"
+    )]
+    Symlink {
+        /// The link, in the model directory.
+        file: PathBuf,
+        /// Where it points.
+        target: PathBuf,
+    },
     /// An OS error.
     #[error("{path}: {source}")]
     Io {
@@ -260,6 +270,7 @@ impl Error {
             | Error::NoUndo { .. }
             | Error::ExportBase { .. }
             | Error::ReplicaMismatch { .. }
+            | Error::Symlink { .. }
             | Error::ForeignJournal { .. } => ErrorKind::State,
         }
     }

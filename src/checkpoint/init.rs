@@ -45,7 +45,7 @@ impl Checkpoint {
                 state_dir: self.state_dir.clone(),
             });
         }
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let model = self.open_model_for_write()?;
         let mut index = BlockIndex::open(&self.state_dir)?;
         let model_id = model_id.map_or_else(|| new_model_id(&model), str::to_string);
         let data_bytes = model.data_bytes();

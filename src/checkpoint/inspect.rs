@@ -2,7 +2,7 @@
 //! data), `verify [--repair]` (rehash the files against the index) and `retention`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     BlockMismatch, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState, FileStatus, Retention,
@@ -12,7 +12,7 @@ use crate::index::{
     FileRanges, GenerationKind, GenerationRecord, IndexedTensor, MetaKey, SyncCommit, unix_ms,
 };
 use crate::io::FileStat;
-use crate::lock::LockKind;
+use crate::lock::{LockError, LockKind, StateLock};
 use crate::model::ModelLayout;
 use crate::plan::{self, Comparison, TensorPlan, block_span, merge_ranges};
 use crate::source::SafetensorsSource;
@@ -25,12 +25,14 @@ impl Checkpoint {
         bytes: Option<u64>,
     ) -> Result<Retention, Error> {
         let (_write, _read);
-        if generations.is_some() || bytes.is_some() {
+        let mut index = if generations.is_some() || bytes.is_some() {
             _write = self.begin_write()?;
+            self.require_index()?
         } else {
             _read = self.lock(LockKind::Shared)?;
-        }
-        let mut index = self.require_index()?;
+            self.open_index_read_only()?
+                .ok_or_else(|| self.not_initialized())?
+        };
         if let Some(g) = generations {
             index.set_meta(MetaKey::RetainGenerations, &g.to_string())?;
         }
@@ -48,7 +50,17 @@ impl Checkpoint {
     /// Reports what the state directory knows, without reading model data.
     pub fn status(&self) -> Result<StatusReport, Error> {
         self.require_model_dir()?;
-        let _lock = self.lock(LockKind::Shared)?;
+        // Never waits and never fails because of a writer: while one holds the lock, the index
+        // is read as of its last commit and the writer is named.
+        let (_lock, writer) = if self.state_dir.is_dir() {
+            match StateLock::acquire(&self.state_dir, LockKind::Shared, Duration::ZERO) {
+                Ok(lock) => (Some(lock), None),
+                Err(LockError::Busy { holder, .. }) => (None, Some(holder)),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            (None, None)
+        };
         let mut report = StatusReport {
             model_dir: self.model_dir.clone(),
             state_dir: self.state_dir.clone(),
@@ -61,6 +73,7 @@ impl Checkpoint {
             files: Vec::new(),
             index_bytes: 0,
             pending: Vec::new(),
+            writer: None,
             undo_generations: 0,
             undo_bytes: 0,
             retain_generations: None,
@@ -69,14 +82,24 @@ impl Checkpoint {
             unexported_generations: 0,
             unexported_bytes: 0,
         };
-        let interrupted = self.journal_path().exists() || self.unflushed_after_reboot()?;
+        if let Some(w) = &writer {
+            report.pending.push(format!(
+                "a write is in progress ({w}); this is the state before it"
+            ));
+        }
+        let writing = writer.is_some();
+        report.writer = writer;
+        // A writer's own journal and files are not an interrupted write.
+        let interrupted =
+            !writing && (self.journal_path().exists() || self.unflushed_after_reboot()?);
+        let busy = writing || interrupted;
         if interrupted {
             report.pending.push(format!(
                 "an interrupted write is pending: run `apollo-checkpoint recover --model-dir {}` (sync also recovers first)",
                 self.model_dir.display()
             ));
         }
-        let Some(index) = self.open_index()? else {
+        let Some(index) = self.open_index_read_only()? else {
             report.pending.push(format!(
                 "not initialized: run `apollo-checkpoint init --model-dir {}`",
                 self.model_dir.display()
@@ -120,7 +143,7 @@ impl Checkpoint {
                 Ok(m) if FileStat::from_metadata(&m) == f.stat => FileState::Ok,
                 Ok(_) => FileState::Modified,
             };
-            if state != FileState::Ok && !interrupted {
+            if state != FileState::Ok && !busy {
                 report.pending.push(format!(
                     "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair --model-dir {}`",
                     f.name,
@@ -142,17 +165,23 @@ impl Checkpoint {
         let start = Instant::now();
         self.require_model_dir()?;
         let (_write, _read);
-        if repair {
+        let mut index = if repair {
             _write = self.begin_write()?;
+            self.require_index()?
         } else {
             _read = self.lock(LockKind::Shared)?;
-        }
-        let mut index = self.require_index()?;
+            self.open_index_read_only()?
+                .ok_or_else(|| self.not_initialized())?
+        };
         if repair {
             self.refuse_if_journal_pending()?;
         }
         let layout = index.block_layout()?;
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let model = if repair {
+            self.open_model_for_write()?
+        } else {
+            ModelLayout::open(&self.model_dir, self.io.as_ref())?
+        };
         let indexed_files = index.files()?;
         let mut problems: Vec<String> = file_problems(&indexed_files, &model)
             .iter()

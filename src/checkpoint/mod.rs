@@ -88,6 +88,7 @@ pub struct Checkpoint {
     pub(crate) io: Arc<dyn Io>,
     progress: bool,
     wait: Duration,
+    follow_symlinks: bool,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -115,6 +116,7 @@ impl Checkpoint {
             io,
             progress: false,
             wait: Duration::ZERO,
+            follow_symlinks: false,
         }
     }
 
@@ -130,6 +132,31 @@ impl Checkpoint {
     pub fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
         self
+    }
+
+    /// Whether writers may write model files that are symbolic links (through them, into the
+    /// files they point to). Off by default: see [`Error::Symlink`].
+    #[must_use]
+    pub fn with_follow_symlinks(mut self, follow: bool) -> Self {
+        self.follow_symlinks = follow;
+        self
+    }
+
+    /// The model's layout, for a command that writes its files: a file that is a symbolic link
+    /// is refused unless [`Self::with_follow_symlinks`] allows it.
+    pub(crate) fn open_model_for_write(&self) -> Result<ModelLayout, Error> {
+        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        if !self.follow_symlinks {
+            for f in &model.files {
+                let path = self.model_dir.join(&f.name);
+                let meta = std::fs::symlink_metadata(&path).map_err(Self::io_err(&path))?;
+                if meta.file_type().is_symlink() {
+                    let target = std::fs::read_link(&path).map_err(Self::io_err(&path))?;
+                    return Err(Error::Symlink { file: path, target });
+                }
+            }
+        }
+        Ok(model)
     }
 
     /// The model directory.
@@ -204,10 +231,18 @@ impl Checkpoint {
     }
 
     pub(crate) fn open_index(&self) -> Result<Option<BlockIndex>, Error> {
+        self.initialized_index(BlockIndex::open)
+    }
+
+    /// The index opened by `open`; `None` when there is none or `init` never committed.
+    fn initialized_index(
+        &self,
+        open: impl FnOnce(&Path) -> Result<BlockIndex, crate::index::IndexError>,
+    ) -> Result<Option<BlockIndex>, Error> {
         if !self.state_dir.join(crate::index::INDEX_DB).exists() {
             return Ok(None);
         }
-        let index = BlockIndex::open(&self.state_dir)?;
+        let index = open(&self.state_dir)?;
         Ok(if index.is_initialized()? {
             Some(index)
         } else {
@@ -216,10 +251,20 @@ impl Checkpoint {
     }
 
     pub(crate) fn require_index(&self) -> Result<BlockIndex, Error> {
-        self.open_index()?.ok_or_else(|| Error::NotInitialized {
+        self.open_index()?.ok_or_else(|| self.not_initialized())
+    }
+
+    pub(crate) fn not_initialized(&self) -> Error {
+        Error::NotInitialized {
             state_dir: self.state_dir.clone(),
             model_dir: self.model_dir.clone(),
-        })
+        }
+    }
+
+    /// The index opened read-only, for readers (see [`BlockIndex::open_read_only`]); `None`
+    /// when there is none or `init` never committed.
+    pub(crate) fn open_index_read_only(&self) -> Result<Option<BlockIndex>, Error> {
+        self.initialized_index(BlockIndex::open_read_only)
     }
 
     /// The index's current generation (0 without an index).

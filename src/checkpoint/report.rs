@@ -268,6 +268,8 @@ pub struct StatusReport {
     pub index_bytes: u64,
     /// Things that need attention, each with what to do.
     pub pending: Vec<String>,
+    /// The writer holding the lock while this was read (`pid … running …`), if any.
+    pub writer: Option<String>,
     /// Undo data kept: generations.
     pub undo_generations: u64,
     /// Undo data kept: bytes.

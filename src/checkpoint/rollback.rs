@@ -17,7 +17,6 @@ use crate::journal::{
     GenerationInfo, Journal, JournalError, JournalFile, JournalHeader, JournalKind, JournalState,
     UNDO_DIR,
 };
-use crate::model::ModelLayout;
 use crate::record::{self, Record, apply_xor, compose_xor, hash_prefix};
 
 /// A block's composed undo: (tensor offset, block length, zero-run coded XOR).
@@ -37,7 +36,7 @@ impl Checkpoint {
         if to >= current {
             return Err(Error::RollbackTarget { to, current });
         }
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let model = self.open_model_for_write()?;
         self.check_trusted(&index, &model)?;
         // The undo data of every generation after `to`, newest first.
         let undo: HashMap<u64, PathBuf> = self

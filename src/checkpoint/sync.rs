@@ -39,7 +39,7 @@ impl Checkpoint {
         };
         let layout = index.block_layout()?;
         let read_before = self.io.bytes_read();
-        let model = ModelLayout::open(&self.model_dir, self.io.as_ref())?;
+        let model = self.open_model_for_write()?;
         let indexed = self.check_trusted(&index, &model)?;
         let pairs = match_tensors(&model, source)?;
         let by_name: HashMap<&str, &IndexedTensor> =

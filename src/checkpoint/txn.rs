@@ -28,7 +28,6 @@ use crate::journal::{
     Journal, JournalError, JournalFile, JournalHeader, JournalState, JournalWriter, UNDO_DIR,
 };
 use crate::lock::{LockKind, StateLock};
-use crate::model::ModelLayout;
 use crate::plan::merge_ranges;
 use crate::record::{self, hash_prefix};
 
@@ -358,7 +357,7 @@ impl<'c> Committed<'c> {
         if let Some(files) = opened.filter(|o| o.len() == h.files.len()) {
             return Ok(files);
         }
-        let model = ModelLayout::open(&cp.model_dir, cp.io.as_ref())?;
+        let model = cp.open_model_for_write()?;
         let indexed_files = index.files()?;
         let mut handles = Vec::with_capacity(h.files.len());
         for jf in &h.files {

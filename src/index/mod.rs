@@ -69,6 +69,18 @@ pub enum IndexError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The database has an older schema, and only a writer may upgrade it.
+    #[error(
+        "{path}: schema version {found} is older than this apollo-checkpoint's ({supported}); any writing command (`apollo-checkpoint recover`, or the next sync) upgrades it"
+    )]
+    OlderSchema {
+        /// The database.
+        path: PathBuf,
+        /// Its schema version.
+        found: u32,
+        /// The version this binary writes.
+        supported: u32,
+    },
     /// The database exists but holds something this binary cannot use.
     #[error(
         "{path}: the index is damaged ({what}); run `apollo-checkpoint verify --repair` to rebuild it from the files"
@@ -359,6 +371,47 @@ impl BlockIndex {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql)?;
         migrate(&mut conn, &path)?;
+        Ok(BlockIndex {
+            conn,
+            path,
+            log: OnceCell::new(),
+        })
+    }
+
+    /// Opens `<state_dir>/index.db` read-only, for readers (`status`, `verify`): nothing is
+    /// written, not even a schema migration, so readers never contend with each other or with a
+    /// writer (WAL: a reader sees the last committed transaction). An index whose schema is
+    /// older than this binary's is refused, saying which command upgrades it.
+    pub fn open_read_only(state_dir: &Path) -> Result<Self, IndexError> {
+        let path = state_dir.join(INDEX_DB);
+        let sql = |source| IndexError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        let found: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        if found > SCHEMA_VERSION {
+            return Err(IndexError::NewerSchema {
+                path,
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            return Err(IndexError::OlderSchema {
+                path,
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
         Ok(BlockIndex {
             conn,
             path,
@@ -781,7 +834,17 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), IndexError> {
         });
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let tx = conn.transaction().map_err(sql)?;
+        // IMMEDIATE: the write lock first, then the version read again, so a migration runs
+        // once even if two processes open an old index at the same moment.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        let now: u32 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
+        if now > i as u32 {
+            continue;
+        }
         tx.execute_batch(migration).map_err(sql)?;
         tx.pragma_update(None, "user_version", i as u32 + 1)
             .map_err(sql)?;
@@ -798,6 +861,42 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes opening an index of an older schema at once both succeed: the migration
+    /// runs once (it read the version outside its transaction, and the second one failed with
+    /// "table block_hash_log already exists").
+    #[test]
+    fn concurrent_opens_migrate_an_old_index_once() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            drop(BlockIndex::open(dir.path()).unwrap());
+            let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
+            conn.execute_batch("DROP TABLE block_hash_log; PRAGMA user_version = 2;")
+                .unwrap();
+            drop(conn);
+            let opened: Vec<Result<(), String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            BlockIndex::open(dir.path())
+                                .map(drop)
+                                .map_err(|e| e.to_string())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(opened.iter().all(Result::is_ok), "{opened:?}");
+            // A reader neither migrates nor fails at random: it says who upgrades the index.
+            let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
+            conn.execute_batch("DROP TABLE block_hash_log; PRAGMA user_version = 2;")
+                .unwrap();
+            let e = BlockIndex::open_read_only(dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("older") && e.contains("recover"), "{e}");
+        }
+    }
 
     #[test]
     fn migrating_an_empty_database_reaches_the_current_schema() {

@@ -1,6 +1,9 @@
 //! The built binary: output, JSON, exit codes.
 
-use crate::util::{mixed_tensors, pair, run, s, snapshot, stderr, stdout_json, write_model};
+use crate::util::{
+    mixed_tensors, pair, release_after, run, s, snapshot, stderr, stdout_json, sync_from,
+    write_model,
+};
 
 #[test]
 fn help_lists_every_command() {
@@ -231,22 +234,10 @@ fn a_second_writer_fails_at_once_with_75_or_waits() {
         err.contains(&format!("pid {}", std::process::id())) && err.contains("--wait"),
         "{err}"
     );
-    // Readers are refused while a writer holds it, too.
-    assert_eq!(run(&["status", "--model-dir", m]).status.code(), Some(75));
+    // (Readers during a write: tests/integration/readers.rs.)
     // With --wait, the second writer runs once the first is done.
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        drop(held);
-    });
-    let o = run(&[
-        "sync",
-        "--model-dir",
-        m,
-        "--from",
-        s(&p.source),
-        "--wait",
-        "20",
-    ]);
+    let release = release_after(held, 300);
+    let o = sync_from(&p.model, &p.source, &["--wait", "20"]);
     assert!(o.status.success(), "{}", stderr(&o));
     release.join().unwrap();
 }

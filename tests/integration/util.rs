@@ -286,6 +286,21 @@ pub fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Drops `held` (a lock) after `ms` milliseconds, on another thread.
+pub fn release_after<H: Send + 'static>(held: H, ms: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        drop(held);
+    })
+}
+
+/// Runs `sync --model-dir MODEL --from SOURCE` and `extra` arguments through the built binary.
+pub fn sync_from(model: &Path, source: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["sync", "--model-dir", s(model), "--from", s(source)];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
