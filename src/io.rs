@@ -50,19 +50,31 @@ pub struct FileStat {
     pub mtime_ns: i64,
     /// Inode number.
     pub inode: u64,
+    /// Status change time, nanoseconds since the Unix epoch: set by the kernel on every write
+    /// and metadata change, and not settable, so an edit with the mtime put back still shows.
+    /// 0: not recorded (an index from before it was).
+    pub ctime_ns: i64,
 }
 
 impl FileStat {
-    /// Reads size, mtime and inode from filesystem metadata.
+    /// Reads size, mtime, inode and ctime from filesystem metadata.
     pub fn from_metadata(meta: &std::fs::Metadata) -> Self {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         FileStat {
             size: meta.len(),
-            mtime_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
             inode: meta.ino(),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
         }
+    }
+
+    /// Whether a file now at `self` is still the file recorded as `recorded`: same size, mtime
+    /// and inode, and the same ctime where one was recorded.
+    pub fn same_file_as(&self, recorded: &FileStat) -> bool {
+        self.size == recorded.size
+            && self.mtime_ns == recorded.mtime_ns
+            && self.inode == recorded.inode
+            && (recorded.ctime_ns == 0 || self.ctime_ns == recorded.ctime_ns)
     }
 }
 

@@ -7,16 +7,16 @@
 //! group across PCIe. The default implementation reads the bytes and hashes them on the CPU.
 //!
 //! [`SafetensorsSource`] is the CPU source: a directory of safetensors files in the same HF layout
-//! as the model (sharded any way), memory-mapped and hashed in place without copying.
+//! as the model (sharded any way), read with `pread` (a file truncated meanwhile is an error, not
+//! SIGBUS) and hashed on all cores.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use safetensors::Dtype;
 
 use crate::blockhash::{self, Cv};
-use crate::io::{self, RealIo};
+use crate::io::RealIo;
 use crate::model::{ModelError, ModelLayout};
 
 /// A tensor a source offers.
@@ -50,6 +50,14 @@ pub enum SourceError {
     /// The source file changed size between parsing and mapping.
     #[error("source {path} changed while it was being opened; retry when the source is stable")]
     Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A source file is shorter than when it was opened: another process is rewriting it.
+    #[error(
+        "source {path} shrank while this sync read it (is another process rewriting it?); nothing was written: run the sync again once the source is complete"
+    )]
+    Shrunk {
         /// The file.
         path: PathBuf,
     },
@@ -264,13 +272,18 @@ pub fn for_each_run<T: Send>(
     pieces.into_par_iter().try_for_each(|(r, o)| f(r, o))
 }
 
-/// A directory of safetensors files in HF layout, memory-mapped.
+/// A directory of safetensors files in HF layout, read with `pread`.
+///
+/// Not memory-mapped: a trainer may rewrite (truncate) a file while a sync reads it, and a read
+/// of a mapped page beyond the new end is SIGBUS, which kills the process without a word. A
+/// `pread` that comes back short is an error instead ([`SourceError::Shrunk`]), before anything
+/// is written.
 pub struct SafetensorsSource {
     dir: PathBuf,
     tensors: Vec<SourceTensor>,
     /// (file index, absolute offset) per tensor.
     places: Vec<(usize, u64)>,
-    maps: Vec<Option<Mmap>>,
+    files: Vec<(PathBuf, File)>,
 }
 
 impl std::fmt::Debug for SafetensorsSource {
@@ -282,25 +295,36 @@ impl std::fmt::Debug for SafetensorsSource {
     }
 }
 
+/// Bytes read and hashed at a time by [`SafetensorsSource::hash_units`], at most.
+const READ_CHUNK: u64 = 1 << 20;
+
+thread_local! {
+    /// Each hashing thread's read buffer, reused.
+    static CHUNK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl SafetensorsSource {
     /// Opens and strictly validates the model in `dir`.
     pub fn open(dir: &Path) -> Result<Self, SourceError> {
         let layout = ModelLayout::open(dir, &RealIo::new())?;
-        let mut maps = Vec::with_capacity(layout.files.len());
+        let mut files = Vec::with_capacity(layout.files.len());
         for (i, f) in layout.files.iter().enumerate() {
             let path = layout.file_path(i);
             let file = File::open(&path).map_err(|source| SourceError::Io {
                 path: path.clone(),
                 source,
             })?;
-            let map = io::map_read_only(&file).map_err(|source| SourceError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            if map.as_ref().map_or(0, |m| m.len() as u64) != f.stat.size {
+            let size = file
+                .metadata()
+                .map_err(|source| SourceError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if size != f.stat.size {
                 return Err(SourceError::Changed { path });
             }
-            maps.push(map);
+            files.push((path, file));
         }
         let tensors = layout
             .tensors
@@ -321,22 +345,37 @@ impl SafetensorsSource {
             dir: dir.to_path_buf(),
             tensors,
             places,
-            maps,
+            files,
         })
     }
 
-    /// The bytes of one tensor.
-    pub fn data(&self, tensor: usize) -> &[u8] {
-        let (file, offset) = self.places[tensor];
-        let len = self.tensors[tensor].len;
-        if len == 0 {
-            return &[];
+    /// Reads `buf.len()` bytes of `tensor` from `offset` (checked against the tensor's length).
+    fn read_at(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        use std::os::unix::fs::FileExt;
+        let t = &self.tensors[tensor];
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > t.len)
+        {
+            return Err(SourceError::OutOfRange {
+                tensor: t.name.clone(),
+                offset,
+                len: buf.len() as u64,
+                tensor_len: t.len,
+            });
         }
-        let map = self.maps[file]
-            .as_ref()
-            .expect("a file holding a non-empty tensor is not empty");
-        // In range: the header was validated against this file's length, which the map matches.
-        &map[offset as usize..(offset + len) as usize]
+        let (file, start) = self.places[tensor];
+        let (path, f) = &self.files[file];
+        match f.read_exact_at(buf, start + offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(SourceError::Shrunk { path: path.clone() })
+            }
+            Err(source) => Err(SourceError::Io {
+                path: path.clone(),
+                source,
+            }),
+        }
     }
 }
 
@@ -371,9 +410,7 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        copy_out(self.data(tensor), offset, buf, || {
-            self.tensors[tensor].name.clone()
-        })
+        self.read_at(tensor, offset, buf)
     }
 
     fn hash_units(
@@ -383,10 +420,18 @@ impl WeightSource for SafetensorsSource {
         first: u64,
         out: &mut [Cv],
     ) -> Result<(), SourceError> {
-        let data = self.data(tensor);
-        let start = (first * unit).min(data.len() as u64) as usize;
-        let end = (first * unit + out.len() as u64 * unit).min(data.len() as u64) as usize;
-        blockhash::hash_units(start as u64, unit, &data[start..end], out);
-        Ok(())
+        let len = self.tensors[tensor].len;
+        // Whole units per read, at least one.
+        let per_read = (READ_CHUNK / unit).max(1) as usize;
+        CHUNK.with_borrow_mut(|buf| {
+            for (i, cvs) in out.chunks_mut(per_read).enumerate() {
+                let start = ((first + (i * per_read) as u64) * unit).min(len);
+                let end = (start + cvs.len() as u64 * unit).min(len);
+                buf.resize((end - start) as usize, 0);
+                self.read_at(tensor, start, buf)?;
+                blockhash::hash_units(start, unit, buf, cvs);
+            }
+            Ok(())
+        })
     }
 }

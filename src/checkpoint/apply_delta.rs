@@ -59,6 +59,7 @@ impl Checkpoint {
             .map_err(Checkpoint::io_err(&self.model_dir))?;
         let _lock = self.begin_write()?;
         self.recover_locked()?;
+        self.check_delta_set(&deltas)?;
         let mut report = ApplyDeltaReport {
             deltas: Vec::new(),
             generation: 0,
@@ -137,6 +138,68 @@ impl Checkpoint {
             .map_or(Ok(0), |i| i.generation().map(|g| g.unwrap_or(0)))?;
         report.seconds = seconds_since(start);
         Ok(report)
+    }
+
+    /// Checks the whole set of deltas (sorted for applying) against the replica before any is
+    /// applied: one model; starting where the replica is (or, without an index, from a full
+    /// delta or a copy at the first delta's base); each delta continuing from where the last
+    /// one ended; deltas the replica (or an earlier delta of the set) already holds are skipped.
+    /// A gap or an overlap anywhere is refused, naming the delta, with nothing applied.
+    fn check_delta_set(&self, deltas: &[Delta]) -> Result<(), Error> {
+        let index = self.open_index()?;
+        let (mut generation, model) = match &index {
+            Some(i) => (Some(i.generation()?.unwrap_or(0)), Some(i.model_id()?)),
+            None => (None, None),
+        };
+        drop(index);
+        let model = model.or_else(|| deltas.first().map(|d| d.header.model_id.clone()));
+        for d in deltas {
+            let h = &d.header;
+            let refuse = |what: String| Error::ReplicaMismatch {
+                delta: d.path.clone(),
+                what,
+            };
+            if Some(&h.model_id) != model.as_ref() {
+                return Err(refuse(format!(
+                    "it is for model {}, the replica (or the set's first delta) is model {}",
+                    h.model_id,
+                    model.as_deref().unwrap_or("?")
+                )));
+            }
+            let at = match generation {
+                None if h.full => {
+                    generation = Some(h.target_generation);
+                    continue;
+                }
+                // A copied replica is adopted at the first delta's base.
+                None => h.base_generation,
+                Some(g) => g,
+            };
+            if h.target_generation <= at {
+                generation = Some(at);
+                continue; // already held: skipped when applied
+            }
+            if h.full {
+                return Err(refuse(format!(
+                    "it is a full delta and the replica already holds generation {at}; apply the incremental deltas from {at}"
+                )));
+            }
+            if h.base_generation != at {
+                return Err(refuse(if h.base_generation > at {
+                    format!(
+                        "it starts at generation {} but the replica (with the deltas before it in this set) is at {at}: apply the deltas from {at} first; nothing was applied",
+                        h.base_generation
+                    )
+                } else {
+                    format!(
+                        "it takes generation {} to {}, but the replica (with the deltas before it in this set) is at {at}, in between; nothing was applied",
+                        h.base_generation, h.target_generation
+                    )
+                }));
+            }
+            generation = Some(h.target_generation);
+        }
+        Ok(())
     }
 
     /// Indexes the replica's files as generation `generation` of the delta's model and returns

@@ -567,7 +567,11 @@ impl<'a> Staging<'a> {
                 c.cp.io
                     .open(&path, OpenMode::ReadWrite)
                     .map_err(Checkpoint::io_err(&path))?;
-            if h.stat().map_err(Checkpoint::io_err(&path))? != mf.stat {
+            if !h
+                .stat()
+                .map_err(Checkpoint::io_err(&path))?
+                .same_file_as(&mf.stat)
+            {
                 return Err(Error::Stale {
                     file: mf.name.clone(),
                     what: "changed while this sync was reading it".into(),

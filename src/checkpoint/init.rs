@@ -19,9 +19,18 @@ impl Checkpoint {
     /// Builds the index by hashing every block of the model's files.
     pub fn init(&self, block_size: u64) -> Result<InitReport, Error> {
         BlockLayout::new(block_size)?;
-        let _lock = self.begin_write()?;
-        self.refuse_if_journal_pending()?;
-        self.init_locked(block_size)
+        let fresh = !self.state_dir.exists();
+        let lock = self.begin_write()?;
+        let done = self
+            .refuse_if_journal_pending()
+            .and_then(|()| self.init_locked(block_size));
+        if done.is_err() && fresh {
+            // A failed first init leaves nothing behind (not even the lock file): the state
+            // directory is this run's own.
+            drop(lock);
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+        done
     }
 
     /// [`Self::init`] under a lock already held.

@@ -140,7 +140,7 @@ impl Checkpoint {
         for f in index.files()? {
             let state = match std::fs::metadata(self.model_dir.join(&f.name)) {
                 Err(_) => FileState::Missing,
-                Ok(m) if FileStat::from_metadata(&m) == f.stat => FileState::Ok,
+                Ok(m) if FileStat::from_metadata(&m).same_file_as(&f.stat) => FileState::Ok,
                 Ok(_) => FileState::Modified,
             };
             if state != FileState::Ok && !busy {

@@ -375,6 +375,8 @@ fn file_problems(indexed: &[IndexedFile], model: &ModelLayout) -> Vec<(String, S
             )
         } else if f.stat.mtime_ns != m.stat.mtime_ns {
             "was modified (its mtime changed)".to_string()
+        } else if !m.stat.same_file_as(&f.stat) {
+            "was changed in place (its ctime changed, though its mtime was put back)".to_string()
         } else {
             continue;
         };

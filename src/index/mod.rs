@@ -31,6 +31,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_exports.sql"),
     include_str!("../../migrations/0003_hash_log.sql"),
+    include_str!("../../migrations/0004_ctime.sql"),
 ];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -483,7 +484,7 @@ impl BlockIndex {
     pub fn files(&self) -> Result<Vec<IndexedFile>, IndexError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, name, size, mtime_ns, inode, header_len, header_hash FROM files ORDER BY name")
+            .prepare("SELECT id, name, size, mtime_ns, inode, header_len, header_hash, ctime_ns FROM files ORDER BY name")
             .map_err(|e| self.sql(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -495,12 +496,13 @@ impl BlockIndex {
                     r.get::<_, i64>(4)?,
                     r.get::<_, i64>(5)?,
                     r.get::<_, Vec<u8>>(6)?,
+                    r.get::<_, i64>(7)?,
                 ))
             })
             .map_err(|e| self.sql(e))?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, size, mtime_ns, inode, header_len, hash) =
+            let (id, name, size, mtime_ns, inode, header_len, hash, ctime_ns) =
                 row.map_err(|e| self.sql(e))?;
             let header_hash = hash
                 .try_into()
@@ -512,6 +514,7 @@ impl BlockIndex {
                     size: size as u64,
                     mtime_ns,
                     inode: inode as u64,
+                    ctime_ns,
                 },
                 header_len: header_len as u64,
                 header_hash,
@@ -865,14 +868,16 @@ mod tests {
     /// Two processes opening an index of an older schema at once both succeed: the migration
     /// runs once (it read the version outside its transaction, and the second one failed with
     /// "table block_hash_log already exists").
+    /// Takes an index of the current schema back to version 2.
+    const DOWNGRADE: &str = "ALTER TABLE files DROP COLUMN ctime_ns; DROP TABLE block_hash_log; PRAGMA user_version = 2;";
+
     #[test]
     fn concurrent_opens_migrate_an_old_index_once() {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             drop(BlockIndex::open(dir.path()).unwrap());
             let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
-            conn.execute_batch("DROP TABLE block_hash_log; PRAGMA user_version = 2;")
-                .unwrap();
+            conn.execute_batch(DOWNGRADE).unwrap();
             drop(conn);
             let opened: Vec<Result<(), String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..8)
@@ -889,8 +894,7 @@ mod tests {
             assert!(opened.iter().all(Result::is_ok), "{opened:?}");
             // A reader neither migrates nor fails at random: it says who upgrades the index.
             let conn = Connection::open(dir.path().join(INDEX_DB)).unwrap();
-            conn.execute_batch("DROP TABLE block_hash_log; PRAGMA user_version = 2;")
-                .unwrap();
+            conn.execute_batch(DOWNGRADE).unwrap();
             let e = BlockIndex::open_read_only(dir.path())
                 .unwrap_err()
                 .to_string();

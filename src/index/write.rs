@@ -88,8 +88,8 @@ impl BlockIndex {
         }
         for (name, stat) in &commit.file_stats {
             tx.execute(
-                "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE name = ?1",
-                params![name, stat.size as i64, stat.mtime_ns, stat.inode as i64],
+                "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4, ctime_ns = ?5 WHERE name = ?1",
+                params![name, stat.size as i64, stat.mtime_ns, stat.inode as i64, stat.ctime_ns],
             )
             .map_err(sql)?;
         }
@@ -239,14 +239,15 @@ impl Rebuild<'_> {
     pub fn add_file(&mut self, file: &ModelFile) -> Result<i64, IndexError> {
         self.tx
             .execute(
-                "INSERT INTO files (name, size, mtime_ns, inode, header_len, header_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO files (name, size, mtime_ns, inode, header_len, header_hash, ctime_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     file.name,
                     file.stat.size as i64,
                     file.stat.mtime_ns,
                     file.stat.inode as i64,
                     file.header.header_len as i64,
-                    file.header.header_hash.as_slice()
+                    file.header.header_hash.as_slice(),
+                    file.stat.ctime_ns
                 ],
             )
             .map_err(|e| self.sql(e))?;

@@ -170,6 +170,13 @@ fn exit_codes_and_messages_for_common_mistakes() {
         assert_eq!(o.status.code(), Some(66), "{cmd}: {}", stderr(&o));
         assert!(!nope.exists(), "{cmd} created {}", nope.display());
     }
+    // An existing directory that is not a model: init fails and leaves no state (not even the
+    // lock file) behind.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = run(&["init", "--model-dir", s(&empty)]);
+    assert_eq!(o.status.code(), Some(66), "{}", stderr(&o));
+    assert!(!empty.join(".apollo-checkpoint").exists());
 
     let p = pair(&mixed_tensors(1), 1, 1);
     let mut other = mixed_tensors(1);

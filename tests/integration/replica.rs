@@ -218,6 +218,18 @@ fn deltas_that_do_not_fit_are_refused_and_the_replica_left_untouched() {
     );
     assert_eq!(e.exit_code(), 78);
     assert_eq!(model_files(&replica), before);
+    // A set with a gap after deltas that fit is refused whole, before any is applied (the
+    // first used to be applied, then the gap found).
+    let e = checkpoint(&replica)
+        .apply_delta(&[exported[0].clone(), exported[2].clone()])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("apply the deltas from 1 first")
+            && e.to_string().contains("nothing was applied"),
+        "{e}"
+    );
+    assert_eq!(model_files(&replica), before);
+    assert_eq!(checkpoint(&replica).status().unwrap().generation, Some(0));
 
     // Corrupted and truncated deltas.
     let bytes = std::fs::read(&exported[0]).unwrap();
@@ -271,6 +283,16 @@ fn deltas_that_do_not_fit_are_refused_and_the_replica_left_untouched() {
     handle.set_modified(mtime).unwrap();
     drop(handle);
     let before = model_files(&replica);
+    // Its ctime gives it away at once;
+    let e = checkpoint(&replica)
+        .apply_delta(&exported[..1])
+        .unwrap_err();
+    assert!(e.to_string().contains("changed in place"), "{e}");
+    assert_eq!(model_files(&replica), before);
+    // where no ctime was recorded (an older index), the base check refuses before writing.
+    let db = rusqlite::Connection::open(replica.join(".apollo-checkpoint/index.db")).unwrap();
+    db.execute("UPDATE files SET ctime_ns = 0", []).unwrap();
+    drop(db);
     let e = checkpoint(&replica)
         .apply_delta(&exported[..1])
         .unwrap_err();

@@ -352,3 +352,40 @@ fn sparse_syncs_log_their_hashes_and_fold_them_into_the_index_when_the_log_is_fu
     assert!(rows.iter().all(|&r| r <= 1024), "{rows:?}");
     assert!(rows[4] > 0, "{rows:?}");
 }
+
+/// A trainer re-saving its weights truncates the file a cron sync is reading: the sync stops
+/// with a clear error (exit 65) and writes nothing. (The source was memory-mapped: the read
+/// past the new end was SIGBUS, killing the process without a word.)
+#[test]
+fn a_source_truncated_while_it_is_read_is_an_error_and_nothing_is_written() {
+    let tensors = mixed_tensors(21);
+    let p = pair(&tensors, 2, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let mut changed = tensors.clone();
+    let mut rng = Rng::new(22);
+    dense_change(&mut changed, &mut rng);
+    write_model(&p.source, &changed, 1);
+    let source = SafetensorsSource::open(&p.source).unwrap();
+    let shard = p.source.join("model.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let before = snapshot(&p.model);
+    let e = checkpoint(&p.model).sync(&source).unwrap_err();
+    assert!(
+        e.to_string().contains("shrank while this sync read it")
+            && e.to_string().contains("model.safetensors"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 65);
+    assert_eq!(before, snapshot(&p.model));
+    assert!(!p.model.join(".apollo-checkpoint/journal").exists());
+    // Once the source is whole again, the sync takes it.
+    write_model(&p.source, &changed, 1);
+    sync_from(&p.model, &p.source).unwrap();
+    assert_same_tensors(&p.model, &p.source);
+}

@@ -75,13 +75,44 @@ fn a_model_file_edited_behind_the_index_is_refused_until_repaired() {
     assert_same_tensors(&p.model, &p.source);
 }
 
-/// An edit that kept size and mtime slips past the stat check, but sync reads the old bytes of
-/// every block it is about to change and checks them: it refuses before writing anything.
+/// An edit that kept size and mtime is caught by the ctime (which nobody can set back): even a
+/// sync whose source changed nothing refuses (it used to say "no change" while the file differed).
+#[test]
+fn an_edit_that_kept_the_mtime_is_refused_by_its_ctime() {
+    let tensors = mixed_tensors(6);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    flip(
+        &p.model.join("model.safetensors"),
+        "lm_head.weight",
+        3,
+        true,
+    );
+    let before = snapshot(&p.model);
+    let err = checkpoint(&p.model)
+        .sync(&SafetensorsSource::open(&p.source).unwrap())
+        .unwrap_err();
+    assert!(matches!(err, Error::Stale { .. }), "{err}");
+    assert!(err.to_string().contains("ctime"), "{err}");
+    assert_eq!(before, snapshot(&p.model));
+    let status = checkpoint(&p.model).status().unwrap();
+    assert_eq!(status.files[0].state, FileState::Modified);
+    let v = checkpoint(&p.model).verify(false).unwrap();
+    assert_eq!((v.file_problems.len(), v.mismatched_block_count), (1, 1));
+}
+
+/// Where no ctime was recorded (an index from before it was), an edit that kept size and mtime
+/// slips past the stat check, but sync reads the old bytes of every block it is about to change
+/// and checks them: it refuses before writing anything.
 #[test]
 fn an_edit_that_kept_the_mtime_is_caught_before_anything_is_written() {
     let mut tensors = mixed_tensors(5);
     let p = pair(&tensors, 1, 1);
     checkpoint(&p.model).init(4096).unwrap();
+    let db = rusqlite::Connection::open(p.model.join(".apollo-checkpoint/index.db")).unwrap();
+    db.execute("UPDATE files SET ctime_ns = 0", []).unwrap();
+    drop(db);
     flip(
         &p.model.join("model.safetensors"),
         "model.embed_tokens.weight",
