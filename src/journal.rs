@@ -471,7 +471,7 @@ impl Journal {
         };
         // Parse every record once so a malformed one is found before anything is applied.
         let mut seen = 0u64;
-        journal.for_each_batch(usize::MAX, |batch| {
+        journal.for_each_batch(64 << 20, |batch| {
             seen += batch.len() as u64;
             Ok::<_, JournalError>(())
         })?;

@@ -353,17 +353,7 @@ impl SafetensorsSource {
     fn read_at(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         use std::os::unix::fs::FileExt;
         let t = &self.tensors[tensor];
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > t.len)
-        {
-            return Err(SourceError::OutOfRange {
-                tensor: t.name.clone(),
-                offset,
-                len: buf.len() as u64,
-                tensor_len: t.len,
-            });
-        }
+        check_range(&t.name, t.len, offset, buf.len())?;
         let (file, start) = self.places[tensor];
         let (path, f) = &self.files[file];
         match f.read_exact_at(buf, start + offset) {
@@ -377,6 +367,28 @@ impl SafetensorsSource {
             }),
         }
     }
+}
+
+/// Refuses a read of `len` bytes at `offset` that is not inside tensor `name` of `tensor_len`
+/// bytes.
+pub(crate) fn check_range(
+    name: &str,
+    tensor_len: u64,
+    offset: u64,
+    len: usize,
+) -> Result<(), SourceError> {
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|end| end > tensor_len)
+    {
+        return Err(SourceError::OutOfRange {
+            tensor: name.to_string(),
+            offset,
+            len: len as u64,
+            tensor_len,
+        });
+    }
+    Ok(())
 }
 
 /// Fills `buf` from `data` at `offset`, or fails naming `tensor()` if the range is not inside.

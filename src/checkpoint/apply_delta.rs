@@ -6,8 +6,10 @@
 //! hash after. A replica without state *adopts* the files it holds (copied once with cp or
 //! rsync) when their hashes match the delta's base roots, or is created from a full delta.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -18,7 +20,7 @@ use super::{
     seconds_since,
 };
 use crate::delta::{Delta, DeltaError, DeltaHeader, record_hash};
-use crate::index::{GenerationKind, unix_ms};
+use crate::index::{GenerationKind, SyncCommit, unix_ms};
 use crate::io::OpenMode;
 use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
 use crate::model::INDEX_FILE;
@@ -53,19 +55,50 @@ impl Checkpoint {
             }
         }
         let state_existed = self.state_dir.exists();
+        let replica_existed = self.model_dir.exists();
         // A replica created from a full delta may not exist yet.
         self.io
             .create_dir_all(&self.model_dir)
             .map_err(Checkpoint::io_err(&self.model_dir))?;
-        let _lock = self.begin_write()?;
-        self.recover_locked()?;
-        self.check_delta_set(&deltas)?;
         let mut report = ApplyDeltaReport {
             deltas: Vec::new(),
             generation: 0,
             seconds: 0.0,
         };
-        for d in &deltas {
+        let wrote = Cell::new(false);
+        let applied = self.apply_sorted(&deltas, state_existed, &mut report, &wrote);
+        if applied.is_err() && !wrote.get() {
+            // Refused before any write could have begun (no journal ever committing, no file
+            // moved into place): the state and the folder this run made go again, and the
+            // replica folder is as it was.
+            if !state_existed {
+                let _ = std::fs::remove_dir_all(&self.state_dir);
+            }
+            if !replica_existed {
+                let _ = std::fs::remove_dir(&self.model_dir);
+            }
+        }
+        applied?;
+        report.generation = self
+            .open_index()?
+            .map_or(Ok(0), |i| i.generation().map(|g| g.unwrap_or(0)))?;
+        report.seconds = seconds_since(start);
+        Ok(report)
+    }
+
+    /// [`Self::apply_delta`] of verified deltas in applying order, once the replica folder exists.
+    /// Each delta applied (or skipped) is added to `report`.
+    fn apply_sorted(
+        &self,
+        deltas: &[Delta],
+        state_existed: bool,
+        report: &mut ApplyDeltaReport,
+        wrote: &Cell<bool>,
+    ) -> Result<(), Error> {
+        let _lock = self.begin_write()?;
+        self.recover_locked()?;
+        self.check_delta_set(deltas)?;
+        for d in deltas {
             let h = &d.header;
             let entry = |outcome, blocks| AppliedDelta {
                 file: d.path.clone(),
@@ -76,13 +109,13 @@ impl Checkpoint {
             };
             let Some(index) = self.open_index()? else {
                 if h.full {
-                    self.create_from_full(d)?;
+                    self.create_from_full(d, state_existed, wrote)?;
                     report
                         .deltas
                         .push(entry(ApplyOutcome::CreatedFromFull, d.count));
                 } else {
                     self.adopt(d, state_existed)?;
-                    let blocks = self.apply_one(d)?;
+                    let blocks = self.apply_one(d, wrote)?;
                     report
                         .deltas
                         .push(entry(ApplyOutcome::AdoptedAndApplied, blocks));
@@ -130,14 +163,10 @@ impl Checkpoint {
                     what,
                 });
             }
-            let blocks = self.apply_one(d)?;
+            let blocks = self.apply_one(d, wrote)?;
             report.deltas.push(entry(ApplyOutcome::Applied, blocks));
         }
-        report.generation = self
-            .open_index()?
-            .map_or(Ok(0), |i| i.generation().map(|g| g.unwrap_or(0)))?;
-        report.seconds = seconds_since(start);
-        Ok(report)
+        Ok(())
     }
 
     /// Checks the whole set of deltas (sorted for applying) against the replica before any is
@@ -164,6 +193,15 @@ impl Checkpoint {
                     "it is for model {}, the replica (or the set's first delta) is model {}",
                     h.model_id,
                     model.as_deref().unwrap_or("?")
+                )));
+            }
+            // Generations are stored as SQLite integers (i64), and a delta moves forward.
+            if h.target_generation > i64::MAX as u64
+                || (!h.full && h.target_generation <= h.base_generation)
+            {
+                return Err(refuse(format!(
+                    "it takes generation {} to {}, which no export writes",
+                    h.base_generation, h.target_generation
                 )));
             }
             let at = match generation {
@@ -255,19 +293,74 @@ impl Checkpoint {
         result.inspect_err(|_| undo_state())
     }
 
-    /// Creates the replica's files from a full delta, then indexes them.
-    fn create_from_full(&self, d: &Delta) -> Result<(), Error> {
+    /// Creates the replica's files from a full delta, all or nothing: they are written into a
+    /// hidden staging folder of the replica, indexed and checked against the delta's target
+    /// roots there, and only then moved into place. A refused delta leaves the replica folder
+    /// as it was (the staging folder, and the state this run created, are removed).
+    fn create_from_full(
+        &self,
+        d: &Delta,
+        state_existed: bool,
+        wrote: &Cell<bool>,
+    ) -> Result<(), Error> {
         let h = &d.header;
-        let tmp_of = |name: &str| self.model_dir.join(format!(".{name}.apd-tmp"));
+        let staging = self
+            .model_dir
+            .join(format!(".apollo-full-{}.tmp", h.target_generation));
+        let result = self.stage_full(d, &staging).and_then(|()| {
+            // Into place: the files only, each already complete and checked.
+            wrote.set(true);
+            for f in &h.files {
+                let dest = self.model_dir.join(&f.name);
+                self.io
+                    .rename(&staging.join(&f.name), &dest)
+                    .map_err(Checkpoint::io_err(&dest))?;
+            }
+            self.io
+                .sync_dir(&self.model_dir)
+                .map_err(Checkpoint::io_err(&self.model_dir))?;
+            // A rename changes a file's ctime: the index learns the files' stats in place.
+            let model = self.open_model_for_write()?;
+            let mut index = self.require_index()?;
+            index.commit_sync(SyncCommit {
+                file_stats: model
+                    .files
+                    .iter()
+                    .map(|f| (f.name.clone(), f.stat))
+                    .collect(),
+                ..SyncCommit::default()
+            })?;
+            Ok(())
+        });
+        let _ = std::fs::remove_dir_all(&staging);
+        if result.is_err() && !state_existed && !wrote.get() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+        result
+    }
+
+    /// Writes the files of full delta `d` into `staging`, indexes them there (into this
+    /// replica's state directory) and checks them against the delta's target roots.
+    fn stage_full(&self, d: &Delta, staging: &Path) -> Result<(), Error> {
+        let h = &d.header;
+        if let Some(f) = h
+            .files
+            .iter()
+            .find(|f| f.name != INDEX_FILE && !f.name.ends_with(".safetensors"))
+        {
+            return Err(DeltaError::UnsafePath {
+                path: d.path.clone(),
+                name: f.name.clone(),
+            }
+            .into());
+        }
+        let _ = std::fs::remove_dir_all(staging);
         self.io
-            .create_dir_all(&self.model_dir)
-            .map_err(Checkpoint::io_err(&self.model_dir))?;
+            .create_dir_all(staging)
+            .map_err(Checkpoint::io_err(staging))?;
         let mut handles = Vec::new();
         for f in &h.files {
-            let t = tmp_of(&f.name);
-            if t.exists() {
-                self.io.remove_file(&t).map_err(Checkpoint::io_err(&t))?;
-            }
+            let t = staging.join(&f.name);
             handles.push(self.io.create(&t).map_err(Checkpoint::io_err(&t))?);
         }
         d.for_each_batch(64 << 20, |batch| {
@@ -298,22 +391,14 @@ impl Checkpoint {
             }
         }
         drop(handles);
-        for f in &h.files {
-            let dest = self.model_dir.join(&f.name);
-            self.io
-                .rename(&tmp_of(&f.name), &dest)
-                .map_err(Checkpoint::io_err(&dest))?;
-        }
-        self.io
-            .sync_dir(&self.model_dir)
-            .map_err(Checkpoint::io_err(&self.model_dir))?;
-        let roots = self.index_replica(h, h.target_generation, GenerationKind::FullDelta)?;
+        let staged = Checkpoint::new(staging, Some(&self.state_dir), Arc::clone(&self.io));
+        let roots = staged.index_replica(h, h.target_generation, GenerationKind::FullDelta)?;
         for f in h.files.iter().filter(|f| f.name != INDEX_FILE) {
             if roots.get(&f.name) != Some(&f.target_root) {
                 return Err(Error::ReplicaMismatch {
                     delta: d.path.clone(),
                     what: format!(
-                        "{} does not match the delta's target after writing it",
+                        "{} does not match the delta's target after writing it; the replica is left as it was",
                         f.name
                     ),
                 });
@@ -323,7 +408,8 @@ impl Checkpoint {
     }
 
     /// Journals and applies one incremental delta whose base is the replica's generation.
-    fn apply_one(&self, d: &Delta) -> Result<u64, Error> {
+    /// `wrote` is set once its journal may commit.
+    fn apply_one(&self, d: &Delta, wrote: &Cell<bool>) -> Result<u64, Error> {
         let start = Instant::now();
         let h = &d.header;
         let index = self.require_index()?;
@@ -367,6 +453,50 @@ impl Checkpoint {
                 restored_generation: None,
             },
         };
+        let block_size = u64::from(h.block_size);
+        if block_size != index.block_layout()?.block_size {
+            return Err(Error::ReplicaMismatch {
+                delta: d.path.clone(),
+                what: format!(
+                    "its blocks are {block_size} bytes, the replica's index uses {}",
+                    index.block_layout()?.block_size
+                ),
+            });
+        }
+        // Every tensor's data region, by (delta file index, absolute offset): its length.
+        let regions: HashMap<(u32, u64), u64> = model
+            .tensors
+            .iter()
+            .filter(|t| t.entry.len > 0)
+            .filter_map(|t| {
+                let name = &model.files[t.file].name;
+                let i = h.files.iter().position(|f| &f.name == name)?;
+                Some(((i as u32, t.entry.offset), t.entry.len))
+            })
+            .collect();
+        // Records are untrusted input (the checksum is not a signature): each must be exactly
+        // one block of a tensor of the replica, and its bytes must give its target hash, or the
+        // delta is refused before its journal commits (nothing written).
+        let corrupt = |r: &Record, what: &str| {
+            Error::Delta(DeltaError::Corrupt {
+                path: d.path.clone(),
+                what: format!(
+                    "the record for bytes {}..{} of {}: {what}",
+                    r.offset,
+                    r.offset.saturating_add(u64::from(r.len)),
+                    h.files[r.file as usize].name
+                ),
+            })
+        };
+        let is_block = |r: &Record| {
+            let Some(&len) = regions.get(&(r.file, r.tensor_offset)) else {
+                return false;
+            };
+            let Some(rel) = r.offset.checked_sub(r.tensor_offset) else {
+                return false;
+            };
+            rel % block_size == 0 && rel < len && u64::from(r.len) == block_size.min(len - rel)
+        };
         let mut txn = WriteTxn::begin(self, &header)?;
         let mut blocks = 0;
         d.for_each_batch(64 << 20, |batch| {
@@ -375,10 +505,10 @@ impl Checkpoint {
                 .map(|r| {
                     let name = &h.files[r.file as usize].name;
                     if r.tensor_offset == RAW {
-                        return Err(Error::Delta(DeltaError::Corrupt {
-                            path: d.path.clone(),
-                            what: "raw bytes in an incremental delta".into(),
-                        }));
+                        return Err(corrupt(r, "raw bytes in an incremental delta"));
+                    }
+                    if !is_block(r) {
+                        return Err(corrupt(r, "not a block of a tensor of the replica"));
                     }
                     let f = &handles[r.file as usize];
                     let mut block = vec![0u8; r.len as usize];
@@ -394,8 +524,18 @@ impl Checkpoint {
                                 end: r.offset + u64::from(r.len),
                             });
                         }
+                        let mut new = block.clone();
+                        if record::apply_xor(&r.payload, &mut new).is_none() {
+                            return Err(corrupt(r, "its XOR code is malformed"));
+                        }
+                        if record_hash(r.tensor_offset, r.offset, &new) != r.new {
+                            return Err(corrupt(r, "its bytes do not give its target hash"));
+                        }
                         r.payload.clone()
                     } else {
+                        if record_hash(r.tensor_offset, r.offset, &r.payload) != r.new {
+                            return Err(corrupt(r, "its bytes do not give its target hash"));
+                        }
                         if now == r.new {
                             return Ok(None);
                         }
@@ -424,6 +564,7 @@ impl Checkpoint {
             }
             Ok::<_, Error>(())
         })?;
+        wrote.set(true);
         let (committed, _) = txn.commit()?;
         drop(index);
         committed.finish(Mode::Write, Some(handles), NewHashes::ReadBack, start)?;

@@ -297,17 +297,7 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
 
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let t = &self.map.tensors[&self.order[tensor]];
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > t.len)
-        {
-            return Err(SourceError::OutOfRange {
-                tensor: t.name.clone(),
-                offset,
-                len: buf.len() as u64,
-                tensor_len: t.len,
-            });
-        }
+        crate::source::check_range(&t.name, t.len, offset, buf.len())?;
         for (seg, within, len) in t.pieces(offset, buf.len() as u64) {
             let at = (seg.dst + within - offset) as usize;
             self.reader

@@ -456,3 +456,208 @@ fn pruning_removes_confirmed_deltas_and_the_cli_round_trip_works() {
     assert_eq!(stdout_json(&x)["pruned"].as_array().unwrap().len(), 2);
     assert!(deltas_in(&outbox).is_empty());
 }
+
+/// A delta whose checksum is right is still untrusted input (anyone can recompute an unkeyed
+/// checksum): every record must be one block of a tensor of the replica whose bytes give its
+/// target hash, the block size the replica's, the generations ones an export writes. Each
+/// forgery is refused before anything is written (they used to overwrite a shard header, leave
+/// files neither old nor new with `recover` failing forever, or panic).
+#[test]
+fn forged_deltas_are_refused_before_anything_is_written() {
+    use apollo_checkpoint::record::Record;
+    let mut tensors = mixed_tensors(71);
+    let p = pair(&tensors, 1, 1);
+    let (outbox, replica) = bootstrapped(&p);
+    let mut rng = Rng::new(72);
+    change(&mut tensors, &mut rng);
+    for t in tensors.iter_mut().filter(|t| !t.data.is_empty()) {
+        t.data[0] ^= 0x40; // at least one block of every tensor
+    }
+    sync(&p, &tensors);
+    let real = checkpoint(&p.model)
+        .export_delta(&outbox, None, false)
+        .unwrap()
+        .file
+        .unwrap();
+    let delta = Delta::open(&RealIo::new(), &real).unwrap();
+    let mut records: Vec<Record> = Vec::new();
+    delta
+        .for_each_batch(1 << 20, |b| {
+            records.extend(b);
+            Ok::<_, apollo_checkpoint::delta::DeltaError>(())
+        })
+        .unwrap();
+    assert!(records.len() > 3 && records.iter().all(Record::is_xor));
+    let forge = |name: &str, header: &DeltaHeader, records: &[Record]| {
+        let path = p.tmp.path().join(format!("forged-{name}.apd"));
+        let mut w = DeltaWriter::create(&RealIo::new(), &path, header).unwrap();
+        for r in records {
+            let mut e = Vec::new();
+            r.encode(&mut e);
+            w.append(&e, 1).unwrap();
+        }
+        w.finish(&RealIo::new()).unwrap();
+        path
+    };
+    let with = |f: &dyn Fn(&mut Record)| {
+        let mut rs = records.clone();
+        f(&mut rs[1]);
+        rs
+    };
+    let h = delta.header.clone();
+    let cases: Vec<(&str, DeltaHeader, Vec<Record>, &str)> = vec![
+        (
+            "header",
+            h.clone(),
+            with(&|r| {
+                r.tensor_offset = 0;
+                r.offset = 0;
+            }),
+            "not a block of a tensor",
+        ),
+        (
+            "unaligned",
+            h.clone(),
+            with(&|r| r.offset += 1),
+            "not a block of a tensor",
+        ),
+        (
+            "empty",
+            h.clone(),
+            with(&|r| r.len = 0),
+            "not a block of a tensor",
+        ),
+        (
+            "long",
+            h.clone(),
+            with(&|r| r.len += 1),
+            "not a block of a tensor",
+        ),
+        (
+            "target",
+            h.clone(),
+            with(&|r| r.new = [0xaa; 16]),
+            "do not give its target hash",
+        ),
+        (
+            "blocksize",
+            DeltaHeader {
+                block_size: 8192,
+                ..h.clone()
+            },
+            records.clone(),
+            "its blocks are 8192 bytes",
+        ),
+        (
+            "generation",
+            DeltaHeader {
+                target_generation: u64::MAX - 1,
+                ..h.clone()
+            },
+            records.clone(),
+            "which no export writes",
+        ),
+        (
+            "backwards",
+            DeltaHeader {
+                target_generation: h.base_generation,
+                ..h.clone()
+            },
+            records.clone(),
+            "which no export writes",
+        ),
+    ];
+    let before = model_files(&replica);
+    for (name, header, rs, says) in cases {
+        let forged = forge(name, &header, &rs);
+        let e = checkpoint(&replica)
+            .apply_delta(std::slice::from_ref(&forged))
+            .unwrap_err();
+        assert!(e.to_string().contains(says), "{name}: {e}");
+        assert!(matches!(e.exit_code(), 65 | 78), "{name}: {e}");
+        assert_eq!(model_files(&replica), before, "{name}");
+        assert!(
+            !replica.join(".apollo-checkpoint/journal").exists(),
+            "{name}"
+        );
+        let st = checkpoint(&replica).status().unwrap();
+        assert_eq!(st.generation, Some(0), "{name}");
+        assert!(st.pending.is_empty(), "{name}: {:?}", st.pending);
+    }
+    // The real one still applies.
+    checkpoint(&replica)
+        .apply_delta(std::slice::from_ref(&real))
+        .unwrap();
+    assert_eq!(model_files(&replica), model_files(&p.model));
+}
+
+/// A refused `--full` delta leaves the replica folder byte for byte as it was: the files are
+/// staged, indexed and checked before any is moved into place (they used to be renamed into
+/// place first, and a shipped `config.json` replaced), and the state this run made is removed.
+#[test]
+fn a_refused_full_delta_leaves_the_replica_folder_as_it_was() {
+    use apollo_checkpoint::record::Record;
+    let tensors = mixed_tensors(73);
+    let p = pair(&tensors, 2, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    let outbox = p.tmp.path().join("outbox");
+    let full = checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap()
+        .file
+        .unwrap();
+    let delta = Delta::open(&RealIo::new(), &full).unwrap();
+    let mut records: Vec<Record> = Vec::new();
+    delta
+        .for_each_batch(1 << 20, |b| {
+            records.extend(b);
+            Ok::<_, apollo_checkpoint::delta::DeltaError>(())
+        })
+        .unwrap();
+    let rewrite = |name: &str, header: &DeltaHeader| {
+        let path = p.tmp.path().join(format!("{name}.apd"));
+        let mut w = DeltaWriter::create(&RealIo::new(), &path, header).unwrap();
+        for r in &records {
+            let mut e = Vec::new();
+            r.encode(&mut e);
+            w.append(&e, 1).unwrap();
+        }
+        w.finish(&RealIo::new()).unwrap();
+        path
+    };
+    let mut wrong_root = delta.header.clone();
+    wrong_root.files[1].target_root = [7; 32];
+    let mut config = delta.header.clone();
+    config.files[0].name = "config.json".into();
+    let replica = p.tmp.path().join("replica");
+    std::fs::create_dir(&replica).unwrap();
+    std::fs::write(replica.join("config.json"), b"{\"mine\": true}").unwrap();
+    for (name, header, says) in [
+        ("root", &wrong_root, "does not match the delta's target"),
+        ("config", &config, "config.json"),
+    ] {
+        let forged = rewrite(name, header);
+        let e = checkpoint(&replica)
+            .apply_delta(std::slice::from_ref(&forged))
+            .unwrap_err();
+        assert!(e.to_string().contains(says), "{name}: {e}");
+        let left: Vec<String> = std::fs::read_dir(&replica)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["config.json"], "{name}");
+        assert_eq!(
+            std::fs::read(replica.join("config.json")).unwrap(),
+            b"{\"mine\": true}"
+        );
+    }
+    // A replica folder that did not exist is not left behind either.
+    let fresh = p.tmp.path().join("fresh-replica");
+    let forged = rewrite("root2", &wrong_root);
+    assert!(checkpoint(&fresh).apply_delta(&[forged]).is_err());
+    assert!(!fresh.exists());
+    // The real delta creates the replica.
+    checkpoint(&replica).apply_delta(&[full]).unwrap();
+    assert_eq!(model_files(&replica), model_files(&p.model));
+    assert!(checkpoint(&replica).verify(false).unwrap().clean);
+}
