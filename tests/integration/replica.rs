@@ -457,6 +457,35 @@ fn pruning_removes_confirmed_deltas_and_the_cli_round_trip_works() {
     assert!(deltas_in(&outbox).is_empty());
 }
 
+/// A delta and its records.
+fn read_delta(path: &std::path::Path) -> (Delta, Vec<apollo_checkpoint::record::Record>) {
+    let delta = Delta::open(&RealIo::new(), path).unwrap();
+    let mut records = Vec::new();
+    delta
+        .for_each_batch(1 << 20, |b| {
+            records.extend(b);
+            Ok::<_, apollo_checkpoint::delta::DeltaError>(())
+        })
+        .unwrap();
+    (delta, records)
+}
+
+/// Writes a delta of `header` and `records` (with a correct checksum) to `path`.
+fn write_delta(
+    path: &std::path::Path,
+    header: &DeltaHeader,
+    records: &[apollo_checkpoint::record::Record],
+) -> PathBuf {
+    let mut w = DeltaWriter::create(&RealIo::new(), path, header).unwrap();
+    for r in records {
+        let mut e = Vec::new();
+        r.encode(&mut e);
+        w.append(&e, 1).unwrap();
+    }
+    w.finish(&RealIo::new()).unwrap();
+    path.to_path_buf()
+}
+
 /// A delta whose checksum is right is still untrusted input (anyone can recompute an unkeyed
 /// checksum): every record must be one block of a tensor of the replica whose bytes give its
 /// target hash, the block size the replica's, the generations ones an export writes. Each
@@ -479,25 +508,14 @@ fn forged_deltas_are_refused_before_anything_is_written() {
         .unwrap()
         .file
         .unwrap();
-    let delta = Delta::open(&RealIo::new(), &real).unwrap();
-    let mut records: Vec<Record> = Vec::new();
-    delta
-        .for_each_batch(1 << 20, |b| {
-            records.extend(b);
-            Ok::<_, apollo_checkpoint::delta::DeltaError>(())
-        })
-        .unwrap();
+    let (delta, records) = read_delta(&real);
     assert!(records.len() > 3 && records.iter().all(Record::is_xor));
     let forge = |name: &str, header: &DeltaHeader, records: &[Record]| {
-        let path = p.tmp.path().join(format!("forged-{name}.apd"));
-        let mut w = DeltaWriter::create(&RealIo::new(), &path, header).unwrap();
-        for r in records {
-            let mut e = Vec::new();
-            r.encode(&mut e);
-            w.append(&e, 1).unwrap();
-        }
-        w.finish(&RealIo::new()).unwrap();
-        path
+        write_delta(
+            &p.tmp.path().join(format!("forged-{name}.apd")),
+            header,
+            records,
+        )
     };
     let with = |f: &dyn Fn(&mut Record)| {
         let mut rs = records.clone();
@@ -596,7 +614,6 @@ fn forged_deltas_are_refused_before_anything_is_written() {
 /// place first, and a shipped `config.json` replaced), and the state this run made is removed.
 #[test]
 fn a_refused_full_delta_leaves_the_replica_folder_as_it_was() {
-    use apollo_checkpoint::record::Record;
     let tensors = mixed_tensors(73);
     let p = pair(&tensors, 2, 1);
     checkpoint(&p.model).init(4096).unwrap();
@@ -606,24 +623,9 @@ fn a_refused_full_delta_leaves_the_replica_folder_as_it_was() {
         .unwrap()
         .file
         .unwrap();
-    let delta = Delta::open(&RealIo::new(), &full).unwrap();
-    let mut records: Vec<Record> = Vec::new();
-    delta
-        .for_each_batch(1 << 20, |b| {
-            records.extend(b);
-            Ok::<_, apollo_checkpoint::delta::DeltaError>(())
-        })
-        .unwrap();
+    let (delta, records) = read_delta(&full);
     let rewrite = |name: &str, header: &DeltaHeader| {
-        let path = p.tmp.path().join(format!("{name}.apd"));
-        let mut w = DeltaWriter::create(&RealIo::new(), &path, header).unwrap();
-        for r in &records {
-            let mut e = Vec::new();
-            r.encode(&mut e);
-            w.append(&e, 1).unwrap();
-        }
-        w.finish(&RealIo::new()).unwrap();
-        path
+        write_delta(&p.tmp.path().join(format!("{name}.apd")), header, &records)
     };
     let mut wrong_root = delta.header.clone();
     wrong_root.files[1].target_root = [7; 32];
