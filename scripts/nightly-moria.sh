@@ -18,6 +18,10 @@
 #   --remote-bin PATH    apollo-checkpoint on the backup host         [APOLLO_REMOTE_BIN]
 #   --bootstrap full|GEN the very first run only: ship whole files (`full`), or the generation
 #                        at which the model files were copied to the replica  [APOLLO_BOOTSTRAP]
+#   --key-file FILE      authenticate deltas: a MAC by this key (64 hex digits, chmod 600) goes
+#                        with each delta                              [APOLLO_KEY_FILE]
+#   --remote-key-file FILE  the same key on the backup host, which then refuses any delta
+#                        without a valid MAC                          [APOLLO_REMOTE_KEY_FILE]
 #   --dry-run            print what would run; change nothing
 set -euo pipefail
 
@@ -31,10 +35,12 @@ RSYNC=${APOLLO_RSYNC:-rsync}
 BIN=${APOLLO_BIN:-apollo-checkpoint}
 REMOTE_BIN=${APOLLO_REMOTE_BIN:-apollo-checkpoint}
 BOOTSTRAP=${APOLLO_BOOTSTRAP:-}
+KEY_FILE=${APOLLO_KEY_FILE:-}
+REMOTE_KEY_FILE=${APOLLO_REMOTE_KEY_FILE:-}
 DRY_RUN=0
 
 die() { echo "nightly-moria: $*" >&2; exit 1; }
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,6 +54,8 @@ while [ $# -gt 0 ]; do
     --bin) BIN=${2:?}; shift 2 ;;
     --remote-bin) REMOTE_BIN=${2:?}; shift 2 ;;
     --bootstrap) BOOTSTRAP=${2:?}; shift 2 ;;
+    --key-file) KEY_FILE=${2:?}; shift 2 ;;
+    --remote-key-file) REMOTE_KEY_FILE=${2:?}; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -67,6 +75,8 @@ read -r -a RSYNC_CMD <<<"$RSYNC"
 
 # 1. Export. The first export ever needs to know where the replica starts.
 export_args=(export-delta --model-dir "$MODEL_DIR" --out "$OUTBOX")
+[ -z "$KEY_FILE" ] || export_args+=(--key-file "$KEY_FILE")
+[ -z "$KEY_FILE" ] || [ -n "$REMOTE_KEY_FILE" ] || die "--key-file needs --remote-key-file (the same key on $REMOTE_HOST), or the MACs are never checked"
 if ! "$BIN" status --model-dir "$MODEL_DIR" --json | grep -q '"exported_through":[0-9]'; then
   case "$BOOTSTRAP" in
     full) export_args+=(--full) ;;
@@ -82,7 +92,9 @@ run "${SSH_CMD[@]}" "$REMOTE_HOST" "mkdir -p $(printf '%q' "$REMOTE_INBOX")"
 run "${RSYNC_CMD[@]}" -a --delete --exclude '.*' -e "$SSH" "$OUTBOX/" "$REMOTE_HOST:$REMOTE_INBOX/"
 
 # 3. Apply there. With no delta left in the inbox, just report the replica's generation.
-apply=$(printf '%q ' "$REMOTE_BIN" apply-delta --replica-dir "$REMOTE_DIR" --json)
+apply_args=("$REMOTE_BIN" apply-delta --replica-dir "$REMOTE_DIR" --json)
+[ -z "$REMOTE_KEY_FILE" ] || apply_args+=(--key-file "$REMOTE_KEY_FILE")
+apply=$(printf '%q ' "${apply_args[@]}")
 status=$(printf '%q ' "$REMOTE_BIN" status --model-dir "$REMOTE_DIR" --json)
 remote="cd $(printf '%q' "$REMOTE_INBOX") && set -- *.apd && if [ -e \"\$1\" ]; then $apply \"\$@\"; else $status; fi"
 if [ "$DRY_RUN" = 1 ]; then

@@ -32,6 +32,7 @@ pub mod io;
 pub mod journal;
 pub mod live;
 pub mod lock;
+pub mod mac;
 pub mod model;
 pub mod plan;
 pub mod record;

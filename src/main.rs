@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
 use apollo_checkpoint::io::RealIo;
+use apollo_checkpoint::mac::Key;
 use apollo_checkpoint::{
     Checkpoint, Error, RecoverReport, RecoveryAction, SafetensorsSource, StatusReport, SyncReport,
     VerifyReport,
@@ -155,6 +156,10 @@ enum Command {
         /// has applied them); export nothing.
         #[arg(long, value_name = "GEN", conflicts_with_all = ["since", "full"])]
         prune_through: Option<u64>,
+        /// Authenticate the delta: write a BLAKE3 keyed MAC of it and its manifest next to it
+        /// (`<delta>.mac`). The key file holds 64 hex digits and must be private (chmod 600).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Apply delta files to a replica (on the backup host): verified, journaled, recoverable.
     ///
@@ -177,6 +182,10 @@ enum Command {
         /// Write replica files that are symbolic links, through them.
         #[arg(long)]
         follow_symlinks: bool,
+        /// Refuse any delta without a valid MAC by this key (`export-delta --key-file` with the
+        /// same key writes them). The key file must be private (chmod 600).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// The delta files (.apd), in any order.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -390,8 +399,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             since,
             full,
             prune_through,
+            key_file,
         } => {
-            let cp = checkpoint(&target);
+            let key = key_file
+                .as_deref()
+                .map(Key::read)
+                .transpose()
+                .map_err(Error::from)?;
+            let cp = checkpoint(&target).with_key(key);
             if let Some(through) = prune_through {
                 let pruned = cp.prune_exports(&out, through)?;
                 if target.json {
@@ -433,8 +448,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             wait,
             follow_symlinks,
+            key_file,
             files,
         } => {
+            let key = key_file
+                .as_deref()
+                .map(Key::read)
+                .transpose()
+                .map_err(Error::from)?;
             let target = Target {
                 model_dir: replica_dir,
                 state_dir,
@@ -442,7 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 wait,
                 follow_symlinks,
             };
-            let r = checkpoint(&target).apply_delta(&files)?;
+            let r = checkpoint(&target).with_key(key).apply_delta(&files)?;
             if json {
                 print_json(&r)?;
             } else {

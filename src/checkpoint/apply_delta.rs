@@ -30,7 +30,13 @@ impl Checkpoint {
     /// Applies delta files to this directory as a replica (see the module documentation).
     pub fn apply_delta(&self, paths: &[PathBuf]) -> Result<ApplyDeltaReport, Error> {
         let start = Instant::now();
-        // Every delta is verified before anything is touched.
+        // Every delta is verified before anything is touched: its MAC first, when a key is
+        // configured (a delta without a valid one is refused).
+        if let Some(key) = &self.key {
+            for p in paths {
+                key.check(p)?;
+            }
+        }
         let mut deltas = Vec::with_capacity(paths.len());
         for p in paths {
             deltas.push(Delta::open(self.io.as_ref(), p)?);

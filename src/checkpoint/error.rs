@@ -67,6 +67,9 @@ pub enum Error {
     /// Rolling the journal forward failed.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// A key or a delta's MAC failed.
+    #[error(transparent)]
+    Mac(#[from] crate::mac::MacError),
     /// The state lock is held by another process.
     #[error(transparent)]
     Lock(#[from] LockError),
@@ -252,6 +255,13 @@ impl Error {
             Error::Journal(e) => e.kind(),
             Error::Apply(e) => e.kind(),
             Error::Lock(e) => e.kind(),
+            Error::Mac(e) => match e {
+                crate::mac::MacError::Io { .. } => ErrorKind::Io,
+                crate::mac::MacError::Missing { .. } | crate::mac::MacError::Mismatch { .. } => {
+                    ErrorKind::BadData
+                }
+                _ => ErrorKind::State,
+            },
             Error::Handles(e) => e.kind(),
             Error::Delta(e) => e.kind(),
             Error::Cuda(e) => e.kind(),

@@ -261,6 +261,14 @@ impl Checkpoint {
                 .unwrap_or_default()
                 .as_bytes(),
         )?;
+        if let Some(key) = &self.key {
+            let text = key.mac_file_text(&dest, Some(&manifest_path))?;
+            write_atomic(
+                self.io.as_ref(),
+                &crate::mac::mac_path(&dest),
+                text.as_bytes(),
+            )?;
+        }
         let changed: Vec<String> = manifest["files"]
             .as_array()
             .map(|fs| {
@@ -532,7 +540,11 @@ impl Checkpoint {
             if e.target_generation > through || e.pruned {
                 continue;
             }
-            for name in [e.file.clone(), e.file.replace(".apd", ".json")] {
+            for name in [
+                e.file.clone(),
+                e.file.replace(".apd", ".json"),
+                format!("{}{}", e.file, crate::mac::MAC_SUFFIX),
+            ] {
                 let p = outbox.join(&name);
                 if p.exists() {
                     self.io.remove_file(&p).map_err(Checkpoint::io_err(&p))?;

@@ -89,6 +89,7 @@ pub struct Checkpoint {
     progress: bool,
     wait: Duration,
     follow_symlinks: bool,
+    key: Option<crate::mac::Key>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -117,6 +118,7 @@ impl Checkpoint {
             progress: false,
             wait: Duration::ZERO,
             follow_symlinks: false,
+            key: None,
         }
     }
 
@@ -139,6 +141,14 @@ impl Checkpoint {
     #[must_use]
     pub fn with_follow_symlinks(mut self, follow: bool) -> Self {
         self.follow_symlinks = follow;
+        self
+    }
+
+    /// The key that authenticates deltas: `export-delta` writes a MAC next to each delta, and
+    /// `apply-delta` refuses a delta without a valid one (see [`crate::mac`]).
+    #[must_use]
+    pub fn with_key(mut self, key: Option<crate::mac::Key>) -> Self {
+        self.key = key;
         self
     }
 
