@@ -269,6 +269,11 @@ impl Delta {
             return Err(corrupt("bad magic"));
         }
         let nfiles = le_u32(&head[56..]) as usize;
+        // Each entry takes at least 74 bytes: a count the header cannot hold is a lie (it was
+        // an allocation of hundreds of GB, and an abort).
+        if nfiles.saturating_mul(74) > head.len() {
+            return Err(corrupt("file count larger than its file table"));
+        }
         let mut p = 64;
         let mut files = Vec::with_capacity(nfiles);
         for _ in 0..nfiles {

@@ -616,13 +616,7 @@ fn forged_deltas_are_refused_before_anything_is_written() {
 fn a_refused_full_delta_leaves_the_replica_folder_as_it_was() {
     let tensors = mixed_tensors(73);
     let p = pair(&tensors, 2, 1);
-    checkpoint(&p.model).init(4096).unwrap();
-    let outbox = p.tmp.path().join("outbox");
-    let full = checkpoint(&p.model)
-        .export_delta(&outbox, None, true)
-        .unwrap()
-        .file
-        .unwrap();
+    let (_, full) = crate::util::full_export(&p);
     let (delta, records) = read_delta(&full);
     let rewrite = |name: &str, header: &DeltaHeader| {
         write_delta(&p.tmp.path().join(format!("{name}.apd")), header, &records)

@@ -286,6 +286,18 @@ pub fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Indexes `p.model` and exports it whole into `<tmp>/outbox`: (outbox, the full delta).
+pub fn full_export(p: &Pair) -> (PathBuf, PathBuf) {
+    checkpoint(&p.model).init(4096).unwrap();
+    let outbox = p.tmp.path().join("outbox");
+    let full = checkpoint(&p.model)
+        .export_delta(&outbox, None, true)
+        .unwrap()
+        .file
+        .unwrap();
+    (outbox, full)
+}
+
 /// Drops `held` (a lock) after `ms` milliseconds, on another thread.
 pub fn release_after<H: Send + 'static>(held: H, ms: u64) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
