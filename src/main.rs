@@ -2,12 +2,13 @@
 //! and maps errors to exit codes (see the README's table).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
+use apollo_checkpoint::checkpoint::CommandTarget;
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::mac::Key;
 use apollo_checkpoint::{
@@ -552,7 +553,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if target.json {
                 print_json(&report)?;
             } else {
-                print_verify(&report, &target.model_dir);
+                print_verify(
+                    &report,
+                    &CommandTarget {
+                        model_dir: target.model_dir.clone(),
+                        state_dir: target.state_dir.clone(),
+                    },
+                );
             }
             if !report.clean && !report.repaired {
                 return Ok(ExitCode::from(1));
@@ -711,7 +718,7 @@ fn print_status(r: &StatusReport) {
     }
 }
 
-fn print_verify(r: &VerifyReport, model_dir: &Path) {
+fn print_verify(r: &VerifyReport, args: &CommandTarget) {
     for p in &r.file_problems {
         eprintln!("file changed: {p}");
     }
@@ -731,20 +738,19 @@ fn print_verify(r: &VerifyReport, model_dir: &Path) {
     if r.clean {
         eprintln!(
             "verified {}: clean ({} checked in {:.2} s)",
-            model_dir.display(),
+            args.model_dir.display(),
             human_bytes(r.bytes_checked),
             r.seconds
         );
     } else if r.repaired {
         eprintln!(
             "re-indexed {} from the files as they are: now generation {}",
-            model_dir.display(),
+            args.model_dir.display(),
             r.generation
         );
     } else {
         eprintln!(
-            "verify failed: the files differ from the index; if the change is wanted, run `apollo-checkpoint verify --repair --model-dir {}`",
-            model_dir.display()
+            "verify failed: the files differ from the index; if the change is wanted, run `apollo-checkpoint verify --repair {args}`"
         );
     }
 }

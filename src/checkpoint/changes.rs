@@ -514,7 +514,7 @@ impl<'a> Changes<'a> {
                     block: c.block,
                     offset: t.entry.offset + off,
                     end: t.entry.offset + off + len,
-                    model_dir: self.cp.model_dir.clone(),
+                    args: self.cp.args(),
                 });
             }
             let new = &bytes[c.at..c.at + len as usize];
@@ -575,7 +575,7 @@ impl<'a> Staging<'a> {
                 return Err(Error::Stale {
                     file: mf.name.clone(),
                     what: "changed while this sync was reading it".into(),
-                    model_dir: c.cp.model_dir.clone(),
+                    args: c.cp.args(),
                 });
             }
             self.files.push(h);

@@ -48,6 +48,39 @@ impl ErrorKind {
     }
 }
 
+/// The `--model-dir` (and, when it is not the default, `--state-dir`) arguments that name a
+/// model, for the commands an error message tells the user to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandTarget {
+    /// The model directory.
+    pub model_dir: PathBuf,
+    /// The state directory, when not `<model_dir>/.apollo-checkpoint`.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Display for CommandTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--model-dir {}", shell_word(&self.model_dir))?;
+        if let Some(s) = &self.state_dir {
+            write!(f, " --state-dir {}", shell_word(s))?;
+        }
+        Ok(())
+    }
+}
+
+/// `path` as one shell word: as it is when it needs no quoting, else in single quotes.
+fn shell_word(path: &std::path::Path) -> String {
+    let s = path.to_string_lossy();
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c))
+    {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 /// Everything that can stop an operation. Each variant says what to do next.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -92,14 +125,12 @@ pub enum Error {
         source: std::io::Error,
     },
     /// No index yet.
-    #[error(
-        "{state_dir}: no index yet; run `apollo-checkpoint init --model-dir {model_dir}` first"
-    )]
+    #[error("{state_dir}: no index yet; run `apollo-checkpoint init {args}` first")]
     NotInitialized {
         /// The state directory.
         state_dir: PathBuf,
-        /// The model directory.
-        model_dir: PathBuf,
+        /// The model (and state) directory, as command-line arguments.
+        args: CommandTarget,
     },
     /// `init` on an indexed model.
     #[error(
@@ -114,22 +145,22 @@ pub enum Error {
     BlockSize(#[from] blockhash::BadBlockSize),
     /// A model file no longer matches the index: it was changed by another program.
     #[error(
-        "{file}: {what} since apollo-checkpoint last wrote it; it is not trusted. Check what changed it, then run `apollo-checkpoint verify --repair --model-dir {model_dir}` to re-index"
+        "{file}: {what} since apollo-checkpoint last wrote it; it is not trusted. Check what changed it, then run `apollo-checkpoint verify --repair {args}` to re-index"
     )]
     Stale {
         /// The file.
         file: String,
         /// What differs.
         what: String,
-        /// The model directory.
-        model_dir: PathBuf,
+        /// The model (and state) directory, as command-line arguments.
+        args: CommandTarget,
     },
     /// Source and model disagree on names, dtypes or shapes.
     #[error("the source does not match the model ({} differences); nothing was written:\n  {}", .0.len(), .0.join("\n  "))]
     Mismatch(Vec<String>),
     /// An old block's bytes do not match its stored hash.
     #[error(
-        "{file}: tensor {tensor} block {block} (bytes {offset}..{end}) does not match the index; the file was changed behind our back. Nothing was written; run `apollo-checkpoint verify --model-dir {model_dir}` to see what changed"
+        "{file}: tensor {tensor} block {block} (bytes {offset}..{end}) does not match the index; the file was changed behind our back. Nothing was written; run `apollo-checkpoint verify {args}` to see what changed"
     )]
     OldBlockChanged {
         /// The file.
@@ -142,18 +173,18 @@ pub enum Error {
         offset: u64,
         /// Absolute end in the file.
         end: u64,
-        /// The model directory.
-        model_dir: PathBuf,
+        /// The model (and state) directory, as command-line arguments.
+        args: CommandTarget,
     },
     /// A journal is pending and this command does not recover it.
     #[error(
-        "{path}: an interrupted write is pending; run `apollo-checkpoint recover --model-dir {model_dir}` (or `sync`, which recovers first)"
+        "{path}: an interrupted write is pending; run `apollo-checkpoint recover {args}` (or `sync`, which recovers first)"
     )]
     JournalPending {
         /// The journal.
         path: PathBuf,
-        /// The model directory.
-        model_dir: PathBuf,
+        /// The model (and state) directory, as command-line arguments.
+        args: CommandTarget,
     },
     /// `rollback --to` names a generation that is not before the current one.
     #[error(
@@ -218,7 +249,7 @@ pub enum Error {
     },
     /// After a journal was applied, a block does not hold the bytes it promised.
     #[error(
-        "{file}: after applying generation {target}, the block at bytes {offset}..{end} does not hold the expected bytes; run `apollo-checkpoint verify --model-dir {model_dir}`"
+        "{file}: after applying generation {target}, the block at bytes {offset}..{end} does not hold the expected bytes; run `apollo-checkpoint verify {args}`"
     )]
     TargetMismatch {
         /// The file.
@@ -229,8 +260,8 @@ pub enum Error {
         end: u64,
         /// The generation applied.
         target: u64,
-        /// The model directory.
-        model_dir: PathBuf,
+        /// The model (and state) directory, as command-line arguments.
+        args: CommandTarget,
     },
     /// A command line that cannot work (arguments that contradict each other or the source).
     #[error("{0}")]

@@ -95,14 +95,14 @@ impl Checkpoint {
         let busy = writing || interrupted;
         if interrupted {
             report.pending.push(format!(
-                "an interrupted write is pending: run `apollo-checkpoint recover --model-dir {}` (sync also recovers first)",
-                self.model_dir.display()
+                "an interrupted write is pending: run `apollo-checkpoint recover {}` (sync also recovers first)",
+                self.args()
             ));
         }
         let Some(index) = self.open_index_read_only()? else {
             report.pending.push(format!(
-                "not initialized: run `apollo-checkpoint init --model-dir {}`",
-                self.model_dir.display()
+                "not initialized: run `apollo-checkpoint init {}`",
+                self.args()
             ));
             return Ok(report);
         };
@@ -145,9 +145,9 @@ impl Checkpoint {
             };
             if state != FileState::Ok && !busy {
                 report.pending.push(format!(
-                    "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair --model-dir {}`",
+                    "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair {}`",
                     f.name,
-                    self.model_dir.display()
+                    self.args()
                 ));
             }
             report.files.push(FileStatus {

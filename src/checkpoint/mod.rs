@@ -61,7 +61,7 @@ mod sync;
 mod txn;
 mod undo;
 
-pub use error::{Error, ErrorKind};
+pub use error::{CommandTarget, Error, ErrorKind};
 pub use export::{FileRoots, file_roots};
 pub use report::{
     AppliedDelta, ApplyDeltaReport, ApplyOutcome, BlockMismatch, ExportReport, FileState,
@@ -264,10 +264,20 @@ impl Checkpoint {
         self.open_index()?.ok_or_else(|| self.not_initialized())
     }
 
+    /// The arguments that name this model (and its state directory, when not the default), for
+    /// the commands messages tell the user to run.
+    pub(crate) fn args(&self) -> CommandTarget {
+        CommandTarget {
+            model_dir: self.model_dir.clone(),
+            state_dir: (self.state_dir != self.model_dir.join(STATE_DIR_NAME))
+                .then(|| self.state_dir.clone()),
+        }
+    }
+
     pub(crate) fn not_initialized(&self) -> Error {
         Error::NotInitialized {
             state_dir: self.state_dir.clone(),
-            model_dir: self.model_dir.clone(),
+            args: self.args(),
         }
     }
 
@@ -290,7 +300,7 @@ impl Checkpoint {
         if path.exists() {
             return Err(Error::JournalPending {
                 path,
-                model_dir: self.model_dir.clone(),
+                args: self.args(),
             });
         }
         Ok(())
@@ -312,7 +322,7 @@ impl Checkpoint {
             return Err(Error::Stale {
                 file,
                 what,
-                model_dir: self.model_dir.clone(),
+                args: self.args(),
             });
         }
         let tensors = index.tensors()?;

@@ -394,7 +394,7 @@ impl<'c> Committed<'c> {
         layout: BlockLayout,
     ) -> Result<(HashSpill, FileRanges, u64), Error> {
         let journal = &self.journal;
-        let model_dir = &self.cp.model_dir;
+        let args = self.cp.args();
         let files = index.files()?;
         let tensors = index.tensors()?;
         let mut by_place: HashMap<(&str, u64), &IndexedTensor> = HashMap::new();
@@ -441,7 +441,7 @@ impl<'c> Committed<'c> {
                             offset: r.offset,
                             end: r.offset + u64::from(r.len),
                             target: journal.header.target_generation,
-                            model_dir: model_dir.clone(),
+                            args: args.clone(),
                         });
                     }
                     Ok((t.id, rel / layout.block_size, cv))

@@ -226,6 +226,43 @@ fn a_separate_state_dir_is_honoured() {
     assert_eq!(stdout_json(&o)["generation"], 0);
 }
 
+/// The commands error messages tell the user to run name the state directory too when it is
+/// not the default (they dropped it, so running them as told found no index), quoted for the
+/// shell when the path needs it.
+#[test]
+fn fix_it_messages_keep_the_state_dir() {
+    let p = pair(&mixed_tensors(2), 1, 1);
+    let state = p.tmp.path().join("my state");
+    let (m, st) = (s(&p.model), s(&state));
+    assert!(
+        run(&["init", "--model-dir", m, "--state-dir", st])
+            .status
+            .success()
+    );
+    // A file changed behind the index.
+    let f = p.model.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&f, &bytes).unwrap();
+    let want = format!("verify --repair --model-dir {m} --state-dir '{st}'");
+    let o = sync_from(&p.model, &p.source, &["--state-dir", st]);
+    assert_eq!(o.status.code(), Some(78));
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+    let o = run(&["status", "--model-dir", m, "--state-dir", st, "--json"]);
+    assert!(
+        stdout_json(&o)["pending"][0]
+            .as_str()
+            .unwrap()
+            .contains(&want),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = run(&["verify", "--model-dir", m, "--state-dir", st]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains(&want), "{}", stderr(&o));
+}
+
 #[test]
 fn a_second_writer_fails_at_once_with_75_or_waits() {
     use apollo_checkpoint::lock::{LockKind, StateLock};
