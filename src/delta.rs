@@ -159,6 +159,18 @@ impl DeltaHeader {
 pub struct DeltaWriter {
     out: HashedWriter,
     dest: PathBuf,
+    /// Set once renamed into place; until then dropping the writer removes the temporary.
+    done: bool,
+}
+
+impl Drop for DeltaWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            // An export that failed (a full disk) leaves no temporary behind. Best effort, and
+            // outside the I/O layer: a temporary left by a crash is replaced by the next export.
+            let _ = std::fs::remove_file(self.out.path());
+        }
+    }
 }
 
 impl DeltaWriter {
@@ -181,6 +193,7 @@ impl DeltaWriter {
         Ok(DeltaWriter {
             out,
             dest: dest.to_path_buf(),
+            done: false,
         })
     }
 
@@ -209,6 +222,7 @@ impl DeltaWriter {
         };
         io.rename(self.out.path(), &self.dest)
             .map_err(|e| err(&self.dest, e))?;
+        self.done = true;
         let dir = self.dest.parent().unwrap_or(Path::new("."));
         io.sync_dir(dir).map_err(|e| err(dir, e))?;
         Ok((self.out.pos(), self.out.digest()))

@@ -359,11 +359,16 @@ pub(crate) fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(),
     if tmp.exists() {
         io.remove_file(&tmp).map_err(err(&tmp))?;
     }
-    let f = io.create(&tmp).map_err(err(&tmp))?;
-    f.write_at(0, bytes).map_err(err(&tmp))?;
-    f.sync().map_err(err(&tmp))?;
-    drop(f);
-    io.rename(&tmp, path).map_err(err(path))?;
+    let written = io.create(&tmp).map_err(err(&tmp)).and_then(|f| {
+        f.write_at(0, bytes).map_err(err(&tmp))?;
+        f.sync().map_err(err(&tmp))
+    });
+    if let Err(e) = written.and_then(|()| io.rename(&tmp, path).map_err(err(path))) {
+        // A full disk must not leave the temporary behind (best effort: it is replaced the
+        // next time anyway).
+        let _ = io.remove_file(&tmp);
+        return Err(e);
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     io.sync_dir(dir).map_err(err(dir))
 }

@@ -838,6 +838,52 @@ fn an_export_stopped_at_any_step_is_simply_repeated() {
     }
 }
 
+/// A disk that fills up at any step of an export leaves no temporary in the outbox (one was
+/// left behind), and the next export goes through.
+#[test]
+fn an_export_failing_with_enospc_leaves_no_temporary_behind() {
+    let sc = scenario(53);
+    let model = sc.tmp.path().join("clean");
+    let count_out = sc.tmp.path().join("count-out");
+    let io = FaultIo::new(Fault::None);
+    Checkpoint::new(&model, None, Arc::new(io.clone()))
+        .export_delta(&count_out, Some(1), false)
+        .unwrap();
+    let (steps, _) = io.steps();
+    let mut failed = 0;
+    for n in 0..=steps {
+        let dir = sc.tmp.path().join("nospace");
+        let _ = std::fs::remove_dir_all(&dir);
+        trusted_copy(&model, &dir);
+        let outbox = sc.tmp.path().join("nospace-out");
+        let _ = std::fs::remove_dir_all(&outbox);
+        let io = FaultIo::new(Fault::Fail(n, 28)); // ENOSPC
+        let first = Checkpoint::new(&dir, None, Arc::new(io)).export_delta(&outbox, Some(1), false);
+        failed += usize::from(first.is_err());
+        let temporaries: Vec<String> = std::fs::read_dir(&outbox)
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(
+            temporaries.is_empty(),
+            "ENOSPC at step {n}: {temporaries:?} left"
+        );
+        assert!(
+            checkpoint(&dir)
+                .export_delta(&outbox, Some(1), false)
+                .unwrap()
+                .exported,
+            "ENOSPC at step {n}"
+        );
+    }
+    assert!(
+        failed > 3,
+        "only {failed} of {steps} steps failed the export"
+    );
+}
+
 #[test]
 fn an_apply_stopped_or_cut_at_any_step_recovers_to_old_or_new() {
     let sc = scenario(52);
