@@ -50,6 +50,7 @@ use crate::model::{ModelError, ModelLayout, dtype_name};
 
 mod apply_delta;
 mod changes;
+mod compose;
 pub mod error;
 mod export;
 mod init;

@@ -1,12 +1,13 @@
 //! `rollback`: restore the files to an earlier generation from the retained undo data, as a new
 //! generation written through the write transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
+use super::compose::{self, Composer, Piece};
 use super::sync::{BLOCKS_PER_CHUNK, CHUNKS_PER_BATCH};
 use super::txn::{Mode, NewHashes, WriteTxn};
 use super::{Checkpoint, Error, RollbackReport, seconds_since};
@@ -17,10 +18,7 @@ use crate::journal::{
     GenerationInfo, Journal, JournalError, JournalFile, JournalHeader, JournalKind, JournalState,
     UNDO_DIR,
 };
-use crate::record::{self, Record, apply_xor, compose_xor, hash_prefix};
-
-/// A block's composed undo: (tensor offset, block length, zero-run coded XOR).
-type ComposedBlock = (u64, u32, Vec<u8>);
+use crate::record::{self, Record, apply_xor, hash_prefix};
 
 impl Checkpoint {
     /// Restores the files to generation `to` (default: the one before the current) from the
@@ -70,32 +68,44 @@ impl Checkpoint {
                 _ => return Err(missing()),
             }
         }
-        // Compose the XORs of every block, keyed by (file, offset).
-        let mut composed: BTreeMap<(String, u64), ComposedBlock> = BTreeMap::new();
+        // Compose the XORs of every block, by (file, offset), in bounded memory.
+        let mut names: Vec<String> = Vec::new();
+        let mut composer = Composer::new(&self.state_dir, compose::MEMORY_BYTES);
+        let spill_err = |source| Error::Io {
+            path: self.state_dir.clone(),
+            source,
+        };
         for j in &journals {
+            // This journal's file table in the rollback's: ids by first appearance.
+            let ids: Vec<u32> = j
+                .header
+                .files
+                .iter()
+                .map(|f| {
+                    let at = names.iter().position(|n| *n == f.name).unwrap_or_else(|| {
+                        names.push(f.name.clone());
+                        names.len() - 1
+                    });
+                    at as u32
+                })
+                .collect();
             j.for_each_batch(64 << 20, |batch| {
                 for r in batch {
-                    let key = (j.header.files[r.file as usize].name.clone(), r.offset);
-                    match composed.get_mut(&key) {
-                        None => {
-                            composed.insert(key, (r.tensor_offset, r.len, r.payload));
-                        }
-                        Some(entry) => {
-                            entry.2 = compose_xor(&entry.2, &r.payload, r.len as usize)
-                                .ok_or_else(|| JournalError::Corrupt {
-                                    path: j.path.clone(),
-                                    what: "malformed payload".into(),
-                                })?;
-                        }
-                    }
+                    composer
+                        .push(Piece {
+                            file: ids[r.file as usize],
+                            offset: r.offset,
+                            tensor_offset: r.tensor_offset,
+                            len: r.len,
+                            payload: r.payload,
+                        })
+                        .map_err(spill_err)?;
                 }
                 Ok::<_, Error>(())
             })?;
         }
         drop(journals);
         // One rollback journal: the current bytes as old, current ⊕ composed as new.
-        let mut names: Vec<String> = composed.keys().map(|(f, _)| f.clone()).collect();
-        names.dedup();
         let mut files = Vec::new();
         let mut handles = Vec::new();
         for name in &names {
@@ -129,17 +139,30 @@ impl Checkpoint {
                 restored_generation: Some(to),
             },
         };
-        let entries: Vec<((String, u64), ComposedBlock)> = composed.into_iter().collect();
+        let mut composed = composer.finish().map_err(spill_err)?;
         let mut txn = WriteTxn::begin(self, &header)?;
         let (mut blocks_changed, mut bytes_changed) = (0u64, 0u64);
-        {
-            for batch in entries.chunks(BLOCKS_PER_CHUNK * CHUNKS_PER_BATCH) {
+        loop {
+            let batch: Vec<Piece> = composed
+                .by_ref()
+                .take(BLOCKS_PER_CHUNK * CHUNKS_PER_BATCH)
+                .collect::<std::io::Result<_>>()
+                .map_err(spill_err)?;
+            if batch.is_empty() {
+                break;
+            }
+            {
                 let encoded: Vec<Option<Vec<u8>>> = batch
                     .par_iter()
-                    .map(|((name, offset), (tensor_offset, len, payload))| {
-                        let file = names
-                            .binary_search(name)
-                            .expect("names come from these keys");
+                    .map(|piece| {
+                        let Piece {
+                            file,
+                            offset,
+                            tensor_offset,
+                            len,
+                            payload,
+                        } = piece;
+                        let file = *file as usize;
                         let h = &handles[file];
                         let mut block = vec![0u8; *len as usize];
                         h.read_at(*offset, &mut block)
@@ -169,7 +192,7 @@ impl Checkpoint {
                         Ok(Some(out))
                     })
                     .collect::<Result<_, Error>>()?;
-                for ((_, (_, len, _)), e) in batch.iter().zip(encoded) {
+                for (Piece { len, .. }, e) in batch.iter().zip(encoded) {
                     if let Some(e) = e {
                         txn.stage(&e, 1)?;
                         blocks_changed += 1;
