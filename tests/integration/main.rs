@@ -11,6 +11,7 @@ mod journal_size;
 mod kill;
 mod layout;
 mod live_names;
+mod memory;
 mod model_dir;
 mod nightly;
 mod readers;
