@@ -128,46 +128,13 @@ impl Checkpoint {
                 }
                 continue;
             };
-            let model_id = index.model_id()?;
-            if h.model_id != model_id {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!(
-                        "it is for model {}, this replica holds model {model_id}",
-                        h.model_id
-                    ),
-                });
-            }
+            // `check_delta_set` made sure, under this lock, that the model is the replica's and
+            // that this delta either is held already or continues from the replica's generation.
             let current = index.generation()?.unwrap_or(0);
             drop(index);
             if h.target_generation <= current {
                 report.deltas.push(entry(ApplyOutcome::AlreadyApplied, 0));
                 continue;
-            }
-            if h.full {
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what: format!(
-                        "it is a full delta and the replica already holds generation {current}; apply the incremental deltas from {current}"
-                    ),
-                });
-            }
-            if h.base_generation != current {
-                let what = if h.base_generation > current {
-                    format!(
-                        "it starts at generation {} but the replica is at {current}: apply the deltas from {current} first",
-                        h.base_generation
-                    )
-                } else {
-                    format!(
-                        "it takes generation {} to {}, but the replica is at {current}, in between",
-                        h.base_generation, h.target_generation
-                    )
-                };
-                return Err(Error::ReplicaMismatch {
-                    delta: d.path.clone(),
-                    what,
-                });
             }
             let blocks = self.apply_one(d, wrote)?;
             report.deltas.push(entry(ApplyOutcome::Applied, blocks));

@@ -203,7 +203,7 @@ impl<'a> Changes<'a> {
         index: &BlockIndex,
         cmp: &[Comparison<'_>],
         found: &mut Found,
-    ) -> Result<Vec<Vec<Cv>>, Error> {
+    ) -> Result<Stored, Error> {
         let lap = Instant::now();
         let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
         let stored = index.tensors_hashes(&rows, self.layout)?;
@@ -397,12 +397,12 @@ impl<'a> Changes<'a> {
                     let changed = changed_blocks(batch, runs, lens, &cvs, bs);
                     self.stage(index, batch, &changed, &buffer[..total], out)
                 });
-                out.captures.push(buffer);
                 if result.is_err() {
+                    out.captures.push(buffer);
                     break;
                 }
                 free_tx
-                    .send(out.captures.pop().expect("pushed above"))
+                    .send(buffer)
                     .expect("the capturer keeps its receiver until it ends");
             }
             drop(free_tx);

@@ -37,7 +37,7 @@ type Entry = (i64, u64, Cv);
 pub struct HashSpill {
     /// Where runs go (`None`: never spill, for small writes known in advance).
     dir: Option<PathBuf>,
-    /// Entries in memory before a run is written (0: [`MEMORY_ENTRIES`]).
+    /// Entries in memory before a run is written (set with `dir`).
     limit: usize,
     mem: Vec<Entry>,
     runs: Vec<File>,
@@ -63,12 +63,7 @@ impl HashSpill {
     pub fn push(&mut self, tensor: i64, block: u64, cv: Cv) -> io::Result<()> {
         self.mem.push((tensor, block, cv));
         self.len += 1;
-        let limit = if self.limit == 0 {
-            MEMORY_ENTRIES
-        } else {
-            self.limit
-        };
-        if self.mem.len() >= limit && self.dir.is_some() {
+        if self.dir.is_some() && self.mem.len() >= self.limit {
             self.write_run()?;
         }
         Ok(())
