@@ -26,11 +26,15 @@
 //! { "generation": G, "boot_id": "<kernel boot id when written>", "files": ["model-00001-of-00002.safetensors", ...] }
 //! ```
 //!
-//! The index's commit is durable as before. The next command that takes the lock for writing
-//! (or `recover`) finishes the marker: in the same boot (the page cache still holds every byte
-//! written) it fsyncs those files and removes the marker, reading nothing; after a reboot, or if
-//! an fsync fails, it rolls `undo/G.apj` forward again exactly like recovery (every block
-//! checked against its old and new hash, torn blocks repaired) and fsyncs the files.
+//! The index's commit of the write is left unsynced too (SQLite's WAL without `fsync`, see
+//! `BlockIndex::defer_durability`): a dense sync's commit holds a hash per block, and syncing it
+//! while the kernel writes the model's pages back took seconds. The next command that takes the
+//! lock for writing (or `recover`) finishes the marker: in the same boot (the page cache still
+//! holds every byte written) it fsyncs those files and the index's WAL (a checkpoint) and
+//! removes the marker, reading nothing; after a reboot, or if an fsync fails, it rolls
+//! `undo/G.apj` forward again exactly like recovery (every block checked against its old and new
+//! hash, torn blocks repaired; an index that lost the commit gets it again, its hashes read back
+//! from the files) and fsyncs the files and the index.
 //!
 //! The journal costs in proportion to the bytes that changed, not the blocks: a training step
 //! changes ~1% of bf16 elements, so nearly every block changes but the XOR of a block is almost all

@@ -224,6 +224,9 @@ pub fn hash_blocks_on_host<S: WeightSource + ?Sized>(
     Ok(CaptureStats::default())
 }
 
+/// Bytes one worker of [`capture_on_host`] reads and hashes at a time, at most.
+const HOST_CAPTURE_PIECE: u64 = 1 << 20;
+
 /// [`WeightSource::capture`] on the host: every run read and its blocks hashed, in parallel.
 pub fn capture_on_host<S: WeightSource + ?Sized>(
     source: &S,
@@ -233,16 +236,29 @@ pub fn capture_on_host<S: WeightSource + ?Sized>(
     cvs: &mut [Cv],
 ) -> Result<CaptureStats, SourceError> {
     use rayon::prelude::*;
+    // A dense change is a few long runs: cut into pieces, so that every core reads and hashes.
+    let per_piece = (HOST_CAPTURE_PIECE / block_size).max(1);
     let mut pieces = Vec::with_capacity(runs.len());
     let mut rest: &mut [u8] = bytes;
     let mut rest_cvs: &mut [Cv] = cvs;
     for r in runs {
-        let (start, len) = r.span(block_size, source.tensors()[r.tensor].len);
-        let (b, tail) = rest.split_at_mut(len as usize);
-        let (c, ctail) = rest_cvs.split_at_mut(r.count as usize);
-        pieces.push((r.tensor, start, b, c));
-        rest = tail;
-        rest_cvs = ctail;
+        let tensor_len = source.tensors()[r.tensor].len;
+        let mut first = r.first;
+        while first < r.first + r.count {
+            let count = per_piece.min(r.first + r.count - first);
+            let piece = BlockRun {
+                tensor: r.tensor,
+                first,
+                count,
+            };
+            let (start, len) = piece.span(block_size, tensor_len);
+            let (b, tail) = rest.split_at_mut(len as usize);
+            let (c, ctail) = rest_cvs.split_at_mut(count as usize);
+            pieces.push((r.tensor, start, b, c));
+            rest = tail;
+            rest_cvs = ctail;
+            first += count;
+        }
     }
     pieces
         .into_par_iter()

@@ -503,20 +503,23 @@ impl<'a> Changes<'a> {
         let mut encoded = Vec::with_capacity(piece.len() * (record::HEAD_LEN + 64));
         let (mut total, mut differing) = (0u64, 0u64);
         let mut payload = Vec::with_capacity(self.layout.block_size as usize);
+        let stored = &batch.stored[piece[0].k];
+        let blocks = piece[0].block..piece[piece.len() - 1].block + 1;
+        if let Some(block) = old_mismatch(self.layout, t.entry.len, stored, blocks, old, start) {
+            let (off, len) = plan::block_span(self.layout, t.entry.len, block);
+            return Err(Error::OldBlockChanged {
+                file: self.model.files[t.file].name.clone(),
+                tensor: t.entry.name.clone(),
+                block,
+                offset: t.entry.offset + off,
+                end: t.entry.offset + off + len,
+                args: self.cp.args(),
+            });
+        }
         for c in piece {
             let (off, len) = plan::block_span(self.layout, t.entry.len, c.block);
             let o = &old[(off - start) as usize..(off - start + len) as usize];
-            let was = batch.stored[c.k][c.block as usize];
-            if blockhash::subtree_cv(off, o) != was {
-                return Err(Error::OldBlockChanged {
-                    file: self.model.files[t.file].name.clone(),
-                    tensor: t.entry.name.clone(),
-                    block: c.block,
-                    offset: t.entry.offset + off,
-                    end: t.entry.offset + off + len,
-                    args: self.cp.args(),
-                });
-            }
+            let was = stored[c.block as usize];
             let new = &bytes[c.at..c.at + len as usize];
             payload.clear();
             differing += encode_xor(o, new, &mut payload);
@@ -657,6 +660,47 @@ fn capture_batches(
     out
 }
 
+/// The first of the consecutive `blocks` of a tensor of `tensor_len` bytes whose bytes `old`
+/// (from tensor byte `start` on) do not hash to `stored`, if any. Where the blocks cover a whole
+/// aligned group it is hashed as one subtree, at BLAKE3's full SIMD width, and compared with the
+/// merge of its blocks' stored hashes: the old bytes of a dense change cost half the hashing they
+/// would block by block (see [`crate::blockhash`]).
+fn old_mismatch(
+    layout: BlockLayout,
+    tensor_len: u64,
+    stored: &[Cv],
+    blocks: std::ops::Range<u64>,
+    old: &[u8],
+    start: u64,
+) -> Option<u64> {
+    let bs = layout.block_size;
+    let per = layout.blocks_per_group();
+    let bytes = |off: u64, len: u64| &old[(off - start) as usize..(off - start + len) as usize];
+    let block_differs = |b: u64| {
+        let (off, len) = plan::block_span(layout, tensor_len, b);
+        blockhash::subtree_cv(off, bytes(off, len)) != stored[b as usize]
+    };
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let group_end = (b + per).min(layout.blocks(tensor_len));
+        if per > 1 && b % per == 0 && group_end <= blocks.end {
+            let off = b * bs;
+            let len = (layout.group_size).min(tensor_len - off);
+            let merged = blockhash::merge_blocks(&stored[b as usize..group_end as usize], len, bs);
+            if blockhash::subtree_cv(off, bytes(off, len)) != merged {
+                return (b..group_end).find(|&b| block_differs(b));
+            }
+            b = group_end;
+        } else {
+            if block_differs(b) {
+                return Some(b);
+            }
+            b += 1;
+        }
+    }
+    None
+}
+
 /// `changed` cut into pieces of adjacent blocks of one tensor, of at most `max` bytes.
 fn pieces(changed: &[Changed], block_size: u64, max: u64) -> Vec<std::ops::Range<usize>> {
     let per = (max / block_size).max(1) as usize;
@@ -673,4 +717,43 @@ fn pieces(changed: &[Changed], block_size: u64, max: u64) -> Vec<std::ops::Range
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The group-wise check finds exactly the first block whose old bytes differ from its
+        /// stored hash, for any range of blocks, tensor length and changed byte.
+        #[test]
+        fn old_mismatch_finds_the_first_changed_block(
+            len in 1u64..90_000,
+            a in 0u64..1000,
+            b in 0u64..1000,
+            flip in proptest::option::of((0u64..90_000, 1u8..=255)),
+            seed in any::<u64>(),
+        ) {
+            let layout = BlockLayout::new(4096).unwrap();
+            let mut rng = crate::synthetic::Rng::new(seed);
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let blocks = layout.blocks(len);
+            let mut stored = vec![[0u8; 32]; blocks as usize];
+            blockhash::hash_units(0, 4096, &data, &mut stored);
+            let (lo, hi) = ((a % blocks).min(b % blocks), (a % blocks).max(b % blocks) + 1);
+            let start = lo * 4096;
+            let end = (hi * 4096).min(len);
+            let mut old = data[start as usize..end as usize].to_vec();
+            let mut expected = None;
+            if let Some((at, x)) = flip {
+                let at = at % len;
+                if (start..end).contains(&at) {
+                    old[(at - start) as usize] ^= x;
+                    expected = Some(at / 4096);
+                }
+            }
+            prop_assert_eq!(old_mismatch(layout, len, &stored, lo..hi, &old, start), expected);
+        }
+    }
 }

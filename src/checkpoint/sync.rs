@@ -139,6 +139,11 @@ impl Checkpoint {
             at_ms: unix_ms(),
             report: report.clone(),
         };
+        if report.changed {
+            // Like the write's own commit (see `BlockIndex::defer_durability`): syncing the WAL
+            // here would wait for the commit's frames behind the model's writeback.
+            index.defer_durability()?;
+        }
         index.set_last_sync(&serde_json::to_string(&last).expect("plain data serializes"))?;
         Ok(report)
     }

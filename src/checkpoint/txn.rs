@@ -86,6 +86,7 @@ impl Checkpoint {
                 .finish(Mode::Reflush, None, NewHashes::ReadBack, start)?
                 .report;
         }
+        self.make_index_durable()?;
         self.clear_unflushed()?;
         report.seconds = seconds_since(start);
         Ok(Some(report))
@@ -319,6 +320,10 @@ impl<'c> Committed<'c> {
             });
             commit.hashes = updates;
             commit.ranges = ranges;
+        }
+        if mode == Mode::Write {
+            // The retired journal can redo this commit until the next writer flushes it.
+            index.defer_durability()?;
         }
         index.commit_sync(commit)?;
         let commit_seconds = seconds_since(lap);

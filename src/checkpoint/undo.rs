@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 
 use super::{Checkpoint, DEFAULT_BACKLOG_FACTOR, DEFAULT_RETAIN_GENERATIONS, Error, write_atomic};
-use crate::index::{BlockIndex, MetaKey};
+use crate::index::{BlockIndex, INDEX_DB, MetaKey};
 use crate::io::OpenMode;
 use crate::journal::{JournalFile, UNDO_DIR, UNFLUSHED_FILE, Unflushed};
 
@@ -53,6 +53,23 @@ impl Checkpoint {
                 .and_then(|f| f.sync())
                 .map_err(Self::io_err(p))
         })
+    }
+
+    /// Makes the index's commits durable before the marker that can redo them goes: the last
+    /// journaled write left them unsynced (see [`BlockIndex::defer_durability`]). A checkpoint
+    /// syncs the WAL and copies it back; frames a reader kept it from copying are fsynced here.
+    pub(crate) fn make_index_durable(&self) -> Result<(), Error> {
+        let Some(index) = self.open_index()? else {
+            return Ok(());
+        };
+        if index.checkpoint()? {
+            let wal = self.state_dir.join(format!("{INDEX_DB}-wal"));
+            self.io
+                .open(&wal, OpenMode::ReadWrite)
+                .and_then(|f| f.sync())
+                .map_err(Self::io_err(&wal))?;
+        }
+        Ok(())
     }
 
     /// Removes `unflushed.json` durably, if it is there.

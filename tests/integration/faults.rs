@@ -992,3 +992,79 @@ fn unflushed_writes_are_fsynced_in_the_same_boot_and_rolled_forward_after_a_rebo
     assert!(st.pending.is_empty(), "{:?}", st.pending);
     assert!(checkpoint(&dir).verify(false).unwrap().clean);
 }
+
+/// The index's commit of a journaled write is left in the WAL unsynced, and neither the commit
+/// nor the end of the process copies it into `index.db`; the next writer makes it durable before
+/// it removes the marker. A power cut that loses it (the index files as they were before the
+/// sync) with the model pages: recovery after the reboot redoes both from the retired journal.
+#[test]
+fn an_index_commit_lost_with_the_power_is_redone_from_the_retired_journal() {
+    let sc = scenario(47);
+    let live = || SafetensorsSource::open(&sc.live).unwrap();
+    let index_alone = |state: &Path| {
+        // index.db without its WAL: what a checkpoint made durable in the database itself.
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(state.join("index.db"), copy.path().join("index.db")).unwrap();
+        let conn = rusqlite::Connection::open(copy.path().join("index.db")).unwrap();
+        conn.query_row("SELECT max(generation) FROM generations", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap() as u64
+    };
+
+    let dir = sc.tmp.path().join("same-boot");
+    trusted_copy(&sc.template, &dir);
+    let state = dir.join(".apollo-checkpoint");
+    let generation = checkpoint(&dir).status().unwrap().generation.unwrap();
+    let db_before = std::fs::read(state.join("index.db")).unwrap();
+    checkpoint(&dir).sync(&live()).unwrap();
+    assert_eq!(std::fs::read(state.join("index.db")).unwrap(), db_before);
+    assert!(std::fs::metadata(state.join("index.db-wal")).unwrap().len() > 0);
+    assert_eq!(
+        checkpoint(&dir).status().unwrap().generation,
+        Some(generation + 1)
+    );
+    let r = checkpoint(&dir).recover().unwrap();
+    assert_eq!(r.action, RecoveryAction::Flushed);
+    assert_eq!(index_alone(&state), generation + 1);
+
+    let dir = sc.tmp.path().join("rebooted");
+    trusted_copy(&sc.template, &dir);
+    let state = dir.join(".apollo-checkpoint");
+    let saved: Vec<(PathBuf, Option<Vec<u8>>)> = ["index.db", "index.db-wal"]
+        .iter()
+        .map(|f| (state.join(f), std::fs::read(state.join(f)).ok()))
+        .collect();
+    let io = FaultIo::new(Fault::PowerCutAfter(5));
+    Checkpoint::new(&dir, None, Arc::new(io.clone()))
+        .sync(&live())
+        .unwrap();
+    io.cut_power_if_due();
+    for (path, bytes) in &saved {
+        match bytes {
+            Some(b) => std::fs::write(path, b).unwrap(),
+            None => drop(std::fs::remove_file(path)),
+        }
+    }
+    let _ = std::fs::remove_file(state.join("index.db-shm"));
+    assert_ne!(model_files(&dir), sc.after, "the power cut lost nothing");
+    let rebooted = checkpoint_after_reboot(&dir);
+    let st = rebooted.status().unwrap();
+    assert_eq!(st.generation, Some(generation), "the commit was lost");
+    assert!(
+        st.pending.iter().any(|p| p.contains("recover")),
+        "{:?}",
+        st.pending
+    );
+    let r = rebooted.recover().unwrap();
+    assert_eq!(r.action, RecoveryAction::RolledForward);
+    assert_eq!(r.generation, generation + 1);
+    assert_eq!(model_files(&dir), sc.after);
+    assert_eq!(index_alone(&state), generation + 1);
+    let st = checkpoint(&dir).status().unwrap();
+    assert_eq!(st.generation, Some(generation + 1));
+    assert!(st.pending.is_empty(), "{:?}", st.pending);
+    assert!(checkpoint(&dir).verify(false).unwrap().clean);
+    let again = checkpoint(&dir).sync(&live()).unwrap();
+    assert_eq!(again.blocks_changed, 0);
+}
