@@ -183,6 +183,7 @@ def main():
     ap.add_argument("--dir")
     ap.add_argument("--changes", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--repeat", type=int, default=3, help="our runs per change (median reported)")
+    ap.add_argument("--verbose", action="store_true", help="run ours with -vv and log its stderr (timings of each step)")
     args = ap.parse_args()
     torch = gpu_checks.cuda_torch()
     if torch is None:
@@ -252,13 +253,14 @@ def main():
             if kind != "nothing":
                 change(kind, i * 10 + r)
             os.sync()
-            wall, out, err, code, rss = timed([args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json"])
+            cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json"]
+            wall, out, err, code, rss = timed(cmd + (["-vv"] if args.verbose else []))
             rep = json.loads(out) if code == 0 else {}
             if code != 0:
                 log(f"{kind}: ours failed ({code}): {err}")
             runs.append((wall, rep, code, rss))
             for line in err.splitlines():
-                if line.startswith("PROFILE"):
+                if args.verbose or line.startswith("PROFILE"):
                     log(line)
             log(f"{kind} #{r + 1}: ours {wall:.3f} s; outside sync {wall - rep.get('seconds', 0):.3f} s; "
                 f"{json.dumps(rep.get('phases'))}")

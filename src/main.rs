@@ -36,6 +36,59 @@ macro_rules! out {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// More log lines on stderr: -v what happens, -vv timings of every step (RUST_LOG, e.g.
+    /// `RUST_LOG=apollo_checkpoint=debug`, overrides both).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// No progress bar and no summary on stderr: only warnings and errors (and --json output).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+}
+
+/// Set by `--quiet`: summaries are not printed.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `eprintln!` for summaries, which `--quiet` silences.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        if !QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        }
+    }};
+}
+
+/// Log lines go to stderr through `tracing`: warnings by default, more with `-v`/`-vv`, or what
+/// `RUST_LOG` says; colored only on a terminal and never with `NO_COLOR` set.
+fn init_logging(verbose: u8, quiet: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let (filter, timed) = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => (EnvFilter::new(spec), true),
+        _ => (
+            EnvFilter::new(format!("apollo_checkpoint={level}")),
+            verbose > 0,
+        ),
+    };
+    let color = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color)
+        .with_target(false);
+    // A warning alone reads like the summaries around it; a trace of steps wants its times.
+    if timed {
+        log.init();
+    } else {
+        log.without_time().init();
+    }
 }
 
 #[derive(Args, Debug)]
@@ -232,6 +285,8 @@ enum HashOn {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    init_logging(cli.verbose, cli.quiet);
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -277,7 +332,7 @@ fn checkpoint_waiting(target: &Target, wait: f64) -> Checkpoint {
         target.state_dir.as_deref(),
         Arc::new(RealIo::new()),
     )
-    .with_progress(!target.json)
+    .with_progress(!target.json && !QUIET.load(std::sync::atomic::Ordering::Relaxed))
     .with_wait(wait)
     .with_follow_symlinks(target.follow_symlinks)
 }
@@ -289,7 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if target.json {
                 print_json(&report)?;
             } else {
-                eprintln!(
+                say!(
                     "indexed {}: {} files, {} tensors, {} in {} blocks of {} in {:.2} s (generation 0)",
                     target.model_dir.display(),
                     report.files,
@@ -310,7 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cp = checkpoint(&target);
             let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
                 if !target.json && !cp.is_initialized()? {
-                    eprintln!(
+                    say!(
                         "no index for {} yet: indexing it first",
                         target.model_dir.display()
                     );
@@ -325,11 +380,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         return Err(Error::Usage(format!("--hash-on gpu: {why}")).into());
                     }
                     if !target.json && hash_on == HashOn::Auto {
-                        eprintln!("note: hashing on the host: {why}");
+                        tracing::warn!("hashing on the host: {why}");
                     }
                 }
                 announce(&cp)?;
-                cp.sync(&source)?
+                let started = std::time::Instant::now();
+                let report = cp.sync(&source)?;
+                let synced = std::time::Instant::now();
+                drop(source);
+                tracing::debug!(
+                    sync_seconds = (synced - started).as_secs_f64(),
+                    release_seconds = synced.elapsed().as_secs_f64(),
+                    "GPU mappings and contexts released"
+                );
+                report
             } else {
                 if hash_on == HashOn::Gpu {
                     return Err(Error::Usage(
@@ -346,11 +410,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report)?;
             } else {
                 if let Some(r) = &report.recovered {
-                    eprintln!("{}", recover_summary(r));
+                    say!("{}", recover_summary(r));
                 }
-                eprintln!("{}", sync_summary(&report));
+                say!("{}", sync_summary(&report));
                 if !report.untouched.is_empty() {
-                    eprintln!(
+                    say!(
                         "left untouched ({} tensors the live weights do not hold): {}",
                         report.untouched.len(),
                         report.untouched.join(", ")
@@ -363,7 +427,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if target.json {
                 print_json(&r)?;
             } else {
-                eprintln!(
+                say!(
                     "rolled back from generation {} to the bytes of generation {}: {} blocks ({}) written; recorded as generation {}",
                     r.from_generation,
                     r.restored_generation,
@@ -413,7 +477,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if target.json {
                     print_json(&serde_json::json!({ "pruned": pruned }))?;
                 } else {
-                    eprintln!(
+                    say!(
                         "pruned {} delta file(s) through generation {through}",
                         pruned.len()
                     );
@@ -425,10 +489,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 for n in &r.notes {
-                    eprintln!("note: {n}");
+                    tracing::warn!("{n}");
                 }
                 match &r.file {
-                    Some(f) => eprintln!(
+                    Some(f) => say!(
                         "exported generation {} to {}: {} ({} records, {} whole blocks)",
                         r.target_generation,
                         f.display(),
@@ -436,7 +500,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         r.records,
                         r.full_blocks
                     ),
-                    None => eprintln!(
+                    None => say!(
                         "nothing to export: the last export already reached generation {}",
                         r.target_generation
                     ),
@@ -469,7 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 for d in &r.deltas {
-                    eprintln!(
+                    say!(
                         "{}: {} (generation {}, {} blocks)",
                         d.file.display(),
                         d.outcome,
@@ -477,7 +541,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         d.blocks
                     );
                 }
-                eprintln!(
+                say!(
                     "replica {} is at generation {}",
                     target.model_dir.display(),
                     r.generation
@@ -532,7 +596,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if target.json {
                 print_json(&report)?;
             } else {
-                eprintln!("{}", recover_summary(&report));
+                say!("{}", recover_summary(&report));
             }
         }
         Command::Status { target } => {
@@ -736,14 +800,14 @@ fn print_verify(r: &VerifyReport, args: &CommandTarget) {
         eprintln!("... {} mismatched blocks in all", r.mismatched_block_count);
     }
     if r.clean {
-        eprintln!(
+        say!(
             "verified {}: clean ({} checked in {:.2} s)",
             args.model_dir.display(),
             human_bytes(r.bytes_checked),
             r.seconds
         );
     } else if r.repaired {
-        eprintln!(
+        say!(
             "re-indexed {} from the files as they are: now generation {}",
             args.model_dir.display(),
             r.generation

@@ -207,6 +207,11 @@ impl<'a> Changes<'a> {
         let lap = Instant::now();
         let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
         let stored = index.tensors_hashes(&rows, self.layout)?;
+        tracing::debug!(
+            tensors = rows.len(),
+            seconds = seconds_since(lap),
+            "stored hashes read"
+        );
         found.index_read_seconds += seconds_since(lap);
         Ok(stored)
     }
@@ -238,11 +243,16 @@ impl<'a> Changes<'a> {
         let mut live = vec![[0u8; 32]; blocks.iter().sum::<u64>() as usize];
         let source = self.source;
         let (stored, hashed) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| source.hash_blocks(&runs, layout.block_size, &mut live));
+            let hashing = scope.spawn(|| {
+                let lap = Instant::now();
+                let r = source.hash_blocks(&runs, layout.block_size, &mut live);
+                (r, seconds_since(lap))
+            });
             let stored = self.stored(index, cmp, found);
             (stored, hashing.join().expect("hashing does not panic"))
         });
-        let (stored, stats) = (stored?, hashed?);
+        let ((stored, stats), hash_seconds) = ((stored?, hashed.0?), hashed.1);
+        let compared = Instant::now();
         found.capture.add(stats);
         let mut per: Vec<&[Cv]> = Vec::with_capacity(cmp.len());
         let mut rest = live.as_slice();
@@ -260,6 +270,13 @@ impl<'a> Changes<'a> {
                     .collect()
             })
             .collect();
+        tracing::debug!(
+            tensors = cmp.len(),
+            blocks = live.len(),
+            hash_seconds,
+            compare_seconds = seconds_since(compared),
+            "batch hashed where the weights live"
+        );
         // Wall time, with the reading of the stored hashes (`index_read`) inside it.
         found.plan_seconds += seconds_since(lap);
         Ok((stored, candidates))

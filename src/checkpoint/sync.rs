@@ -133,6 +133,7 @@ impl Checkpoint {
             phases.journal = found.stage_seconds;
         }
         report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
+        tracing::debug!(?phases, "sync phases (seconds)");
         report.phases = phases;
         report.seconds = seconds_since(start);
         let last = LastSync {

@@ -87,8 +87,15 @@ impl Checkpoint {
                 .report;
         }
         self.make_index_durable()?;
+        self.sync_retired()?;
         self.clear_unflushed()?;
         report.seconds = seconds_since(start);
+        tracing::info!(
+            generation = report.generation,
+            action = ?report.action,
+            seconds = report.seconds,
+            "the previous write made durable"
+        );
         Ok(Some(report))
     }
 }
@@ -275,6 +282,65 @@ impl<'c> Committed<'c> {
             )));
         }
         let handles = self.open_files(&index, files)?;
+        let generation = |bytes_changed| GenerationRecord {
+            generation: h.target_generation,
+            kind: h.kind.generation_kind(),
+            created_at_ms: unix_ms(),
+            source: format!(
+                "{}{}",
+                h.info.source,
+                if mode == Mode::Write {
+                    ""
+                } else {
+                    " (recovered)"
+                }
+            ),
+            tensors: h.info.tensors,
+            bytes_compared: h.info.bytes_compared,
+            blocks_changed: self.journal.count,
+            bytes_changed,
+            seconds: seconds_since(start),
+        };
+        let mut retire_seconds = 0.0;
+        if mode == Mode::Write {
+            // The retired journal can redo this commit until the next writer flushes it.
+            index.defer_durability()?;
+            // The marker is made durable now, while the disk is quiet: once the files' pages
+            // are dirty every fsync waits behind their writeback (it took 0.5-0.8 s there).
+            // Until the journal is retired, a crash finds it pending and recovery, which wins
+            // over the marker, rolls it forward and removes the marker.
+            let lap = Instant::now();
+            if let Err(e) = cp.mark_unflushed(h.target_generation, &h.files) {
+                // Nothing was written to the files or the index yet: the write is given up
+                // whole, as if it had failed before its commit (were the removal lost in a
+                // crash, recovery would roll the journal forward: consistent either way).
+                let _ = cp.io.remove_file(&cp.unflushed_path());
+                if cp.io.remove_file(&self.journal.path).is_ok() {
+                    let _ = cp.io.sync_dir(&cp.state_dir);
+                }
+                return Err(e);
+            }
+            retire_seconds += seconds_since(lap);
+        }
+        let lap = Instant::now();
+        let mut txn = index.begin_sync()?;
+        let mut hashes = Some(hashes);
+        if let Some(NewHashes::Known {
+            updates,
+            ranges,
+            bytes,
+        }) = hashes.take_if(|h| matches!(h, NewHashes::Known { .. }))
+            && current == h.base_generation
+        {
+            // Written before the files, committed after them (see `SyncTxn`).
+            txn.write(SyncCommit {
+                generation: Some(generation(bytes)),
+                hashes: updates,
+                ranges,
+                ..SyncCommit::default()
+            })?;
+        }
+        let mut commit_seconds = seconds_since(lap);
         let lap = Instant::now();
         // A write that just committed knows every block holds its old bytes (the writer checked
         // them under this lock): no hash is needed to judge them. Recovery judges each.
@@ -290,48 +356,23 @@ impl<'c> Committed<'c> {
             file_stats,
             ..SyncCommit::default()
         };
-        if current == h.base_generation {
-            let (updates, ranges, bytes_changed) = match hashes {
-                NewHashes::Known {
-                    updates,
-                    ranges,
-                    bytes,
-                } => (updates, ranges, bytes),
-                NewHashes::ReadBack => self.hashes_after(&index, &handles, layout)?,
-            };
-            commit.generation = Some(GenerationRecord {
-                generation: h.target_generation,
-                kind: h.kind.generation_kind(),
-                created_at_ms: unix_ms(),
-                source: format!(
-                    "{}{}",
-                    h.info.source,
-                    if mode == Mode::Write {
-                        ""
-                    } else {
-                        " (recovered)"
-                    }
-                ),
-                tensors: h.info.tensors,
-                bytes_compared: h.info.bytes_compared,
-                blocks_changed: self.journal.count,
-                bytes_changed,
-                seconds: seconds_since(start),
-            });
+        if let Some(NewHashes::ReadBack) = hashes
+            && current == h.base_generation
+        {
+            drop(txn);
+            let (updates, ranges, bytes_changed) = self.hashes_after(&index, &handles, layout)?;
+            commit.generation = Some(generation(bytes_changed));
             commit.hashes = updates;
             commit.ranges = ranges;
+            txn = index.begin_sync()?;
         }
-        if mode == Mode::Write {
-            // The retired journal can redo this commit until the next writer flushes it.
-            index.defer_durability()?;
-        }
-        index.commit_sync(commit)?;
-        let commit_seconds = seconds_since(lap);
+        txn.write(commit)?;
+        txn.commit()?;
+        commit_seconds += seconds_since(lap);
         drop(self.journal);
         let lap = Instant::now();
         if mode != Mode::Reflush {
-            let unflushed = (mode == Mode::Write).then_some(&h.files[..]);
-            cp.retire(&index, h.target_generation, unflushed)?;
+            cp.retire(&index, h.target_generation, mode == Mode::Write)?;
         }
         if recovering {
             cp.clear_unflushed()?;
@@ -345,7 +386,7 @@ impl<'c> Committed<'c> {
             },
             apply_seconds,
             commit_seconds,
-            retire_seconds: seconds_since(lap),
+            retire_seconds: retire_seconds + seconds_since(lap),
         })
     }
 

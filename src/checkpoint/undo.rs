@@ -72,6 +72,20 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Makes the move of journals into the undo data durable (both directories synced).
+    pub(crate) fn sync_retired(&self) -> Result<(), Error> {
+        let undo = self.state_dir.join(UNDO_DIR);
+        match self.io.sync_dir(&undo) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Self::io_err(&undo)(e));
+            }
+            _ => {}
+        }
+        self.io
+            .sync_dir(&self.state_dir)
+            .map_err(Self::io_err(&self.state_dir))
+    }
+
     /// Removes `unflushed.json` durably, if it is there.
     pub(crate) fn clear_unflushed(&self) -> Result<(), Error> {
         let path = self.unflushed_path();
@@ -105,17 +119,18 @@ impl Checkpoint {
     }
 
     /// Moves the journal of `generation` to the undo data and prunes the undo data to the
-    /// retention limits. With `unflushed` (the files it wrote, not fsynced), first marks them
-    /// unflushed, and keeps the journal whatever the limits until they are flushed.
+    /// retention limits. `unflushed`: the files it wrote were left to the page cache, and
+    /// `unflushed.json` (already durable) names them: the journal is kept whatever the limits
+    /// until they are flushed, and the move is not synced (the next writer's flush syncs it
+    /// before it removes the marker; until then a crash that lost the move finds the journal
+    /// pending and rolls it forward, which is what the marker asks for too).
     pub(crate) fn retire(
         &self,
         index: &BlockIndex,
         generation: u64,
-        unflushed: Option<&[JournalFile]>,
+        unflushed: bool,
     ) -> Result<(), Error> {
-        if let Some(files) = unflushed {
-            self.mark_unflushed(generation, files)?;
-        }
+        let lap = std::time::Instant::now();
         let undo = self.state_dir.join(UNDO_DIR);
         self.io.create_dir_all(&undo).map_err(Self::io_err(&undo))?;
         let target = undo.join(undo_name(generation));
@@ -127,10 +142,11 @@ impl Checkpoint {
         self.io
             .rename(&self.journal_path(), &target)
             .map_err(Self::io_err(&target))?;
-        self.io.sync_dir(&undo).map_err(Self::io_err(&undo))?;
-        self.io
-            .sync_dir(&self.state_dir)
-            .map_err(Self::io_err(&self.state_dir))?;
+        if !unflushed {
+            self.sync_retired()?;
+        }
+        let moved = lap.elapsed().as_secs_f64();
+        let lap = std::time::Instant::now();
         let keep_gens = index
             .meta_u64(MetaKey::RetainGenerations)?
             .unwrap_or(DEFAULT_RETAIN_GENERATIONS);
@@ -148,7 +164,7 @@ impl Checkpoint {
         let mut backlog: u64 = kept.iter().filter(|k| unexported(k.0)).map(|k| k.2).sum();
         while let Some(&(g, _, len)) = kept.first() {
             let over = kept.len() as u64 > keep_gens || total > keep_bytes;
-            let needed = unflushed.is_some() && g == generation;
+            let needed = unflushed && g == generation;
             if !over || needed || (unexported(g) && backlog <= backlog_limit) {
                 break;
             }
@@ -163,6 +179,12 @@ impl Checkpoint {
         if removed {
             self.io.sync_dir(&undo).map_err(Self::io_err(&undo))?;
         }
+        tracing::debug!(
+            move_seconds = moved,
+            prune_seconds = lap.elapsed().as_secs_f64(),
+            removed,
+            "journal retired to the undo data"
+        );
         Ok(())
     }
 

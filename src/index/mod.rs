@@ -25,7 +25,7 @@ mod spill;
 mod write;
 
 pub use spill::{HashSpill, SortedHashes};
-pub use write::Rebuild;
+pub use write::{Rebuild, SyncTxn};
 
 /// The migrations, in order; migration `i` brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[

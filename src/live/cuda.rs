@@ -155,7 +155,10 @@ impl CudaIpcReader {
         }
         // A context (a costly setup, and GPU memory) only on the GPUs the manifests name: a
         // device's UUID is read without one.
+        let lap = std::time::Instant::now();
         result::init().map_err(driver("initializing CUDA"))?;
+        tracing::debug!(seconds = lap.elapsed().as_secs_f64(), "CUDA initialized");
+        let lap = std::time::Instant::now();
         let count = result::device::get_count().map_err(driver("counting GPUs"))?;
         let wanted: std::collections::HashSet<String> =
             tensors.iter().map(|t| uuid_hex(&t.device_uuid)).collect();
@@ -170,6 +173,12 @@ impl CudaIpcReader {
                 by_uuid.insert(hex, ctx);
             }
         }
+        tracing::debug!(
+            gpus = by_uuid.len(),
+            seconds = lap.elapsed().as_secs_f64(),
+            "GPU contexts created"
+        );
+        let lap = std::time::Instant::now();
         let mut mappings: Vec<Mapping> = Vec::new();
         let mut opened: HashMap<(String, String), usize> = HashMap::new();
         let mut params = Vec::with_capacity(tensors.len());
@@ -227,12 +236,23 @@ impl CudaIpcReader {
             };
             params.push((index, t.offset, t.nbytes));
         }
+        tracing::debug!(
+            allocations = mappings.len(),
+            tensors = tensors.len(),
+            seconds = lap.elapsed().as_secs_f64(),
+            "IPC handles opened"
+        );
+        let lap = std::time::Instant::now();
         let staging_ctx = match reader_ctx {
             Some(c) => c,
             None => CudaContext::new(0).map_err(driver("opening a GPU"))?,
         };
         let staging = (0..buffers.max(1)).map(|_| Mutex::new(None)).collect();
         let gpus: Result<Vec<Gpu>, String> = contexts.iter().map(Gpu::load).collect();
+        tracing::debug!(
+            seconds = lap.elapsed().as_secs_f64(),
+            "hashing kernels loaded"
+        );
         let describe = format!(
             "CUDA IPC ({} tensors in {} allocations; {})",
             tensors.len(),

@@ -40,6 +40,10 @@ pub fn open(handles: &Path, model_dir: &Path) -> Result<LayoutSource<cuda::CudaI
     let live = open_live(handles, model_dir, &model)?;
     drop(model);
     live.require_all_matched()?;
+    tracing::debug!(
+        seconds = start.elapsed().as_secs_f64(),
+        "model files and manifests read, names matched"
+    );
     let reader = cuda::CudaIpcReader::open(&live.tensors)?;
     Ok(LayoutSource::new(live.map, reader).opened_in(start.elapsed().as_secs_f64()))
 }
