@@ -6,11 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-$((256 << 20))}
 cargo build --release --quiet --bin apollo-checkpoint --example synth
-bin=target/release/apollo-checkpoint
-synth=target/release/examples/synth
+target=${CARGO_TARGET_DIR:-target}
+bin=$target/release/apollo-checkpoint
+synth=$target/release/examples/synth
 work=$(mktemp -d -t apollo-demo-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+# Bold commands on a terminal only (a log gets no escape codes), and never with NO_COLOR set.
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+step() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; "$@"; }
 
 echo "Synthetic model in $work/model; the live weights in $work/live."
 $synth generate "$work/model" "$size" $((64 << 20)) 1
