@@ -606,6 +606,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print_status(&report);
             }
+            if report.exit_code() != 0 {
+                for why in &report.attention {
+                    eprintln!("apollo-checkpoint: status: {why}");
+                }
+                return Ok(ExitCode::from(report.exit_code()));
+            }
         }
         Command::Verify { target, repair } => {
             let cp = if repair {

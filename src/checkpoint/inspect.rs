@@ -73,6 +73,7 @@ impl Checkpoint {
             files: Vec::new(),
             index_bytes: 0,
             pending: Vec::new(),
+            attention: Vec::new(),
             writer: None,
             undo_generations: 0,
             undo_bytes: 0,
@@ -94,16 +95,17 @@ impl Checkpoint {
             !writing && (self.journal_path().exists() || self.unflushed_after_reboot()?);
         let busy = writing || interrupted;
         if interrupted {
-            report.pending.push(format!(
+            report.attention.push(format!(
                 "an interrupted write is pending: run `apollo-checkpoint recover {}` (sync also recovers first)",
                 self.args()
             ));
         }
         let Some(index) = self.open_index_read_only()? else {
-            report.pending.push(format!(
+            report.attention.push(format!(
                 "not initialized: run `apollo-checkpoint init {}`",
                 self.args()
             ));
+            report.pending.extend(report.attention.iter().cloned());
             return Ok(report);
         };
         report.initialized = true;
@@ -144,7 +146,7 @@ impl Checkpoint {
                 Ok(_) => FileState::Modified,
             };
             if state != FileState::Ok && !busy {
-                report.pending.push(format!(
+                report.attention.push(format!(
                     "{} is {state} since apollo-checkpoint last wrote it: sync will refuse; run `apollo-checkpoint verify --repair {}`",
                     f.name,
                     self.args()
@@ -156,6 +158,7 @@ impl Checkpoint {
                 state,
             });
         }
+        report.pending.extend(report.attention.iter().cloned());
         Ok(report)
     }
 

@@ -268,6 +268,10 @@ pub struct StatusReport {
     pub index_bytes: u64,
     /// Things that need attention, each with what to do.
     pub pending: Vec<String>,
+    /// Those of `pending` that a person must act on (a write in progress is not one): no
+    /// index, an interrupted write, a file changed behind the index. `status` exits 78 when
+    /// there is any, so a monitor can alert on its exit code.
+    pub attention: Vec<String>,
     /// The writer holding the lock while this was read (`pid … running …`), if any.
     pub writer: Option<String>,
     /// Undo data kept: generations.
@@ -284,6 +288,13 @@ pub struct StatusReport {
     pub unexported_generations: u64,
     /// Undo bytes of those generations still kept for the next export.
     pub unexported_bytes: u64,
+}
+
+impl StatusReport {
+    /// The exit code of `status`: 0, or 78 when something needs a person (see `attention`).
+    pub fn exit_code(&self) -> u8 {
+        if self.attention.is_empty() { 0 } else { 78 }
+    }
 }
 
 /// What `export-delta` did.

@@ -4,6 +4,7 @@ use crate::util::{
     mixed_tensors, pair, release_after, run, s, snapshot, stderr, stdout_json, sync_from,
     write_model,
 };
+use std::path::Path;
 
 #[test]
 fn help_lists_every_command() {
@@ -77,11 +78,40 @@ fn init_sync_status_verify_round_trip_with_json() {
     assert_eq!(j["last_sync"]["blocks_changed"], 0);
     assert!(j["pending"].as_array().unwrap().is_empty());
     let o = run(&["status", "--model-dir", m]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
         text.contains("generation:  1 (sync") && text.contains("pending:     nothing"),
         "{text}"
     );
+
+    // For monitoring: a file changed behind the index (a sync would refuse) or an interrupted
+    // write makes status exit 78, saying why on stderr (and in `attention` with --json).
+    let shard = std::fs::read_dir(m)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes).unwrap();
+    let o = run(&["status", "--model-dir", m, "--json"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    let attention = j["attention"].as_array().unwrap();
+    assert!(
+        attention.len() == 1 && attention[0].as_str().unwrap().contains("sync will refuse"),
+        "{j}"
+    );
+    assert!(stderr(&o).contains("verify --repair"), "{}", stderr(&o));
+    let o = run(&["verify", "--model-dir", m, "--repair"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["status", "--model-dir", m]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(Path::new(m).join(".apollo-checkpoint/journal"), b"APJRNL01").unwrap();
+    let o = run(&["status", "--model-dir", m]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("interrupted write"), "{}", stderr(&o));
+    std::fs::remove_file(Path::new(m).join(".apollo-checkpoint/journal")).unwrap();
 
     let o = run(&["verify", "--model-dir", m, "--json"]);
     assert!(o.status.success());
@@ -155,9 +185,14 @@ fn exit_codes_and_messages_for_common_mistakes() {
     let fresh = tmp.path().join("fresh");
     write_model(&fresh, &mixed_tensors(3), 1);
     let o = run(&["status", "--model-dir", s(&fresh)]);
-    assert!(o.status.success());
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("not initialized: run `apollo-checkpoint init")
+    );
+    assert!(
+        stderr(&o).contains("status: not initialized"),
+        "{}",
+        stderr(&o)
     );
     let o = run(&["verify", "--model-dir", s(&fresh)]);
     assert_eq!(o.status.code(), Some(78));
