@@ -284,19 +284,117 @@ enum HashOn {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A bad command line with --json among the arguments still gets its JSON object.
+            let json = std::env::args_os().any(|a| a == "--json");
+            if json && e.use_stderr() {
+                let command = std::env::args().nth(1).unwrap_or_default();
+                let _ = JSON.set(JsonContext {
+                    command,
+                    model_dir: None,
+                });
+                let text = e.to_string();
+                let message = text.lines().next().unwrap_or_default();
+                print_json_error(message.trim_start_matches("error: "), "usage", 2);
+            }
+            e.exit();
+        }
+    };
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     init_logging(cli.verbose, cli.quiet);
+    if let Some(context) = cli.command.json_context() {
+        let _ = JSON.set(context);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
             // Library errors reach here as they are (never behind context), so their kind
             // decides the exit code; anything else is unexpected (1).
-            let code = err.downcast_ref::<Error>().map_or(1, Error::exit_code);
-            eprintln!("apollo-checkpoint: error: {}", error_chain(&err));
+            let lib = err.downcast_ref::<Error>();
+            let code = lib.map_or(1, Error::exit_code);
+            let message = error_chain(&err);
+            eprintln!("apollo-checkpoint: error: {message}");
+            if JSON.get().is_some() {
+                let kind = lib.map_or_else(
+                    || "unexpected".to_string(),
+                    |e| {
+                        serde_json::to_value(e.kind())
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default()
+                    },
+                );
+                print_json_error(&message, &kind, code);
+            }
             ExitCode::from(code)
         }
     }
+}
+
+/// The version of the JSON objects `--json` prints (README, "JSON output"; the schema is
+/// `src/output.schema.json`). Raised when a field changes meaning or goes away.
+const SCHEMA_VERSION: u32 = 1;
+
+/// What every `--json` object says about the run that printed it.
+struct JsonContext {
+    command: String,
+    model_dir: Option<PathBuf>,
+}
+
+/// Set when the command prints JSON.
+static JSON: std::sync::OnceLock<JsonContext> = std::sync::OnceLock::new();
+
+impl Command {
+    /// The JSON context of a command run with `--json`.
+    fn json_context(&self) -> Option<JsonContext> {
+        let (json, dir) = match self {
+            Command::Init { target, .. }
+            | Command::Sync { target, .. }
+            | Command::Recover { target }
+            | Command::Rollback { target, .. }
+            | Command::Retention { target, .. }
+            | Command::ExportDelta { target, .. }
+            | Command::Status { target }
+            | Command::Verify { target, .. } => (target.json, &target.model_dir),
+            Command::ApplyDelta {
+                json, replica_dir, ..
+            } => (*json, replica_dir),
+            Command::Diagnose {
+                json, model_dir, ..
+            } => (*json, model_dir),
+        };
+        json.then(|| JsonContext {
+            command: self.name().to_string(),
+            model_dir: Some(dir.clone()),
+        })
+    }
+
+    /// The subcommand's name, as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Init { .. } => "init",
+            Command::Sync { .. } => "sync",
+            Command::Recover { .. } => "recover",
+            Command::Rollback { .. } => "rollback",
+            Command::Retention { .. } => "retention",
+            Command::ExportDelta { .. } => "export-delta",
+            Command::ApplyDelta { .. } => "apply-delta",
+            Command::Diagnose { .. } => "diagnose",
+            Command::Status { .. } => "status",
+            Command::Verify { .. } => "verify",
+        }
+    }
+}
+
+/// The JSON object of a failure, on stdout (the text stays on stderr).
+fn print_json_error(message: &str, kind: &str, exit_code: u8) {
+    let _ = print_json(&serde_json::json!({
+        "error": message,
+        "kind": kind,
+        "exit_code": exit_code,
+    }));
 }
 
 /// The error and its causes, each cause once: our errors already name their cause in their
@@ -641,8 +739,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    let mut object = serde_json::Map::new();
+    if let Some(c) = JSON.get() {
+        object.insert("schema_version".into(), SCHEMA_VERSION.into());
+        object.insert("command".into(), c.command.clone().into());
+        object.insert(
+            "at".into(),
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        object.insert(
+            "model_dir".into(),
+            c.model_dir.as_ref().map_or(serde_json::Value::Null, |d| {
+                d.to_string_lossy().into_owned().into()
+            }),
+        );
+    }
+    match serde_json::to_value(value).context("encoding JSON")? {
+        serde_json::Value::Object(fields) => object.extend(fields),
+        other => {
+            object.insert("result".into(), other);
+        }
+    }
     let mut out = std::io::stdout().lock();
-    let r = serde_json::to_writer(&mut out, value)
+    let r = serde_json::to_writer(&mut out, &object)
         .map_err(std::io::Error::from)
         .and_then(|()| writeln!(out));
     match r {

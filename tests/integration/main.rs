@@ -8,6 +8,7 @@ mod faults;
 mod gpu_kernel;
 mod handles;
 mod journal_size;
+mod json_contract;
 mod kill;
 mod layout;
 mod live_names;

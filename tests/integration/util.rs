@@ -318,13 +318,36 @@ pub fn stderr(o: &Output) -> String {
 }
 
 pub fn stdout_json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not JSON ({e}): {}\nstderr: {}",
             String::from_utf8_lossy(&o.stdout),
             stderr(o)
         )
-    })
+    });
+    assert_output_schema(&v);
+    v
+}
+
+/// Checks a `--json` object against `src/output.schema.json` (every test that reads one does).
+pub fn assert_output_schema(v: &serde_json::Value) {
+    static SCHEMA: std::sync::OnceLock<jsonschema::Validator> = std::sync::OnceLock::new();
+    let validator = SCHEMA.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../src/output.schema.json")).unwrap();
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .expect("the schema compiles")
+    });
+    let errors: Vec<String> = validator
+        .iter_errors(v)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "not the documented schema: {errors:?}\n{v}"
+    );
 }
 
 pub fn s(p: &Path) -> &str {
