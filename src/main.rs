@@ -15,7 +15,7 @@ use apollo_checkpoint::{
     Checkpoint, Error, RecoverReport, RecoveryAction, SafetensorsSource, StatusReport, SyncReport,
     VerifyReport,
 };
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 /// `println!` that does not panic when stdout is closed (`status | head -1`): the rest of the
 /// output is dropped quietly and the command ends as it would have.
@@ -32,7 +32,7 @@ macro_rules! out {
 
 /// Keep a model's safetensors files up to date with live weights, writing only what changed.
 #[derive(Parser, Debug)]
-#[command(name = "apollo-checkpoint", version, about, long_about = None)]
+#[command(name = "apollo-checkpoint", version, about, long_about = None, after_help = EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,18 +94,19 @@ fn init_logging(verbose: u8, quiet: bool) {
 #[derive(Args, Debug)]
 struct Target {
     /// The model directory: model.safetensors, or shards named by model.safetensors.index.json.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "APOLLO_MODEL_DIR")]
     model_dir: PathBuf,
     /// Where the index lives [default: <model-dir>/.apollo-checkpoint].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "APOLLO_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Print one JSON object on stdout instead of text on stderr.
     #[arg(long)]
     json: bool,
     /// If another apollo-checkpoint holds the model's lock, wait up to this long for it
-    /// instead of failing at once (exit 75); `inf` waits as long as it takes [default: 0, and
-    /// 600 for `verify` and `retention` without changes, which wait for a running writer].
-    #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
+    /// instead of failing at once (exit 75): seconds (`30`, `2.5`) or a duration (`5m`,
+    /// `1h 30m`); `inf` waits as long as it takes [default: 0, and 10m for `verify` and
+    /// `retention` without changes, which wait for a running writer].
+    #[arg(long, value_name = "DURATION", value_parser = parse_wait, env = "APOLLO_WAIT")]
     wait: Option<f64>,
     /// Write model files that are symbolic links, through them (into the files they point to).
     /// Without it a writing command refuses them: in a Hugging Face cache the target is a blob
@@ -114,17 +115,45 @@ struct Target {
     follow_symlinks: bool,
 }
 
+/// `--help`'s examples.
+const EXAMPLES: &str = "\
+Examples:
+  apollo-checkpoint init --model-dir /models/Qwen3.5-27B
+  apollo-checkpoint sync --model-dir /models/Qwen3.5-27B --handles /run/apollo --json --wait 5m
+  apollo-checkpoint sync --model-dir /models/Qwen3.5-27B --from /scratch/live-weights -v
+  apollo-checkpoint status --model-dir /models/Qwen3.5-27B      # exit 78: something needs you
+  apollo-checkpoint rollback --model-dir /models/Qwen3.5-27B --to 41
+  apollo-checkpoint retention --model-dir /models/Qwen3.5-27B --generations 24 --bytes 20GiB
+  APOLLO_MODEL_DIR=/models/Qwen3.5-27B apollo-checkpoint verify
+
+Environment: APOLLO_MODEL_DIR, APOLLO_STATE_DIR, APOLLO_WAIT, APOLLO_HASH_ON, APOLLO_KEY_FILE,
+APOLLO_REPLICA_DIR stand for the options of those names; RUST_LOG, NO_COLOR.";
+
 /// Seconds a reader waits for a running writer when `--wait` is not given.
 const READER_WAIT: f64 = 600.0;
 
-/// `--wait`: seconds, at least 0, or `inf`.
+/// `--wait`: seconds (at least 0), a duration (`5m`, `1h 30m`, `500ms`), or `inf`.
 fn parse_wait(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(w) if w >= 0.0 => Ok(w),
-        _ => Err(format!(
-            "{s:?} is not a wait: give seconds (0 or more, e.g. 30 or 2.5) or inf"
-        )),
+    let t = s.trim();
+    match t.parse::<f64>() {
+        Ok(w) if w >= 0.0 => return Ok(w),
+        Ok(_) => {}
+        Err(_) => {
+            if let Ok(d) = humantime::parse_duration(t) {
+                return Ok(d.as_secs_f64());
+            }
+        }
     }
+    Err(format!(
+        "{s:?} is not a wait: give seconds (0 or more, e.g. 30 or 2.5), a duration (5m, 1h 30m) or inf"
+    ))
+}
+
+/// A size in bytes: a number, or with a unit (`4KiB`, `20GiB`, `500MB`, `1.5 GiB`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::parse_size(s.trim()).map_err(|e| {
+        format!("{s:?} is not a size ({e}): give bytes, e.g. 4096, 4KiB, 20GiB or 500MB")
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,7 +163,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// Bytes per block, a power of two from 1024 to 16 MiB; fixed for the index's life.
-        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BLOCK_SIZE)]
+        #[arg(long, value_name = "SIZE", default_value_t = DEFAULT_BLOCK_SIZE, value_parser = parse_bytes)]
         block_size: u64,
     },
     /// Bring the model files up to date with live weights, writing only changed blocks.
@@ -158,7 +187,7 @@ enum Command {
         /// Where live weights are hashed: on their GPU (only hashes, and the changed blocks,
         /// cross PCIe), on the host, or auto (the GPU for --handles when its driver can run the
         /// hashing kernels, else the host, saying why).
-        #[arg(long, value_enum, default_value_t = HashOn::Auto)]
+        #[arg(long, value_enum, default_value_t = HashOn::Auto, env = "APOLLO_HASH_ON")]
         hash_on: HashOn,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
@@ -188,8 +217,8 @@ enum Command {
         /// Keep the undo data of this many generations.
         #[arg(long, value_name = "N")]
         generations: Option<u64>,
-        /// Keep at most this many bytes of undo data.
-        #[arg(long, value_name = "BYTES")]
+        /// Keep at most this much undo data (bytes, or with a unit: 20GiB, 500MB).
+        #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
         bytes: Option<u64>,
     },
     /// Write the changes since the last export as one immutable delta file (plus a JSON manifest
@@ -212,7 +241,7 @@ enum Command {
         prune_through: Option<u64>,
         /// Authenticate the delta: write a BLAKE3 keyed MAC of it and its manifest next to it
         /// (`<delta>.mac`). The key file holds 64 hex digits and must be private (chmod 600).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "APOLLO_KEY_FILE")]
         key_file: Option<PathBuf>,
     },
     /// Apply delta files to a replica (on the backup host): verified, journaled, recoverable.
@@ -221,24 +250,24 @@ enum Command {
     /// delta's base), or is created from a full delta.
     ApplyDelta {
         /// The replica directory.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "APOLLO_REPLICA_DIR")]
         replica_dir: PathBuf,
         /// Where the replica's index lives [default: <replica-dir>/.apollo-checkpoint].
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "APOLLO_STATE_DIR")]
         state_dir: Option<PathBuf>,
         /// Print one JSON object on stdout instead of text on stderr.
         #[arg(long)]
         json: bool,
-        /// Wait up to this long for the replica's lock instead of failing at once (exit 75);
-        /// `inf` waits as long as it takes.
-        #[arg(long, value_name = "SECONDS", value_parser = parse_wait)]
+        /// Wait up to this long for the replica's lock instead of failing at once (exit 75):
+        /// seconds or a duration (`5m`); `inf` waits as long as it takes.
+        #[arg(long, value_name = "DURATION", value_parser = parse_wait, env = "APOLLO_WAIT")]
         wait: Option<f64>,
         /// Write replica files that are symbolic links, through them.
         #[arg(long)]
         follow_symlinks: bool,
         /// Refuse any delta without a valid MAC by this key (`export-delta --key-file` with the
         /// same key writes them). The key file must be private (chmod 600).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "APOLLO_KEY_FILE")]
         key_file: Option<PathBuf>,
         /// The delta files (.apd), in any order.
         #[arg(required = true, value_name = "FILE")]
@@ -248,7 +277,7 @@ enum Command {
     /// matched, live-only and disk-only tensors, and every dtype or shape mismatch.
     Diagnose {
         /// The model directory.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "APOLLO_MODEL_DIR")]
         model_dir: PathBuf,
         /// A manifest written by scripts/vllm_export_hook.py, or a folder of them (one per rank).
         #[arg(long, value_name = "PATH")]
@@ -257,6 +286,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script to stdout (e.g. `apollo-checkpoint completions bash >
+    /// /etc/bash_completion.d/apollo-checkpoint`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `apollo-checkpoint man > apollo-checkpoint.1`.
+    Man,
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -364,6 +402,7 @@ impl Command {
             Command::Diagnose {
                 json, model_dir, ..
             } => (*json, model_dir),
+            Command::Completions { .. } | Command::Man => return None,
         };
         json.then(|| JsonContext {
             command: self.name().to_string(),
@@ -384,6 +423,8 @@ impl Command {
             Command::Diagnose { .. } => "diagnose",
             Command::Status { .. } => "status",
             Command::Verify { .. } => "verify",
+            Command::Completions { .. } => "completions",
+            Command::Man => "man",
         }
     }
 }
@@ -695,6 +736,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report)?;
             } else {
                 say!("{}", recover_summary(&report));
+            }
+        }
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(shell, &mut Cli::command(), "apollo-checkpoint", &mut out);
+        }
+        Command::Man => {
+            let mut out = std::io::stdout().lock();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(anyhow::Error::from(e).context("writing the man page"));
+                }
+                _ => {}
             }
         }
         Command::Status { target } => {

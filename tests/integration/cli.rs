@@ -367,3 +367,83 @@ fn status_json_shows_the_phases_of_the_last_sync() {
     }
     assert!(last["at_ms"].as_i64().unwrap() > 0);
 }
+
+/// CLI conventions: options from the environment, sizes and durations with units, -q/-v,
+/// completions and a man page generated from the same definitions as --help.
+#[test]
+fn environment_units_verbosity_completions_and_man_page() {
+    let bin = env!("CARGO_BIN_EXE_apollo-checkpoint");
+    let mut tensors = mixed_tensors(8);
+    let p = pair(&tensors, 1, 1);
+    let (m, src) = (s(&p.model), s(&p.source));
+    let with_env = |args: &[&str], env: &[(&str, &str)]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let o = with_env(
+        &["init", "--block-size", "4KiB", "--json"],
+        &[("APOLLO_MODEL_DIR", m)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)["block_size"], 4096);
+    let o = run(&["retention", "--model-dir", m, "--bytes", "20GiB", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout_json(&o)["bytes"], 20u64 << 30);
+    for bad in [["--bytes", "20 parsecs"], ["--wait", "5 fortnights!"]] {
+        let o = run(&["retention", "--model-dir", m, bad[0], bad[1]]);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        assert!(stderr(&o).contains("is not a"), "{}", stderr(&o));
+    }
+    // A duration, from the environment.
+    let o = with_env(&["status", "--model-dir", m], &[("APOLLO_WAIT", "1m 30s")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // -q: no summary; -vv: the timings of each step; neither writes escape codes into a pipe.
+    tensors[1].data[0] ^= 1;
+    write_model(&p.source, &tensors, 1);
+    let o = with_env(&["sync", "--model-dir", m, "--from", src, "-q"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "-q printed: {}", stderr(&o));
+    tensors[1].data[0] ^= 1;
+    write_model(&p.source, &tensors, 1);
+    let o = with_env(&["sync", "--model-dir", m, "--from", src, "-vv"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("DEBUG") && err.contains("sync phases"),
+        "{err}"
+    );
+    assert!(err.contains("generation 2:"), "the summary stays: {err}");
+    assert!(!err.contains('\u{1b}'), "escape codes in a pipe: {err:?}");
+    let o = with_env(
+        &["sync", "--model-dir", m, "--from", src],
+        &[("RUST_LOG", "apollo_checkpoint=debug")],
+    );
+    assert!(stderr(&o).contains("stored hashes read"), "{}", stderr(&o));
+
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(&["completions", shell]);
+        assert!(o.status.success());
+        let script = String::from_utf8_lossy(&o.stdout);
+        for word in ["export-delta", "model-dir", "hash-on"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let o = run(&["man"]);
+    assert!(o.status.success());
+    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH apollo-checkpoint 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("APOLLO_MODEL_DIR") || page.contains("Examples"),
+        "{page}"
+    );
+    let o = run(&["--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Examples:"));
+}
