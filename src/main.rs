@@ -189,6 +189,11 @@ enum Command {
         /// hashing kernels, else the host, saying why).
         #[arg(long, value_enum, default_value_t = HashOn::Auto, env = "APOLLO_HASH_ON")]
         hash_on: HashOn,
+        /// Leave the tensors whose names match GLOB untouched (`*` matches anything, dots
+        /// included: `mtp.*`), e.g. those a trainer does not save; they are listed in the
+        /// output. Repeatable.
+        #[arg(long, value_name = "GLOB")]
+        ignore: Vec<String>,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
     ///
@@ -500,8 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             from,
             handles,
             hash_on,
+            ignore,
         } => {
-            let cp = checkpoint(&target);
+            let cp = checkpoint(&target).with_ignore(&ignore)?;
             let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
                 if !target.json && !cp.is_initialized()? {
                     say!(
@@ -554,7 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 say!("{}", sync_summary(&report));
                 if !report.untouched.is_empty() {
                     say!(
-                        "left untouched ({} tensors the live weights do not hold): {}",
+                        "left untouched ({} tensors the live weights do not hold, or --ignore names): {}",
                         report.untouched.len(),
                         report.untouched.join(", ")
                     );

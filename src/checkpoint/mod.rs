@@ -91,6 +91,37 @@ pub struct Checkpoint {
     wait: Duration,
     follow_symlinks: bool,
     key: Option<crate::mac::Key>,
+    ignore: Option<Ignore>,
+}
+
+/// `sync --ignore`: globs of tensor names a sync leaves untouched.
+#[derive(Clone, Debug)]
+pub(crate) struct Ignore {
+    set: globset::GlobSet,
+    patterns: Vec<String>,
+}
+
+impl Ignore {
+    /// Whether `name` matches one of the globs.
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        self.set.is_match(name)
+    }
+
+    /// The globs that match none of `names` (most likely mistyped).
+    pub(crate) fn unused<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let mut used = vec![false; self.patterns.len()];
+        for n in names {
+            for i in self.set.matches(n) {
+                used[i] = true;
+            }
+        }
+        self.patterns
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| !u)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -120,6 +151,7 @@ impl Checkpoint {
             wait: Duration::ZERO,
             follow_symlinks: false,
             key: None,
+            ignore: None,
         }
     }
 
@@ -151,6 +183,30 @@ impl Checkpoint {
     pub fn with_key(mut self, key: Option<crate::mac::Key>) -> Self {
         self.key = key;
         self
+    }
+
+    /// Makes a sync leave the tensors whose names match one of `globs` untouched (`*` matches
+    /// any characters, dots included: `mtp.*`), whether the source holds them or not; they are
+    /// listed in the report's `untouched`. A glob that does not parse is a usage error.
+    pub fn with_ignore(mut self, globs: &[String]) -> Result<Self, Error> {
+        if globs.is_empty() {
+            self.ignore = None;
+            return Ok(self);
+        }
+        let mut set = globset::GlobSetBuilder::new();
+        for g in globs {
+            let glob =
+                globset::Glob::new(g).map_err(|e| Error::Usage(format!("--ignore {g:?}: {e}")))?;
+            set.add(glob);
+        }
+        let set = set
+            .build()
+            .map_err(|e| Error::Usage(format!("--ignore: {e}")))?;
+        self.ignore = Some(Ignore {
+            set,
+            patterns: globs.to_vec(),
+        });
+        Ok(self)
     }
 
     /// The model's layout, for a command that writes its files: a file that is a symbolic link

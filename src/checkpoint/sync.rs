@@ -41,7 +41,7 @@ impl Checkpoint {
         let read_before = self.io.bytes_read();
         let model = self.open_model_for_write()?;
         let indexed = self.check_trusted(&index, &model)?;
-        let pairs = match_tensors(&model, source)?;
+        let pairs = match_tensors(&model, source, self.ignore.as_ref())?;
         let by_name: HashMap<&str, &IndexedTensor> =
             indexed.iter().map(|t| (t.name.as_str(), t)).collect();
         let comparisons: Vec<Comparison<'_>> = model
@@ -151,11 +151,23 @@ impl Checkpoint {
 }
 
 /// For each model tensor, the index of the source tensor of the same name (`None`: a partial
-/// source lacks it, and it is left untouched); or every difference.
+/// source lacks it, or `--ignore` names it: it is left untouched); or every difference.
 fn match_tensors(
     model: &ModelLayout,
     source: &dyn WeightSource,
+    ignore: Option<&super::Ignore>,
 ) -> Result<Vec<Option<usize>>, Error> {
+    let ignored = |name: &str| ignore.is_some_and(|i| i.matches(name));
+    if let Some(i) = ignore {
+        let names = model
+            .tensors
+            .iter()
+            .map(|t| t.entry.name.as_str())
+            .chain(source.tensors().iter().map(|t| t.name.as_str()));
+        for glob in i.unused(names) {
+            tracing::warn!("--ignore {glob:?} matches no tensor of the model or the source");
+        }
+    }
     let by_name: HashMap<&str, usize> = source
         .tensors()
         .iter()
@@ -166,6 +178,10 @@ fn match_tensors(
     let mut pairs = Vec::with_capacity(model.tensors.len());
     for t in &model.tensors {
         let e = &t.entry;
+        if ignored(&e.name) {
+            pairs.push(None);
+            continue;
+        }
         match by_name.get(e.name.as_str()) {
             None if source.is_partial() => pairs.push(None),
             None => problems.push(format!("{}: in the model but not in the source", e.name)),
@@ -194,7 +210,7 @@ fn match_tensors(
         .map(|t| t.entry.name.as_str())
         .collect();
     for s in source.tensors() {
-        if !model_names.contains(s.name.as_str()) {
+        if !model_names.contains(s.name.as_str()) && !ignored(&s.name) {
             problems.push(format!("{}: in the source but not in the model", s.name));
         }
     }

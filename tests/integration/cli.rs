@@ -447,3 +447,96 @@ fn environment_units_verbosity_completions_and_man_page() {
     let o = run(&["--help"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("Examples:"));
 }
+
+/// `--ignore GLOB`: a trainer that does not save the MTP head (`mtp.*`) syncs the rest; the
+/// ignored tensors keep their bytes and are listed; without it the sync is refused.
+#[test]
+fn ignore_leaves_matching_tensors_untouched_and_lists_them() {
+    use apollo_checkpoint::synthetic::Rng;
+    use safetensors::Dtype;
+    let mut rng = Rng::new(9);
+    let mut all = mixed_tensors(9);
+    all.push(crate::util::T::random(
+        "mtp.fc.weight",
+        Dtype::BF16,
+        &[64, 64],
+        &mut rng,
+    ));
+    all.push(crate::util::T::random(
+        "mtp.norm.weight",
+        Dtype::F32,
+        &[64],
+        &mut rng,
+    ));
+    let p = pair(&all, 2, 1);
+    let (m, src) = (s(&p.model), s(&p.source));
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let mtp_before: Vec<u8> = all[all.len() - 2].data.clone();
+    // The trainer's save: every tensor changed, without mtp.*.
+    let mut saved: Vec<crate::util::T> = all
+        .iter()
+        .filter(|t| !t.name.starts_with("mtp."))
+        .map(|t| crate::util::T {
+            data: t.data.iter().map(|b| b ^ 0x5a).collect(),
+            ..t.clone()
+        })
+        .collect();
+    write_model(&p.source, &saved, 1);
+    let o = run(&["sync", "--model-dir", m, "--from", src]);
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(stderr(&o).contains("mtp.fc.weight: in the model but not in the source"));
+
+    let sync = |extra: &[&str]| {
+        let mut args = vec!["sync", "--model-dir", m, "--from", src];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let o = sync(&["--ignore", "mtp.*", "--ignore", "vision.*", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    let mut untouched: Vec<&str> = j["untouched"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    untouched.sort_unstable();
+    assert_eq!(untouched, ["mtp.fc.weight", "mtp.norm.weight"]);
+    assert!(j["changed"].as_bool().unwrap());
+    assert!(
+        stderr(&o).contains("\"vision.*\" matches no tensor"),
+        "{}",
+        stderr(&o)
+    );
+    // The ignored tensor's bytes are as they were; the others are the trainer's.
+    let model = safetensors_bytes(&p.model, "mtp.fc.weight");
+    assert_eq!(model, mtp_before);
+    assert_eq!(safetensors_bytes(&p.model, &saved[0].name), saved[0].data);
+    // An ignored tensor the source does hold is not written either.
+    saved.push(crate::util::T {
+        data: vec![0; mtp_before.len()],
+        ..all[all.len() - 2].clone()
+    });
+    write_model(&p.source, &saved, 1);
+    let o = sync(&["--ignore", "mtp.*"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(safetensors_bytes(&p.model, "mtp.fc.weight"), mtp_before);
+    assert!(run(&["verify", "--model-dir", m]).status.success());
+    let o = sync(&["--ignore", "mtp.[", "--json"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// The bytes of tensor `name` in the model directory `dir`.
+fn safetensors_bytes(dir: &Path, name: &str) -> Vec<u8> {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            if let Ok(t) = st.tensor(name) {
+                return t.data().to_vec();
+            }
+        }
+    }
+    panic!("{name} not in {}", dir.display())
+}
