@@ -154,6 +154,9 @@ pub struct GenerationInfo {
     /// For a rollback: the generation whose bytes it restores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_generation: Option<u64>,
+    /// `sync --tag` pairs, recorded with the generation.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: crate::index::Tags,
 }
 
 /// Errors reading or writing journals.
@@ -390,7 +393,7 @@ pub enum JournalState {
     /// A journal without a valid commit record: the files were never touched.
     Uncommitted,
     /// A committed journal whose checksums hold.
-    Committed(Journal),
+    Committed(Box<Journal>),
 }
 
 /// A committed, verified journal.
@@ -485,7 +488,7 @@ impl Journal {
                 journal.count
             )));
         }
-        Ok(JournalState::Committed(journal))
+        Ok(JournalState::Committed(Box::new(journal)))
     }
 
     /// Calls `f` with consecutive batches of records holding about `batch_bytes` of payload.

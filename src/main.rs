@@ -149,6 +149,22 @@ fn parse_wait(s: &str) -> Result<f64, String> {
     ))
 }
 
+/// `--tag`: KEY=VALUE, the key letters, digits, `_`, `-` or `.`.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v))
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) =>
+        {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!(
+            "{s:?} is not a tag: give KEY=VALUE, the key of letters, digits, _ - or . (e.g. step=41200)"
+        )),
+    }
+}
+
 /// A size in bytes: a number, or with a unit (`4KiB`, `20GiB`, `500MB`, `1.5 GiB`).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s.trim()).map_err(|e| {
@@ -194,6 +210,10 @@ enum Command {
         /// output. Repeatable.
         #[arg(long, value_name = "GLOB")]
         ignore: Vec<String>,
+        /// Record KEY=VALUE with the generation this sync makes (e.g. `--tag step=41200`),
+        /// shown by `log`, `status` and `rollback`. Repeatable.
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
+        tag: Vec<(String, String)>,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
     ///
@@ -300,6 +320,15 @@ enum Command {
     },
     /// Print the man page (roff) to stdout: `apollo-checkpoint man > apollo-checkpoint.1`.
     Man,
+    /// List the generations, newest first: kind, time, source, blocks and bytes changed,
+    /// seconds, tags.
+    Log {
+        #[command(flatten)]
+        target: Target,
+        /// Show at most this many.
+        #[arg(long, value_name = "N", default_value_t = 20)]
+        limit: u64,
+    },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -400,6 +429,7 @@ impl Command {
             | Command::Retention { target, .. }
             | Command::ExportDelta { target, .. }
             | Command::Status { target }
+            | Command::Log { target, .. }
             | Command::Verify { target, .. } => (target.json, &target.model_dir),
             Command::ApplyDelta {
                 json, replica_dir, ..
@@ -427,6 +457,7 @@ impl Command {
             Command::ApplyDelta { .. } => "apply-delta",
             Command::Diagnose { .. } => "diagnose",
             Command::Status { .. } => "status",
+            Command::Log { .. } => "log",
             Command::Verify { .. } => "verify",
             Command::Completions { .. } => "completions",
             Command::Man => "man",
@@ -506,8 +537,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             handles,
             hash_on,
             ignore,
+            tag,
         } => {
-            let cp = checkpoint(&target).with_ignore(&ignore)?;
+            let cp = checkpoint(&target)
+                .with_ignore(&ignore)?
+                .with_tags(tag.into_iter().collect());
             let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
                 if !target.json && !cp.is_initialized()? {
                     say!(
@@ -573,9 +607,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 say!(
-                    "rolled back from generation {} to the bytes of generation {}: {} blocks ({}) written; recorded as generation {}",
+                    "rolled back from generation {} to the bytes of generation {}{}: {} blocks ({}) written; recorded as generation {}",
                     r.from_generation,
                     r.restored_generation,
+                    if r.restored_tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", tags_text(&r.restored_tags, ""))
+                    },
                     r.blocks_changed,
                     human_bytes(r.bytes_changed),
                     r.generation
@@ -744,6 +783,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 say!("{}", recover_summary(&report));
             }
         }
+        Command::Log { target, limit } => {
+            let r = reader_checkpoint(&target).log(limit)?;
+            if target.json {
+                print_json(&r)?;
+            } else {
+                out!(
+                    "generation  kind      created                   blocks      changed  seconds  tags / source"
+                );
+                for g in &r.generations {
+                    out!(
+                        "{:>10}  {:<8}  {:<24}  {:>8}  {:>11}  {:>7.2}  {}{}",
+                        g.generation,
+                        g.kind.to_string(),
+                        time_ms(g.created_at_ms),
+                        g.blocks_changed,
+                        human_bytes(g.bytes_changed),
+                        g.seconds,
+                        tags_text(&g.tags, " "),
+                        g.source
+                    );
+                }
+            }
+        }
         Command::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "apollo-checkpoint", &mut out);
@@ -830,6 +892,15 @@ fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => r.context("writing to stdout"),
     }
+}
+
+/// `[step=41200 run=a]` followed by `sep`, or nothing without tags.
+fn tags_text(tags: &apollo_checkpoint::index::Tags, sep: &str) -> String {
+    if tags.is_empty() {
+        return String::new();
+    }
+    let pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("[{}]{sep}", pairs.join(" "))
 }
 
 fn human_bytes(n: u64) -> String {
@@ -921,12 +992,17 @@ fn print_status(r: &StatusReport) {
     );
     if let Some(g) = &r.last_generation {
         out!(
-            "generation:  {} ({}, {}, {} blocks / {} changed)",
+            "generation:  {} ({}, {}, {} blocks / {} changed){}",
             g.generation,
             g.kind,
             time_ms(g.created_at_ms),
             g.blocks_changed,
-            human_bytes(g.bytes_changed)
+            human_bytes(g.bytes_changed),
+            if g.tags.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", tags_text(&g.tags, ""))
+            }
         );
     }
     if let Some(s) = &r.last_sync {

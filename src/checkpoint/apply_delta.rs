@@ -420,6 +420,7 @@ impl Checkpoint {
                 })
                 .collect(),
             info: GenerationInfo {
+                tags: crate::index::Tags::new(),
                 source: format!("delta {}", d.path.display()),
                 tensors: model.tensors.len() as u64,
                 bytes_compared: 0,

@@ -235,7 +235,15 @@ impl Checkpoint {
 
         // The manifest and changed-files.txt, then the record in the index.
         let manifest_path = outbox.join(name.replace(".apd", ".json"));
+        // What the backup host receives, by generation: its tags (`sync --tag`), if any.
+        let mut tags = serde_json::Map::new();
+        for g in index.generation_records(current.saturating_sub(base.unwrap_or(0)) + 1)? {
+            if base.is_none_or(|b| g.generation > b) && !g.tags.is_empty() {
+                tags.insert(g.generation.to_string(), serde_json::json!(g.tags));
+            }
+        }
         let manifest = serde_json::json!({
+            "tags": tags,
             "model_id": header.model_id,
             "base_generation": base,
             "target_generation": current,

@@ -79,6 +79,7 @@ impl Checkpoint {
                 )
             },
             |bytes| GenerationRecord {
+                tags: crate::index::Tags::new(),
                 generation,
                 kind,
                 created_at_ms: unix_ms(),

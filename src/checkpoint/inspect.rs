@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use super::{
-    BlockMismatch, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState, FileStatus, Retention,
-    StatusReport, VerifyReport, file_problems, seconds_since,
+    BlockMismatch, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState, FileStatus, LogReport,
+    Retention, StatusReport, VerifyReport, file_problems, seconds_since,
 };
 use crate::index::{
     FileRanges, GenerationKind, GenerationRecord, IndexedTensor, MetaKey, SyncCommit, unix_ms,
@@ -44,6 +44,18 @@ impl Checkpoint {
                 .meta_u64(MetaKey::RetainGenerations)?
                 .unwrap_or(DEFAULT_RETAIN_GENERATIONS),
             bytes: index.meta_u64(MetaKey::RetainBytes)?.unwrap_or(u64::MAX),
+        })
+    }
+
+    /// The newest `limit` generations, newest first (`log`): what made each, when, from where,
+    /// what changed and its tags. Reads no model data and never waits (like `status`).
+    pub fn log(&self, limit: u64) -> Result<LogReport, Error> {
+        self.require_model_dir()?;
+        let index = self
+            .open_index_read_only()?
+            .ok_or_else(|| self.not_initialized())?;
+        Ok(LogReport {
+            generations: index.generation_records(limit)?,
         })
     }
 
@@ -310,6 +322,7 @@ impl Checkpoint {
                 layout,
                 |_| Ok(()),
                 |bytes| GenerationRecord {
+                    tags: crate::index::Tags::new(),
                     generation,
                     kind: GenerationKind::Reindex,
                     created_at_ms: unix_ms(),

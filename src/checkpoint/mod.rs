@@ -66,8 +66,8 @@ pub use error::{CommandTarget, Error, ErrorKind};
 pub use export::{FileRoots, file_roots};
 pub use report::{
     AppliedDelta, ApplyDeltaReport, ApplyOutcome, BlockMismatch, ExportReport, FileState,
-    FileStatus, InitReport, LastSync, RecoverReport, RecoveryAction, Retention, RollbackReport,
-    StatusReport, SyncPhases, SyncReport, VerifyReport,
+    FileStatus, InitReport, LastSync, LogReport, RecoverReport, RecoveryAction, Retention,
+    RollbackReport, StatusReport, SyncPhases, SyncReport, VerifyReport,
 };
 pub use txn::WriteLock;
 
@@ -92,6 +92,7 @@ pub struct Checkpoint {
     follow_symlinks: bool,
     key: Option<crate::mac::Key>,
     ignore: Option<Ignore>,
+    tags: crate::index::Tags,
 }
 
 /// `sync --ignore`: globs of tensor names a sync leaves untouched.
@@ -152,6 +153,7 @@ impl Checkpoint {
             follow_symlinks: false,
             key: None,
             ignore: None,
+            tags: crate::index::Tags::new(),
         }
     }
 
@@ -182,6 +184,13 @@ impl Checkpoint {
     #[must_use]
     pub fn with_key(mut self, key: Option<crate::mac::Key>) -> Self {
         self.key = key;
+        self
+    }
+
+    /// Tags the generation a sync makes (`sync --tag step=41200`).
+    #[must_use]
+    pub fn with_tags(mut self, tags: crate::index::Tags) -> Self {
+        self.tags = tags;
         self
     }
 

@@ -43,7 +43,7 @@ impl Checkpoint {
                     self.current_generation()?,
                 ))
             }
-            JournalState::Committed(journal) => Ok(Committed::found(self, journal)
+            JournalState::Committed(journal) => Ok(Committed::found(self, *journal)
                 .finish(Mode::Recover, None, NewHashes::ReadBack, start)?
                 .report),
         }

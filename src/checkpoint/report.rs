@@ -104,6 +104,13 @@ pub struct SyncPhases {
     pub retire: f64,
 }
 
+/// What `log` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct LogReport {
+    /// Generations, newest first.
+    pub generations: Vec<crate::index::GenerationRecord>,
+}
+
 /// What `rollback` did.
 #[derive(Clone, Debug, Serialize)]
 pub struct RollbackReport {
@@ -111,6 +118,8 @@ pub struct RollbackReport {
     pub from_generation: u64,
     /// The generation whose bytes they hold now.
     pub restored_generation: u64,
+    /// Its tags (`sync --tag`), which the rollback's generation carries too.
+    pub restored_tags: crate::index::Tags,
     /// The new generation number recorded for the rollback (generations only move forward).
     pub generation: u64,
     /// Blocks written.

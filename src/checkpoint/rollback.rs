@@ -124,6 +124,11 @@ impl Checkpoint {
             let p = self.model_dir.join(name);
             handles.push(self.io.open(&p, OpenMode::Read).map_err(Self::io_err(&p))?);
         }
+        // The files will hold that generation's weights again: its tags say what they are.
+        let restored_tags = index
+            .generation_record(to)?
+            .map(|g| g.tags)
+            .unwrap_or_default();
         let header = JournalHeader {
             kind: JournalKind::Rollback,
             block_size: layout.block_size as u32,
@@ -137,6 +142,7 @@ impl Checkpoint {
                 tensors: model.tensors.len() as u64,
                 bytes_compared: 0,
                 restored_generation: Some(to),
+                tags: restored_tags.clone(),
             },
         };
         let mut composed = composer.finish().map_err(spill_err)?;
@@ -210,6 +216,7 @@ impl Checkpoint {
         Ok(RollbackReport {
             from_generation: current,
             restored_generation: to,
+            restored_tags,
             generation: done.generation,
             blocks_changed,
             bytes_changed,

@@ -99,6 +99,7 @@ impl Checkpoint {
                 tensors: report.tensors as u64,
                 bytes_compared,
                 restored_generation: None,
+                tags: self.tags.clone(),
             },
         };
         let pb = self.progress_bar(bytes_compared, "comparing");

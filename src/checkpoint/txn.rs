@@ -82,7 +82,7 @@ impl Checkpoint {
                 }
                 .into());
             };
-            report = Committed::found(self, journal)
+            report = Committed::found(self, *journal)
                 .finish(Mode::Reflush, None, NewHashes::ReadBack, start)?
                 .report;
         }
@@ -300,6 +300,7 @@ impl<'c> Committed<'c> {
             blocks_changed: self.journal.count,
             bytes_changed,
             seconds: seconds_since(start),
+            tags: h.info.tags.clone(),
         };
         let mut retire_seconds = 0.0;
         if mode == Mode::Write {

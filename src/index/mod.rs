@@ -33,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_exports.sql"),
     include_str!("../../migrations/0003_hash_log.sql"),
     include_str!("../../migrations/0004_ctime.sql"),
+    include_str!("../../migrations/0005_tags.sql"),
 ];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -242,7 +243,39 @@ pub struct GenerationRecord {
     pub bytes_changed: u64,
     /// Wall time.
     pub seconds: f64,
+    /// `sync --tag` pairs (e.g. step = 41200).
+    pub tags: Tags,
 }
+
+/// The columns [`generation_row`] reads, in its order.
+const GENERATION_COLUMNS: &str = "generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds, tags";
+
+/// A `generations` row selected as [`GENERATION_COLUMNS`].
+fn generation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationRecord> {
+    let bad = |i: usize, what: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
+    };
+    let kind: String = r.get(1)?;
+    let kind = GenerationKind::from_name(&kind)
+        .ok_or_else(|| bad(1, format!("generation kind {kind:?}")))?;
+    let tags: String = r.get(9)?;
+    let tags = serde_json::from_str(&tags).map_err(|e| bad(9, format!("tags {tags:?}: {e}")))?;
+    Ok(GenerationRecord {
+        generation: r.get::<_, i64>(0)? as u64,
+        kind,
+        created_at_ms: r.get(2)?,
+        source: r.get(3)?,
+        tensors: r.get::<_, i64>(4)? as u64,
+        bytes_compared: r.get::<_, i64>(5)? as u64,
+        blocks_changed: r.get::<_, i64>(6)? as u64,
+        bytes_changed: r.get::<_, i64>(7)? as u64,
+        seconds: r.get(8)?,
+        tags,
+    })
+}
+
+/// A generation's tags: KEY=VALUE pairs, sorted by key.
+pub type Tags = std::collections::BTreeMap<String, String>;
 
 /// Byte ranges per file: (file name, sorted merged (offset, len) pairs).
 pub type FileRanges = Vec<(String, Vec<(u64, u64)>)>;
@@ -709,33 +742,26 @@ impl BlockIndex {
     ) -> Result<Option<GenerationRecord>, IndexError> {
         self.conn
             .query_row(
-                "SELECT generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds
-                 FROM generations WHERE generation = ?1",
+                &format!("SELECT {GENERATION_COLUMNS} FROM generations WHERE generation = ?1"),
                 [generation as i64],
-                |r| {
-                    let kind: String = r.get(1)?;
-                    let kind = GenerationKind::from_name(&kind).ok_or_else(|| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            1,
-                            rusqlite::types::Type::Text,
-                            format!("generation kind {kind:?}").into(),
-                        )
-                    })?;
-                    Ok(GenerationRecord {
-                        generation: r.get::<_, i64>(0)? as u64,
-                        kind,
-                        created_at_ms: r.get(2)?,
-                        source: r.get(3)?,
-                        tensors: r.get::<_, i64>(4)? as u64,
-                        bytes_compared: r.get::<_, i64>(5)? as u64,
-                        blocks_changed: r.get::<_, i64>(6)? as u64,
-                        bytes_changed: r.get::<_, i64>(7)? as u64,
-                        seconds: r.get(8)?,
-                    })
-                },
+                generation_row,
             )
             .optional()
             .map_err(|e| self.sql(e))
+    }
+
+    /// The newest `limit` generations, newest first (`log`).
+    pub fn generation_records(&self, limit: u64) -> Result<Vec<GenerationRecord>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {GENERATION_COLUMNS} FROM generations ORDER BY generation DESC LIMIT ?1"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], generation_row)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     /// The ranges generation `generation` changed, per file.
@@ -906,7 +932,7 @@ mod tests {
     /// runs once (it read the version outside its transaction, and the second one failed with
     /// "table block_hash_log already exists").
     /// Takes an index of the current schema back to version 2.
-    const DOWNGRADE: &str = "ALTER TABLE files DROP COLUMN ctime_ns; DROP TABLE block_hash_log; PRAGMA user_version = 2;";
+    const DOWNGRADE: &str = "ALTER TABLE generations DROP COLUMN tags; ALTER TABLE files DROP COLUMN ctime_ns; DROP TABLE block_hash_log; PRAGMA user_version = 2;";
 
     #[test]
     fn concurrent_opens_migrate_an_old_index_once() {

@@ -144,8 +144,8 @@ fn set_meta(conn: &Connection, key: MetaKey, value: &str) -> rusqlite::Result<()
 
 fn insert_generation(conn: &Connection, g: &GenerationRecord) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO generations (generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO generations (generation, kind, created_at, source, tensors, bytes_compared, blocks_changed, bytes_changed, seconds, tags)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             g.generation as i64,
             g.kind.name(),
@@ -155,7 +155,8 @@ fn insert_generation(conn: &Connection, g: &GenerationRecord) -> rusqlite::Resul
             g.bytes_compared as i64,
             g.blocks_changed as i64,
             g.bytes_changed as i64,
-            g.seconds
+            g.seconds,
+            serde_json::to_string(&g.tags).expect("strings serialize")
         ],
     )
     .map(drop)

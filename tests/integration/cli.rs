@@ -540,3 +540,86 @@ fn safetensors_bytes(dir: &Path, name: &str) -> Vec<u8> {
     }
     panic!("{name} not in {}", dir.display())
 }
+
+/// `sync --tag` is stored with the generation and shown by `log`, `status`, `rollback` (whose
+/// generation carries the restored one's tags) and the export manifest.
+#[test]
+fn tags_are_kept_with_their_generation_and_log_lists_history() {
+    let mut tensors = mixed_tensors(12);
+    let p = pair(&tensors, 1, 1);
+    let (m, src) = (s(&p.model), s(&p.source));
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    for step in ["41200", "41300"] {
+        tensors[0].data[1] ^= 1;
+        write_model(&p.source, &tensors, 1);
+        let o = run(&[
+            "sync",
+            "--model-dir",
+            m,
+            "--from",
+            src,
+            "--tag",
+            &format!("step={step}"),
+            "--tag",
+            "run=r7",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = run(&["log", "--model-dir", m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j = stdout_json(&o);
+    let gens = j["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 3);
+    assert_eq!(gens[0]["generation"], 2);
+    assert_eq!(
+        gens[0]["tags"],
+        serde_json::json!({"step": "41300", "run": "r7"})
+    );
+    assert_eq!(gens[1]["tags"]["step"], "41200");
+    assert_eq!(gens[2]["kind"], "init");
+    assert_eq!(gens[2]["tags"], serde_json::json!({}));
+    let o = run(&["log", "--model-dir", m, "--limit", "1"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("[run=r7 step=41300]"), "{text}");
+    let o = run(&["status", "--model-dir", m]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("step=41300"));
+
+    let o = run(&["rollback", "--model-dir", m, "--to", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("generation 1 [run=r7 step=41200]"),
+        "{}",
+        stderr(&o)
+    );
+    let j = stdout_json(&run(&["log", "--model-dir", m, "--json", "--limit", "1"]));
+    assert_eq!(j["generations"][0]["kind"], "rollback");
+    assert_eq!(j["generations"][0]["tags"]["step"], "41200");
+
+    let outbox = p.tmp.path().join("outbox");
+    let o = run(&[
+        "export-delta",
+        "--model-dir",
+        m,
+        "--out",
+        s(&outbox),
+        "--full",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(stdout_json(&o)["manifest"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["tags"]["2"]["step"], "41300");
+    assert_eq!(manifest["tags"]["3"]["step"], "41200");
+
+    for bad in ["step", "=1", "st ep=1"] {
+        let o = run(&["sync", "--model-dir", m, "--from", src, "--tag", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+    }
+    let fresh = p.tmp.path().join("fresh");
+    write_model(&fresh, &tensors, 1);
+    let o = run(&["log", "--model-dir", s(&fresh)]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+}
