@@ -8,6 +8,20 @@ cargo fmt --all -- --check
 cargo clippy --release --all-targets --locked -- -D warnings
 cargo test --release --locked
 APOLLO_BIN="${CARGO_TARGET_DIR:-target}/release/apollo-checkpoint" python3 scripts/test_vllm_export_hook.py
+# The systemd units (scripts/systemd/), their paths pointed at this build: systemd-analyze verify,
+# and any complaint it prints (it only warns about a misspelled setting) fails the test.
+units=$(mktemp -d)
+bin_path="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/release/apollo-checkpoint"
+for f in scripts/systemd/*.service scripts/systemd/*.timer; do
+  sed -e "s#/usr/local/bin/apollo-checkpoint#$bin_path#" \
+      -e "s#/usr/local/lib/apollo-checkpoint/nightly-moria.sh#$PWD/scripts/nightly-moria.sh#" \
+      "$f" >"$units/$(basename "$f")"
+done
+complaints=$(systemd-analyze verify --man=no "$units"/* 2>&1) || { echo "$complaints" >&2; exit 1; }
+if [ -n "$complaints" ]; then echo "systemd-analyze verify: $complaints" >&2; exit 1; fi
+rm -rf "$units"
+echo "systemd units: OK (systemd-analyze verify)"
+
 # The demo, as a user runs it with another target directory and its output in a log: it must
 # find the binaries there and write no escape codes into the log.
 # (The other directory is a link to this one, so nothing is built again; ./target is moved
