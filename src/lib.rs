@@ -33,6 +33,7 @@ pub mod journal;
 pub mod live;
 pub mod lock;
 pub mod mac;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod record;

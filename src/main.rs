@@ -113,6 +113,10 @@ struct Target {
     /// other revisions share.
     #[arg(long)]
     follow_symlinks: bool,
+    /// After the run, success or not, write its metrics (Prometheus text format) to PATH,
+    /// atomically: for node_exporter's textfile collector (a `.prom` file in its directory).
+    #[arg(long, value_name = "PATH", env = "APOLLO_METRICS_FILE")]
+    metrics_file: Option<PathBuf>,
 }
 
 /// `--help`'s examples.
@@ -379,7 +383,10 @@ fn main() -> ExitCode {
     if let Some(context) = cli.command.json_context() {
         let _ = JSON.set(context);
     }
-    match run(cli) {
+    let started = std::time::Instant::now();
+    let metrics = cli.command.metrics_target();
+    let command = cli.command.name();
+    let code = match run(cli) {
         Ok(code) => code,
         Err(err) => {
             // Library errors reach here as they are (never behind context), so their kind
@@ -400,10 +407,29 @@ fn main() -> ExitCode {
                 );
                 print_json_error(&message, &kind, code);
             }
-            ExitCode::from(code)
+            code
+        }
+    };
+    if let Some((path, model_dir, state_dir)) = metrics {
+        let status =
+            Checkpoint::new(&model_dir, state_dir.as_deref(), Arc::new(RealIo::new())).status();
+        let run = apollo_checkpoint::metrics::RunMetrics {
+            command,
+            exit_code: code,
+            seconds: started.elapsed().as_secs_f64(),
+            ended: std::time::SystemTime::now(),
+            sync: LAST_SYNC.get(),
+            status: status.as_ref().ok(),
+        };
+        if let Err(e) = apollo_checkpoint::metrics::write(&path, &run) {
+            tracing::warn!("--metrics-file: {e}");
         }
     }
+    ExitCode::from(code)
 }
+
+/// The report of this run's sync, for `--metrics-file`.
+static LAST_SYNC: std::sync::OnceLock<SyncReport> = std::sync::OnceLock::new();
 
 /// The version of the JSON objects `--json` prints (README, "JSON output"; the schema is
 /// `src/output.schema.json`). Raised when a field changes meaning or goes away.
@@ -419,9 +445,9 @@ struct JsonContext {
 static JSON: std::sync::OnceLock<JsonContext> = std::sync::OnceLock::new();
 
 impl Command {
-    /// The JSON context of a command run with `--json`.
-    fn json_context(&self) -> Option<JsonContext> {
-        let (json, dir) = match self {
+    /// The model a command names with `--model-dir` (and the common options), if it does.
+    fn target(&self) -> Option<&Target> {
+        match self {
             Command::Init { target, .. }
             | Command::Sync { target, .. }
             | Command::Recover { target }
@@ -430,19 +456,43 @@ impl Command {
             | Command::ExportDelta { target, .. }
             | Command::Status { target }
             | Command::Log { target, .. }
-            | Command::Verify { target, .. } => (target.json, &target.model_dir),
-            Command::ApplyDelta {
-                json, replica_dir, ..
-            } => (*json, replica_dir),
-            Command::Diagnose {
-                json, model_dir, ..
-            } => (*json, model_dir),
-            Command::Completions { .. } | Command::Man => return None,
+            | Command::Verify { target, .. } => Some(target),
+            Command::ApplyDelta { .. }
+            | Command::Diagnose { .. }
+            | Command::Completions { .. }
+            | Command::Man => None,
+        }
+    }
+
+    /// The JSON context of a command run with `--json`.
+    fn json_context(&self) -> Option<JsonContext> {
+        let (json, dir) = match (self.target(), self) {
+            (Some(target), _) => (target.json, &target.model_dir),
+            (
+                None,
+                Command::ApplyDelta {
+                    json, replica_dir, ..
+                },
+            ) => (*json, replica_dir),
+            (
+                None,
+                Command::Diagnose {
+                    json, model_dir, ..
+                },
+            ) => (*json, model_dir),
+            (None, _) => return None,
         };
         json.then(|| JsonContext {
             command: self.name().to_string(),
             model_dir: Some(dir.clone()),
         })
+    }
+
+    /// `--metrics-file`, with the model and state directories it describes.
+    fn metrics_target(&self) -> Option<(PathBuf, PathBuf, Option<PathBuf>)> {
+        let target = self.target()?;
+        let path = target.metrics_file.clone()?;
+        Some((path, target.model_dir.clone(), target.state_dir.clone()))
     }
 
     /// The subcommand's name, as typed.
@@ -512,7 +562,7 @@ fn checkpoint_waiting(target: &Target, wait: f64) -> Checkpoint {
     .with_follow_symlinks(target.follow_symlinks)
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Init { target, block_size } => {
             let report = checkpoint(&target).init(block_size)?;
@@ -585,6 +635,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 announce(&cp)?;
                 cp.sync(&source)?
             };
+            let _ = LAST_SYNC.set(report.clone());
             if target.json {
                 print_json(&report)?;
             } else {
@@ -666,7 +717,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         pruned.len()
                     );
                 }
-                return Ok(ExitCode::SUCCESS);
+                return Ok(0);
             }
             let r = cp.export_delta(&out, since, full)?;
             if target.json {
@@ -711,6 +762,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 json,
                 wait,
                 follow_symlinks,
+                metrics_file: None,
             };
             let r = checkpoint(&target).with_key(key).apply_delta(&files)?;
             if json {
@@ -772,7 +824,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if !d.ok {
-                return Ok(ExitCode::from(1));
+                return Ok(1);
             }
         }
         Command::Recover { target } => {
@@ -830,7 +882,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for why in &report.attention {
                     eprintln!("apollo-checkpoint: status: {why}");
                 }
-                return Ok(ExitCode::from(report.exit_code()));
+                return Ok(report.exit_code());
             }
         }
         Command::Verify { target, repair } => {
@@ -852,11 +904,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             if !report.clean && !report.repaired {
-                return Ok(ExitCode::from(1));
+                return Ok(1);
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// Prints one JSON object on stdout; a closed pipe is not an error.

@@ -415,7 +415,7 @@ impl Checkpoint {
 }
 
 /// Writes `bytes` to `path` atomically: hidden temporary, fsync, rename, fsync the folder.
-pub(crate) fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -486,11 +486,7 @@ fn ignore_leaves_matching_tensors_untouched_and_lists_them() {
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
     assert!(stderr(&o).contains("mtp.fc.weight: in the model but not in the source"));
 
-    let sync = |extra: &[&str]| {
-        let mut args = vec!["sync", "--model-dir", m, "--from", src];
-        args.extend_from_slice(extra);
-        run(&args)
-    };
+    let sync = |extra: &[&str]| sync_from(&p.model, &p.source, extra);
     let o = sync(&["--ignore", "mtp.*", "--ignore", "vision.*", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j = stdout_json(&o);
@@ -552,17 +548,11 @@ fn tags_are_kept_with_their_generation_and_log_lists_history() {
     for step in ["41200", "41300"] {
         tensors[0].data[1] ^= 1;
         write_model(&p.source, &tensors, 1);
-        let o = run(&[
-            "sync",
-            "--model-dir",
-            m,
-            "--from",
-            src,
-            "--tag",
-            &format!("step={step}"),
-            "--tag",
-            "run=r7",
-        ]);
+        let o = sync_from(
+            &p.model,
+            &p.source,
+            &["--tag", &format!("step={step}"), "--tag", "run=r7"],
+        );
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let o = run(&["log", "--model-dir", m, "--json"]);
@@ -622,4 +612,68 @@ fn tags_are_kept_with_their_generation_and_log_lists_history() {
     write_model(&fresh, &tensors, 1);
     let o = run(&["log", "--model-dir", s(&fresh)]);
     assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+}
+
+/// `--metrics-file`: the Prometheus text format, read back with a parser of that format, after
+/// a sync that changed something and after one that failed.
+#[test]
+fn metrics_file_is_prometheus_text_for_the_textfile_collector() {
+    let mut tensors = mixed_tensors(14);
+    let p = pair(&tensors, 1, 1);
+    let m = s(&p.model);
+    let dir = p.tmp.path().join("textfile");
+    std::fs::create_dir_all(&dir).unwrap();
+    let prom = dir.join("apollo_sync.prom");
+    let scrape = || {
+        let text = std::fs::read_to_string(&prom).unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        let value = |name: &str, label: Option<(&str, &str)>| {
+            parsed
+                .samples
+                .iter()
+                .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                    ref other => panic!("{name}: {other:?}"),
+                })
+        };
+        let phases = parsed
+            .samples
+            .iter()
+            .filter(|s| s.metric == "apollo_checkpoint_sync_phase_seconds")
+            .count();
+        (
+            value(
+                "apollo_checkpoint_last_run_exit_code",
+                Some(("command", "sync")),
+            ),
+            value("apollo_checkpoint_generation", None),
+            value("apollo_checkpoint_sync_blocks_changed", None),
+            phases,
+        )
+    };
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    tensors[2].data[5] ^= 1;
+    write_model(&p.source, &tensors, 1);
+    let o = sync_from(&p.model, &p.source, &["--metrics-file", s(&prom)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(scrape(), (Some(0.0), Some(1.0), Some(1.0), 10));
+    let nowhere = p.tmp.path().join("nowhere");
+    let o = run(&[
+        "sync",
+        "--model-dir",
+        m,
+        "--from",
+        s(&nowhere),
+        "--metrics-file",
+        s(&prom),
+    ]);
+    assert_eq!(o.status.code(), Some(66));
+    assert_eq!(scrape(), (Some(66.0), Some(1.0), None, 0));
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [std::ffi::OsString::from("apollo_sync.prom")]);
 }
