@@ -15,7 +15,7 @@ use apollo_checkpoint::{
     Checkpoint, Error, RecoverReport, RecoveryAction, SafetensorsSource, StatusReport, SyncReport,
     VerifyReport,
 };
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// `println!` that does not panic when stdout is closed (`status | head -1`): the rest of the
 /// output is dropped quietly and the command ends as it would have.
@@ -360,8 +360,8 @@ enum HashOn {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
         Err(e) => {
             // A bad command line with --json among the arguments still gets its JSON object.
             let json = std::env::args_os().any(|a| a == "--json");
@@ -378,14 +378,16 @@ fn main() -> ExitCode {
             e.exit();
         }
     };
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The subcommand's name as clap knows it (and as typed).
+    let command = matches.subcommand_name().unwrap_or_default();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     init_logging(cli.verbose, cli.quiet);
-    if let Some(context) = cli.command.json_context() {
+    if let Some(context) = cli.command.json_context(command) {
         let _ = JSON.set(context);
     }
     let started = std::time::Instant::now();
     let metrics = cli.command.metrics_target();
-    let command = cli.command.name();
     let code = match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -464,8 +466,8 @@ impl Command {
         }
     }
 
-    /// The JSON context of a command run with `--json`.
-    fn json_context(&self) -> Option<JsonContext> {
+    /// The JSON context of a command (named `name`) run with `--json`.
+    fn json_context(&self, name: &str) -> Option<JsonContext> {
         let (json, dir) = match (self.target(), self) {
             (Some(target), _) => (target.json, &target.model_dir),
             (
@@ -483,7 +485,7 @@ impl Command {
             (None, _) => return None,
         };
         json.then(|| JsonContext {
-            command: self.name().to_string(),
+            command: name.to_string(),
             model_dir: Some(dir.clone()),
         })
     }
@@ -493,25 +495,6 @@ impl Command {
         let target = self.target()?;
         let path = target.metrics_file.clone()?;
         Some((path, target.model_dir.clone(), target.state_dir.clone()))
-    }
-
-    /// The subcommand's name, as typed.
-    fn name(&self) -> &'static str {
-        match self {
-            Command::Init { .. } => "init",
-            Command::Sync { .. } => "sync",
-            Command::Recover { .. } => "recover",
-            Command::Rollback { .. } => "rollback",
-            Command::Retention { .. } => "retention",
-            Command::ExportDelta { .. } => "export-delta",
-            Command::ApplyDelta { .. } => "apply-delta",
-            Command::Diagnose { .. } => "diagnose",
-            Command::Status { .. } => "status",
-            Command::Log { .. } => "log",
-            Command::Verify { .. } => "verify",
-            Command::Completions { .. } => "completions",
-            Command::Man => "man",
-        }
     }
 }
 

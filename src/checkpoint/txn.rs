@@ -324,23 +324,27 @@ impl<'c> Committed<'c> {
             retire_seconds += seconds_since(lap);
         }
         let lap = Instant::now();
+        // The generation's hashes, when the index does not hold it yet: those a writer knows are
+        // written before the files and committed after them (see `SyncTxn`); the others are read
+        // back from the files once they are written.
         let mut txn = index.begin_sync()?;
-        let mut hashes = Some(hashes);
-        if let Some(NewHashes::Known {
-            updates,
-            ranges,
-            bytes,
-        }) = hashes.take_if(|h| matches!(h, NewHashes::Known { .. }))
-            && current == h.base_generation
-        {
-            // Written before the files, committed after them (see `SyncTxn`).
-            txn.write(SyncCommit {
-                generation: Some(generation(bytes)),
-                hashes: updates,
+        let read_back = match hashes {
+            _ if current != h.base_generation => false,
+            NewHashes::Known {
+                updates,
                 ranges,
-                ..SyncCommit::default()
-            })?;
-        }
+                bytes,
+            } => {
+                txn.write(SyncCommit {
+                    generation: Some(generation(bytes)),
+                    hashes: updates,
+                    ranges,
+                    ..SyncCommit::default()
+                })?;
+                false
+            }
+            NewHashes::ReadBack => true,
+        };
         let mut commit_seconds = seconds_since(lap);
         let lap = Instant::now();
         // A write that just committed knows every block holds its old bytes (the writer checked
@@ -357,9 +361,8 @@ impl<'c> Committed<'c> {
             file_stats,
             ..SyncCommit::default()
         };
-        if let Some(NewHashes::ReadBack) = hashes
-            && current == h.base_generation
-        {
+        if read_back {
+            // (The reading needs the index, which the open transaction holds: nothing is in it.)
             drop(txn);
             let (updates, ranges, bytes_changed) = self.hashes_after(&index, &handles, layout)?;
             commit.generation = Some(generation(bytes_changed));

@@ -660,15 +660,7 @@ fn metrics_file_is_prometheus_text_for_the_textfile_collector() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(scrape(), (Some(0.0), Some(1.0), Some(1.0), 10));
     let nowhere = p.tmp.path().join("nowhere");
-    let o = run(&[
-        "sync",
-        "--model-dir",
-        m,
-        "--from",
-        s(&nowhere),
-        "--metrics-file",
-        s(&prom),
-    ]);
+    let o = sync_from(&p.model, &nowhere, &["--metrics-file", s(&prom)]);
     assert_eq!(o.status.code(), Some(66));
     assert_eq!(scrape(), (Some(66.0), Some(1.0), None, 0));
     let names: Vec<_> = std::fs::read_dir(&dir)

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use apollo_checkpoint::checkpoint::ExportReport;
 use apollo_checkpoint::io::{FileIo, FileStat, Io, OpenMode, RealIo};
 use apollo_checkpoint::synthetic::Rng;
 use apollo_checkpoint::{Checkpoint, RecoveryAction, SafetensorsSource};
@@ -798,11 +799,18 @@ fn files_only_copy(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn an_export_stopped_at_any_step_is_simply_repeated() {
-    let sc = scenario(51);
+/// Exports generation 1 → 2 of the scenario's clean model once per I/O step, each time from a
+/// fresh copy into an empty outbox with `fault(step)` injected, and hands `check` the step, the
+/// copy, the outbox, the export's result and the delta a faultless export writes. Returns the
+/// number of steps.
+fn export_at_every_step(
+    sc: &Scenario,
+    name: &str,
+    fault: impl Fn(u64) -> Fault,
+    mut check: impl FnMut(u64, &Path, &Path, Result<ExportReport, apollo_checkpoint::Error>, &[u8]),
+) -> u64 {
     let model = sc.tmp.path().join("clean"); // generation 2, holding `after`
-    let count_out = sc.tmp.path().join("count-out");
+    let count_out = sc.tmp.path().join(format!("{name}-count"));
     let io = FaultIo::new(Fault::None);
     Checkpoint::new(&model, None, Arc::new(io.clone()))
         .export_delta(&count_out, Some(1), false)
@@ -810,34 +818,51 @@ fn an_export_stopped_at_any_step_is_simply_repeated() {
     let reference = std::fs::read(deltas_in(&count_out)[0].clone()).unwrap();
     let (steps, _) = io.steps();
     for n in 0..=steps {
-        let dir = sc.tmp.path().join("exp");
+        let dir = sc.tmp.path().join(name);
         let _ = std::fs::remove_dir_all(&dir);
         trusted_copy(&model, &dir);
-        let outbox = sc.tmp.path().join("exp-out");
+        let outbox = sc.tmp.path().join(format!("{name}-out"));
         let _ = std::fs::remove_dir_all(&outbox);
-        let io = FaultIo::new(Fault::Crash(n));
-        let first = Checkpoint::new(&dir, None, Arc::new(io)).export_delta(&outbox, Some(1), false);
-        let rerun = checkpoint(&dir)
-            .export_delta(&outbox, Some(1), false)
-            .unwrap();
-        assert!(rerun.exported, "crash at {n}");
-        let files = deltas_in(&outbox);
-        assert_eq!(files.len(), 1, "crash at {n}: {files:?}");
-        if first.is_ok() {
-            assert_eq!(
-                std::fs::read(&files[0]).unwrap().len(),
-                reference.len(),
-                "crash at {n}"
-            );
-        }
-        // The delta is whole and takes a copy of the old files to the new ones.
-        let replica = sc.tmp.path().join("exp-replica");
-        files_only_copy(&sc.template, &replica);
-        checkpoint(&replica)
-            .apply_delta(&files)
-            .unwrap_or_else(|e| panic!("crash at {n}: {e}"));
-        assert_eq!(model_files(&replica), sc.after, "crash at {n}");
+        let first = Checkpoint::new(&dir, None, Arc::new(FaultIo::new(fault(n)))).export_delta(
+            &outbox,
+            Some(1),
+            false,
+        );
+        check(n, &dir, &outbox, first, &reference);
     }
+    steps
+}
+
+#[test]
+fn an_export_stopped_at_any_step_is_simply_repeated() {
+    let sc = scenario(51);
+    export_at_every_step(
+        &sc,
+        "exp",
+        Fault::Crash,
+        |n, dir, outbox, first, reference| {
+            let rerun = checkpoint(dir)
+                .export_delta(outbox, Some(1), false)
+                .unwrap();
+            assert!(rerun.exported, "crash at {n}");
+            let files = deltas_in(outbox);
+            assert_eq!(files.len(), 1, "crash at {n}: {files:?}");
+            if first.is_ok() {
+                assert_eq!(
+                    std::fs::read(&files[0]).unwrap().len(),
+                    reference.len(),
+                    "crash at {n}"
+                );
+            }
+            // The delta is whole and takes a copy of the old files to the new ones.
+            let replica = sc.tmp.path().join("exp-replica");
+            files_only_copy(&sc.template, &replica);
+            checkpoint(&replica)
+                .apply_delta(&files)
+                .unwrap_or_else(|e| panic!("crash at {n}: {e}"));
+            assert_eq!(model_files(&replica), sc.after, "crash at {n}");
+        },
+    );
 }
 
 /// A disk that fills up at any step of an export leaves no temporary in the outbox (one was
@@ -845,24 +870,11 @@ fn an_export_stopped_at_any_step_is_simply_repeated() {
 #[test]
 fn an_export_failing_with_enospc_leaves_no_temporary_behind() {
     let sc = scenario(53);
-    let model = sc.tmp.path().join("clean");
-    let count_out = sc.tmp.path().join("count-out");
-    let io = FaultIo::new(Fault::None);
-    Checkpoint::new(&model, None, Arc::new(io.clone()))
-        .export_delta(&count_out, Some(1), false)
-        .unwrap();
-    let (steps, _) = io.steps();
     let mut failed = 0;
-    for n in 0..=steps {
-        let dir = sc.tmp.path().join("nospace");
-        let _ = std::fs::remove_dir_all(&dir);
-        trusted_copy(&model, &dir);
-        let outbox = sc.tmp.path().join("nospace-out");
-        let _ = std::fs::remove_dir_all(&outbox);
-        let io = FaultIo::new(Fault::Fail(n, 28)); // ENOSPC
-        let first = Checkpoint::new(&dir, None, Arc::new(io)).export_delta(&outbox, Some(1), false);
+    let enospc = |n| Fault::Fail(n, 28);
+    let steps = export_at_every_step(&sc, "nospace", enospc, |n, dir, outbox, first, _| {
         failed += usize::from(first.is_err());
-        let temporaries: Vec<String> = std::fs::read_dir(&outbox)
+        let temporaries: Vec<String> = std::fs::read_dir(outbox)
             .into_iter()
             .flatten()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -873,13 +885,13 @@ fn an_export_failing_with_enospc_leaves_no_temporary_behind() {
             "ENOSPC at step {n}: {temporaries:?} left"
         );
         assert!(
-            checkpoint(&dir)
-                .export_delta(&outbox, Some(1), false)
+            checkpoint(dir)
+                .export_delta(outbox, Some(1), false)
                 .unwrap()
                 .exported,
             "ENOSPC at step {n}"
         );
-    }
+    });
     assert!(
         failed > 3,
         "only {failed} of {steps} steps failed the export"
