@@ -7,6 +7,7 @@
 //! - [`io`]: the one I/O layer every model-file read, write and sync goes through.
 //! - [`model`]: model directories and strict safetensors header parsing.
 //! - [`blockhash`]: what a block hash is, and how 4 KiB blocks are compared at the speed of larger ones.
+//! - [`changemap`]: the bytes each generation changed per layer and tensor kind, and their heat map.
 //! - [`index`]: the SQLite block index, its migrations and the generation history.
 //! - [`source`]: [`WeightSource`], where live weights come from.
 //! - [`live`]: the live GPU source: manifests of CUDA IPC handles, names decided by the files,
@@ -24,6 +25,7 @@
 
 pub mod apply;
 pub mod blockhash;
+pub mod changemap;
 pub mod checkpoint;
 pub mod delta;
 pub mod fileformat;
@@ -45,3 +47,19 @@ pub use checkpoint::{
     RollbackReport, StatusReport, SyncReport, VerifyReport,
 };
 pub use source::{SafetensorsSource, WeightSource};
+
+/// Bytes as people read them: `512 B`, `4.00 KiB`, `1.50 GiB` (binary units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
 use apollo_checkpoint::checkpoint::CommandTarget;
+use apollo_checkpoint::human_bytes;
 use apollo_checkpoint::io::RealIo;
 use apollo_checkpoint::mac::Key;
 use apollo_checkpoint::{
@@ -128,6 +129,7 @@ Examples:
   apollo-checkpoint status --model-dir /models/Qwen3.5-27B      # exit 78: something needs you
   apollo-checkpoint rollback --model-dir /models/Qwen3.5-27B --to 41
   apollo-checkpoint retention --model-dir /models/Qwen3.5-27B --generations 24 --bytes 20GiB
+  apollo-checkpoint report --model-dir /models/Qwen3.5-27B --svg changes.svg --generations 40..
   APOLLO_MODEL_DIR=/models/Qwen3.5-27B apollo-checkpoint verify
 
 Environment: APOLLO_MODEL_DIR, APOLLO_STATE_DIR, APOLLO_WAIT, APOLLO_HASH_ON, APOLLO_KEY_FILE,
@@ -333,6 +335,19 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 20)]
         limit: u64,
     },
+    /// Bytes changed per layer and tensor kind over a range of generations; `--svg` draws them
+    /// as a heat map (with the bytes each generation changed).
+    Report {
+        #[command(flatten)]
+        target: Target,
+        /// Write the heat map to this SVG file (replaced atomically).
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
+        /// Which generations: `A..B` (both included), `A..`, `..B` or `N` [default: the newest
+        /// 100 after init].
+        #[arg(long, value_name = "A..B")]
+        generations: Option<apollo_checkpoint::changemap::GenerationRange>,
+    },
     /// Show the generation, the last sync, the files and anything that needs attention.
     Status {
         #[command(flatten)]
@@ -458,6 +473,7 @@ impl Command {
             | Command::ExportDelta { target, .. }
             | Command::Status { target }
             | Command::Log { target, .. }
+            | Command::Report { target, .. }
             | Command::Verify { target, .. } => Some(target),
             Command::ApplyDelta { .. }
             | Command::Diagnose { .. }
@@ -841,6 +857,34 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
+        Command::Report {
+            target,
+            svg,
+            generations,
+        } => {
+            let r = reader_checkpoint(&target)
+                .report(generations.unwrap_or_default(), svg.as_deref())?;
+            if target.json {
+                print_json(&r)?;
+            } else {
+                let total: u64 = r.generations.iter().map(|g| g.bytes_changed).sum();
+                out!(
+                    "generations {}..{}: {} generation(s), {} of tensor data changed",
+                    r.first_generation,
+                    r.last_generation,
+                    r.generations.len(),
+                    human_bytes(total)
+                );
+                out!(
+                    "by layer:\n{}by tensor kind:\n{}",
+                    apollo_checkpoint::changemap::totals_text(&r.layers, r.generations.len()),
+                    apollo_checkpoint::changemap::totals_text(&r.kinds, r.generations.len())
+                );
+                if let Some(path) = &r.svg {
+                    say!("heat map written to {}", path.display());
+                }
+            }
+        }
         Command::Completions { shell } => {
             let mut out = std::io::stdout().lock();
             clap_complete::generate(shell, &mut Cli::command(), "apollo-checkpoint", &mut out);
@@ -936,21 +980,6 @@ fn tags_text(tags: &apollo_checkpoint::index::Tags, sep: &str) -> String {
     }
     let pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("[{}]{sep}", pairs.join(" "))
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
 }
 
 fn sync_summary(r: &SyncReport) -> String {

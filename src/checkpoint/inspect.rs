@@ -2,12 +2,14 @@
 //! data), `verify [--repair]` (rehash the files against the index) and `retention`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{
-    BlockMismatch, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState, FileStatus, LogReport,
-    Retention, StatusReport, VerifyReport, file_problems, seconds_since,
+    BlockMismatch, ChangeReport, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState,
+    FileStatus, LogReport, Retention, StatusReport, VerifyReport, file_problems, seconds_since,
 };
+use crate::changemap::{self, ChangeMap, GenerationChanges, GenerationRange, TensorSpan};
 use crate::index::{
     FileRanges, GenerationKind, GenerationRecord, IndexedTensor, MetaKey, SyncCommit, unix_ms,
 };
@@ -16,6 +18,9 @@ use crate::lock::{LockError, LockKind, StateLock};
 use crate::model::ModelLayout;
 use crate::plan::{self, Comparison, TensorPlan, block_span, merge_ranges};
 use crate::source::SafetensorsSource;
+
+/// Generations `report` shows when not told which: the newest this many.
+pub const REPORT_GENERATIONS: u64 = 100;
 
 impl Checkpoint {
     /// Reads, and with `set` changes, how much undo data is kept (applied at the next sync).
@@ -56,6 +61,72 @@ impl Checkpoint {
             .ok_or_else(|| self.not_initialized())?;
         Ok(LogReport {
             generations: index.generation_records(limit)?,
+        })
+    }
+
+    /// The bytes each generation of `range` changed, per layer and tensor kind (`report`); with
+    /// `svg`, their heat map is written there (atomically). By default the newest
+    /// [`REPORT_GENERATIONS`] generations after init. Reads no model data and never waits.
+    pub fn report(
+        &self,
+        range: GenerationRange,
+        svg: Option<&Path>,
+    ) -> Result<ChangeReport, Error> {
+        self.require_model_dir()?;
+        let index = self
+            .open_index_read_only()?
+            .ok_or_else(|| self.not_initialized())?;
+        let newest = index.generation()?.unwrap_or(0);
+        let last = range.last.unwrap_or(newest);
+        let first = range
+            .first
+            .unwrap_or_else(|| last.saturating_sub(REPORT_GENERATIONS - 1).max(last.min(1)));
+        if last > newest || first > newest {
+            return Err(Error::Usage(format!(
+                "--generations {first}..{last}: the model's newest generation is {newest} (see `apollo-checkpoint log {}`)",
+                self.args()
+            )));
+        }
+        let names: HashMap<i64, String> =
+            index.files()?.into_iter().map(|f| (f.id, f.name)).collect();
+        let tensors: Vec<TensorSpan> = index
+            .tensors()?
+            .into_iter()
+            .map(|t| TensorSpan {
+                file: names.get(&t.file_id).cloned().unwrap_or_default(),
+                offset: t.offset,
+                len: t.len,
+                name: t.name,
+            })
+            .collect();
+        let mut generations = Vec::new();
+        for g in index.generation_records_between(first, last)? {
+            generations.push(GenerationChanges {
+                ranges: index.generation_ranges(g.generation)?,
+                generation: g.generation,
+                kind: g.kind,
+                tags: g.tags,
+            });
+        }
+        let map = ChangeMap::build(&tensors, generations);
+        if let Some(path) = svg {
+            let title = format!(
+                "{}: bytes changed in generations {first}–{last}",
+                self.model_dir.display()
+            );
+            let drawn = changemap::render_svg(&map, &title).map_err(|e| Error::Io {
+                path: path.to_owned(),
+                source: std::io::Error::other(format!("drawing the heat map: {e}")),
+            })?;
+            super::write_atomic(self.io.as_ref(), path, drawn.as_bytes())?;
+        }
+        Ok(ChangeReport {
+            first_generation: first,
+            last_generation: last,
+            layers: map.layer_totals(),
+            kinds: map.kind_totals(),
+            generations: map.generations,
+            svg: svg.map(Path::to_owned),
         })
     }
 

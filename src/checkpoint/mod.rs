@@ -65,9 +65,9 @@ mod undo;
 pub use error::{CommandTarget, Error, ErrorKind};
 pub use export::{FileRoots, file_roots};
 pub use report::{
-    AppliedDelta, ApplyDeltaReport, ApplyOutcome, BlockMismatch, ExportReport, FileState,
-    FileStatus, InitReport, LastSync, LogReport, RecoverReport, RecoveryAction, Retention,
-    RollbackReport, StatusReport, SyncPhases, SyncReport, VerifyReport,
+    AppliedDelta, ApplyDeltaReport, ApplyOutcome, BlockMismatch, ChangeReport, ExportReport,
+    FileState, FileStatus, InitReport, LastSync, LogReport, RecoverReport, RecoveryAction,
+    Retention, RollbackReport, StatusReport, SyncPhases, SyncReport, VerifyReport,
 };
 pub use txn::WriteLock;
 

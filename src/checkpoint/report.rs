@@ -111,6 +111,24 @@ pub struct LogReport {
     pub generations: Vec<crate::index::GenerationRecord>,
 }
 
+/// What `report` found: the bytes each generation of a range changed, per layer and per tensor
+/// kind (the data of its heat map).
+#[derive(Clone, Debug, Serialize)]
+pub struct ChangeReport {
+    /// The first generation shown.
+    pub first_generation: u64,
+    /// The last generation shown.
+    pub last_generation: u64,
+    /// Each generation of the range, oldest first, with the tensor bytes it changed.
+    pub generations: Vec<crate::changemap::GenerationColumn>,
+    /// Per layer (`other`: tensors outside the numbered layers), over the whole range.
+    pub layers: Vec<crate::changemap::RowTotal>,
+    /// Per tensor kind, over the whole range.
+    pub kinds: Vec<crate::changemap::RowTotal>,
+    /// The heat map written, if `--svg` was given.
+    pub svg: Option<PathBuf>,
+}
+
 /// What `rollback` did.
 #[derive(Clone, Debug, Serialize)]
 pub struct RollbackReport {

@@ -764,6 +764,25 @@ impl BlockIndex {
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
+    /// The generations `first..=last`, oldest first (`report`).
+    pub fn generation_records_between(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<GenerationRecord>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {GENERATION_COLUMNS} FROM generations WHERE generation BETWEEN ?1 AND ?2 ORDER BY generation"
+            ))
+            .map_err(|e| self.sql(e))?;
+        let to_sql = |g: u64| i64::try_from(g).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map([to_sql(first), to_sql(last)], generation_row)
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
     /// The ranges generation `generation` changed, per file.
     pub fn generation_ranges(&self, generation: u64) -> Result<FileRanges, IndexError> {
         let mut stmt = self

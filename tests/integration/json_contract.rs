@@ -83,6 +83,9 @@ fn every_command_prints_one_object_of_the_documented_schema() {
         m,
     );
     ok(&["rollback", "--model-dir", m, "--json"], "rollback", m);
+    ok(&["log", "--model-dir", m, "--json"], "log", m);
+    let j = ok(&["report", "--model-dir", m, "--json"], "report", m);
+    assert_eq!(j["last_generation"], 2, "{j}");
 
     // Failures: the same envelope with error, kind and exit code; the text stays on stderr.
     let fail = |args: &[&str], command: &str, dir: serde_json::Value, code: i32, kind: &str| {
@@ -118,6 +121,20 @@ fn every_command_prints_one_object_of_the_documented_schema() {
         m.into(),
         66,
         "no_model",
+    );
+    fail(
+        &[
+            "report",
+            "--model-dir",
+            m,
+            "--generations",
+            "7..9",
+            "--json",
+        ],
+        "report",
+        m.into(),
+        2,
+        "usage",
     );
     fail(
         &["sync", "--model-dir", m, "--bogus", "--json"],

@@ -17,6 +17,7 @@ mod model_dir;
 mod nightly;
 mod readers;
 mod replica;
+mod report;
 mod robustness;
 mod rollback;
 mod sync;
