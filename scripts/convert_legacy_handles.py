@@ -8,7 +8,9 @@ restricted unpickler that accepts only the structure the prototype wrote (torch'
 rebuild function, tensor, storage and Size classes, dtypes, plain containers) and refuses
 anything else, then writes the JSON manifest `apollo-checkpoint sync --handles` reads.
 
-Run it on the GPU host (it needs PyTorch to learn the GPU's UUID):
+Run it on the GPU host (it needs PyTorch to learn the GPU's UUID), installed with the package
+(`pip install ./scripts`) or from the source tree:
+    apollo-convert-legacy-handles /tmp/vllm_weight_handles.pt /run/apollo/handles-rank0.json
     scripts/convert_legacy_handles.py /tmp/vllm_weight_handles.pt /run/apollo/handles-rank0.json
 The old file does not record the producer's pid, so a stale handle is only noticed when
 apollo-checkpoint tries to open it.
@@ -19,8 +21,6 @@ import os
 import pickle
 import sys
 import zipfile
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
            "float64": "F64", "int8": "I8", "uint8": "U8", "int16": "I16", "int32": "I32", "int64": "I64",
@@ -91,12 +91,16 @@ def load(path):
 
 
 def convert(path, out):
-    import torch
-    import vllm_export_hook as hook
-
     handles = load(path)
     if not isinstance(handles, dict):
         raise ValueError(f"{path}: not a dict of handles")
+    # Only a readable file needs PyTorch (for the GPU's UUID): on the GPU host.
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"{path}: converting needs PyTorch, to read the GPU's UUID; run this on the GPU host ({e})") from e
+    import vllm_export_hook as hook
+
     entries = []
     for name, info in handles.items():
         if name == "__metadata__":
@@ -125,13 +129,20 @@ def convert(path, out):
     return len(entries)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
+def main(argv=None):
+    """The command line: OLD.pt NEW.json; exit 2 on a bad command line, 1 on a refused file."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(2)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
     try:
-        n = convert(sys.argv[1], sys.argv[2])
+        n = convert(args[0], args[1])
     except (pickle.UnpicklingError, ValueError, KeyError) as e:
         print(f"convert_legacy_handles: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {n} tensors to {sys.argv[2]}")
+        return 1
+    print(f"wrote {n} tensors to {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -484,5 +484,72 @@ class ThroughDiagnose(unittest.TestCase):
         self.assertIn("model.language_model.layers.0.mlp.up_proj.w", u["closest"])
 
 
+@unittest.skipUnless(os.path.exists(BINARY) or "APOLLO_BIN" in os.environ,
+                     f"no built binary at {BINARY} (cargo build --release, or set APOLLO_BIN)")
+class InstalledPackage(unittest.TestCase):
+    """`pip install ./scripts` as an operator runs it, then the installed hook and converter used
+    from elsewhere (not from this source tree), and the binary reading what the hook wrote."""
+
+    def test_pip_install_then_export_convert_and_check_the_format_version(self):
+        scripts = os.path.dirname(os.path.abspath(__file__))
+        with tempfile.TemporaryDirectory() as d:
+            # Built from a copy, so that the build leaves nothing in the source tree.
+            src, site = os.path.join(d, "src"), os.path.join(d, "site")
+            os.makedirs(src)
+            for name in ("pyproject.toml", "vllm_export_hook.py", "convert_legacy_handles.py"):
+                with open(os.path.join(scripts, name)) as f, open(os.path.join(src, name), "w") as g:
+                    g.write(f.read())
+            o = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                "--target", site, src], capture_output=True, text=True)
+            self.assertEqual(o.returncode, 0, o.stdout + o.stderr)
+            env = dict(os.environ, PYTHONPATH=site)
+
+            def python(code):
+                o = subprocess.run([sys.executable, "-c", code], cwd=d, env=env, capture_output=True, text=True)
+                self.assertEqual(o.returncode, 0, o.stderr)
+                return o.stdout
+
+            files = python("import vllm_export_hook as h, convert_legacy_handles as c; print(h.__file__); print(c.__file__)")
+            for f in files.split():
+                self.assertTrue(f.startswith(site), f"{f} was not imported from the installed package")
+            self.assertEqual(python("import vllm_export_hook as h; print(h.__version__)").strip(), hook.__version__)
+            # The installed hook writes a manifest the binary reads.
+            model_dir, manifest = os.path.join(d, "model"), os.path.join(d, "handles-pp0-tp0.json")
+            os.makedirs(model_dir)
+            write_safetensors(os.path.join(model_dir, "model.safetensors"), {"w": (4, 4)})
+            entry = fake_entry("w", Param(4, 4), None)
+            python(f"import vllm_export_hook as h; h.write_entries({manifest!r}, [{entry!r}], {{'export_id': 'e1'}})")
+            with open(manifest) as f:
+                doc = json.load(f)
+            self.assertEqual(doc["writer"], f"apollo-checkpoint-hook {hook.__version__}")
+            o = subprocess.run([BINARY, "diagnose", "--model-dir", model_dir, "--handles", manifest, "--json"],
+                               capture_output=True, text=True)
+            self.assertEqual(o.returncode, 0, o.stderr)
+            self.assertEqual(json.loads(o.stdout)["matched"], ["w"])
+            # A manifest of the next format version, as a newer hook would write it: refused,
+            # naming both releases.
+            doc["version"] += 1
+            doc["writer"] = "apollo-checkpoint-hook 99.0.0"
+            with open(manifest, "w") as f:
+                json.dump(doc, f)
+            o = subprocess.run([BINARY, "diagnose", "--model-dir", model_dir, "--handles", manifest],
+                               capture_output=True, text=True)
+            self.assertEqual(o.returncode, 78, o.stderr)
+            self.assertIn(f"manifest format version {doc['version']}, written by apollo-checkpoint-hook 99.0.0", o.stderr)
+            self.assertIn(f"reads version {hook.MANIFEST_VERSION}", o.stderr)
+            # The converter's command: usage, and a file that is not the prototype's archive.
+            converter = os.path.join(site, "bin", "apollo-convert-legacy-handles")
+            o = subprocess.run([converter, "--help"], cwd=d, env=env, capture_output=True, text=True)
+            self.assertEqual(o.returncode, 0, o.stderr)
+            self.assertIn("apollo-convert-legacy-handles OLD", o.stdout.replace("/tmp/vllm_weight_handles.pt", "OLD"))
+            with open(os.path.join(d, "bogus.pt"), "wb") as f:
+                f.write(b"\x80\x04not a pickle of handles")
+            o = subprocess.run([converter, os.path.join(d, "bogus.pt"), os.path.join(d, "out.json")],
+                               cwd=d, env=env, capture_output=True, text=True)
+            self.assertEqual(o.returncode, 1, o.stdout + o.stderr)
+            self.assertIn("convert_legacy_handles:", o.stderr)
+            self.assertFalse(os.path.exists(os.path.join(d, "out.json")))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -31,7 +31,13 @@ import os
 import tempfile
 import uuid
 
+# The apollo-checkpoint release this hook belongs to (the package's version, pyproject.toml), and
+# the manifest format it writes. The binary reads manifests of its own format version only and
+# names both when they differ; a test keeps them equal to Cargo.toml's version and the binary's
+# MANIFEST_VERSION.
+__version__ = "0.1.0"
 MANIFEST_VERSION = 1
+WRITER = f"apollo-checkpoint-hook {__version__}"
 
 # safetensors' dtype names for torch dtypes.
 _DTYPES = {
@@ -155,7 +161,8 @@ def write_manifest(path, named_tensors, meta=None, layouts=None):
 
 def write_entries(path, entries, meta=None):
     """Writes manifest entries to `path` atomically (temporary file, fsync, rename, fsync dir)."""
-    doc = {"format": "apollo-checkpoint-handles", "version": MANIFEST_VERSION, "meta": meta or {}, "tensors": entries}
+    doc = {"format": "apollo-checkpoint-handles", "version": MANIFEST_VERSION, "writer": WRITER,
+           "meta": meta or {}, "tensors": entries}
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".apollo-handles-", suffix=".tmp", dir=directory)
     try:

@@ -391,6 +391,7 @@ impl HandlesError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             HandlesError::Io { .. } => ErrorKind::Io,
+            HandlesError::Version { .. } => ErrorKind::State,
             _ => ErrorKind::BadData,
         }
     }

@@ -3,11 +3,17 @@
 //! A manifest is JSON, one per rank, never a pickle:
 //!
 //! ```text
-//! { "format": "apollo-checkpoint-handles", "version": 1, "meta": {...},
+//! { "format": "apollo-checkpoint-handles", "version": 1, "writer": "apollo-checkpoint-hook 0.1.0",
+//!   "meta": {...},
 //!   "tensors": [ { "name", "dtype" (safetensors name), "shape", "strides", "nbytes", "device",
 //!                  "device_uuid", "ipc_handle" (128 hex digits), "offset", "allocation_bytes",
 //!                  "pid" (or null if unknown), "layout" (optional) } ] }
 //! ```
+//!
+//! `version` is the manifest format ([`MANIFEST_VERSION`]); `writer` (optional: manifests of
+//! older hooks and converted ones lack it) names the package and release that wrote it. They are
+//! read first: a manifest of another version is refused (exit 78) naming both releases and what
+//! to install, before any other field is looked at.
 //!
 //! `layout` carries the facts that map a packed or sharded parameter back to HF tensors (read
 //! from the engine's modules by the hook, never hard-coded): `tp_rank`, `tp_size`, `shard_dim`
@@ -68,6 +74,25 @@ pub enum HandlesError {
         path: PathBuf,
         /// What is wrong.
         what: String,
+    },
+    /// A manifest of another format version than this binary reads: the hook and the binary
+    /// come from different releases.
+    #[error(
+        "{path}: manifest format version {found}, written by {writer}; this apollo-checkpoint ({binary}) reads version {reads}. {advice}"
+    )]
+    Version {
+        /// The manifest.
+        path: PathBuf,
+        /// Its `version`.
+        found: u32,
+        /// Its `writer` (e.g. `apollo-checkpoint-hook 0.2.0`), or what is known without it.
+        writer: String,
+        /// The version this binary reads ([`MANIFEST_VERSION`]).
+        reads: u32,
+        /// This binary's name and version.
+        binary: String,
+        /// What to do.
+        advice: String,
     },
     /// The model directory's `config.json` cannot be read as JSON.
     #[error("{path}: {what}; fix the model's config.json or move it away")]
@@ -224,10 +249,56 @@ pub struct ManifestTensor {
     pub layout: Option<LayoutFacts>,
 }
 
+/// The manifest format this binary reads (`"version"`; `MANIFEST_VERSION` of
+/// scripts/vllm_export_hook.py, which a test keeps equal).
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What identifies a manifest, read before the rest so that one of another version is named as
+/// such instead of failing on a field it does not have.
 #[derive(Deserialize)]
-struct Manifest {
+struct ManifestHeader {
     format: String,
     version: u32,
+    #[serde(default)]
+    writer: Option<String>,
+}
+
+/// Checks `header` is a manifest of [`MANIFEST_VERSION`], with what to do when it is not.
+fn check_header(path: &Path, header: &ManifestHeader) -> Result<(), HandlesError> {
+    if header.format != "apollo-checkpoint-handles" {
+        return Err(HandlesError::Format {
+            path: path.to_owned(),
+            what: format!("its format is {:?}", header.format),
+        });
+    }
+    if header.version == MANIFEST_VERSION {
+        return Ok(());
+    }
+    let ours = env!("CARGO_PKG_VERSION");
+    let advice = if header.version > MANIFEST_VERSION {
+        format!(
+            "The hook is newer: install apollo-checkpoint's release that goes with it, or install this release's hook on the vLLM host (`pip install ./scripts` of apollo-checkpoint {ours}, package apollo-checkpoint-hook {ours}) and restart the server"
+        )
+    } else {
+        format!(
+            "The hook is older: install this release's hook on the vLLM host (`pip install ./scripts` of apollo-checkpoint {ours}, package apollo-checkpoint-hook {ours}) and restart the server"
+        )
+    };
+    Err(HandlesError::Version {
+        path: path.to_owned(),
+        found: header.version,
+        writer: header
+            .writer
+            .clone()
+            .unwrap_or_else(|| "a hook that does not name itself".to_owned()),
+        reads: MANIFEST_VERSION,
+        binary: format!("apollo-checkpoint {ours}"),
+        advice,
+    })
+}
+
+#[derive(Deserialize)]
+struct Manifest {
     #[serde(default)]
     meta: serde_json::Map<String, serde_json::Value>,
     tensors: Vec<ManifestTensor>,
@@ -254,10 +325,10 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Manifests, HandlesError> {
             path: path.clone(),
             what,
         };
+        let header: ManifestHeader =
+            serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        check_header(path, &header)?;
         let m: Manifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-        if m.format != "apollo-checkpoint-handles" || m.version != 1 {
-            return Err(bad(format!("format {:?} version {}", m.format, m.version)));
-        }
         for t in &m.tensors {
             let handle_ok =
                 t.ipc_handle.len() == 128 && t.ipc_handle.bytes().all(|b| b.is_ascii_hexdigit());

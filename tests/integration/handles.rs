@@ -470,3 +470,86 @@ fn parameters_without_layout_facts_are_split_by_config_json() {
         .to_string();
     assert!(e.contains("config.json") && e.contains("not JSON"), "{e}");
 }
+
+/// A manifest of another format version is named as such — its version, the hook that wrote it,
+/// the version this binary reads and what to install — before any field it may lack is read;
+/// exit 78 (the two sides of one deployment come from different releases).
+#[test]
+fn manifests_of_another_format_version_are_refused_naming_both_releases() {
+    use apollo_checkpoint::live::handles::MANIFEST_VERSION;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let mut rng = Rng::new(3);
+    write_model(&model, &[T::random("w", Dtype::BF16, &[4, 4], &mut rng)], 1);
+    let manifest = tmp.path().join("handles-pp0-tp0.json");
+    let diagnose = |doc: &serde_json::Value| {
+        std::fs::write(&manifest, doc.to_string()).unwrap();
+        run(&[
+            "diagnose",
+            "--model-dir",
+            s(&model),
+            "--handles",
+            s(&manifest),
+        ])
+    };
+    // A newer hook, whose manifests no longer have `tensors`.
+    let o = diagnose(&json!({
+        "format": "apollo-checkpoint-handles", "version": MANIFEST_VERSION + 1,
+        "writer": "apollo-checkpoint-hook 9.1.0", "weights": {},
+    }));
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    for part in [
+        &format!("manifest format version {}", MANIFEST_VERSION + 1),
+        "written by apollo-checkpoint-hook 9.1.0",
+        &format!(
+            "this apollo-checkpoint (apollo-checkpoint {}) reads version {MANIFEST_VERSION}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "The hook is newer",
+        "pip install ./scripts",
+    ] {
+        assert!(e.contains(part), "{part:?} not in: {e}");
+    }
+    // An older one that did not name itself.
+    let o = diagnose(&json!({
+        "format": "apollo-checkpoint-handles", "version": 0, "tensors": [],
+    }));
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("a hook that does not name itself"), "{e}");
+    assert!(e.contains("The hook is older"), "{e}");
+    // Not a manifest at all: bad data.
+    let o = diagnose(&json!({"format": "something-else", "version": 1, "tensors": []}));
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    assert!(stderr(&o).contains("its format is \"something-else\""));
+}
+
+/// The hook package (scripts/pyproject.toml) is the release of the binary it goes with, and
+/// writes the manifest format the binary reads.
+#[test]
+fn the_hook_package_is_this_release_and_writes_the_format_it_reads() {
+    let hook = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/vllm_export_hook.py"
+    ))
+    .unwrap();
+    let value = |name: &str| {
+        hook.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("no {name} in vllm_export_hook.py"))
+            .trim_matches('"')
+            .to_owned()
+    };
+    assert_eq!(value("__version__"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        value("MANIFEST_VERSION"),
+        apollo_checkpoint::live::handles::MANIFEST_VERSION.to_string()
+    );
+    let pyproject = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/pyproject.toml"
+    ))
+    .unwrap();
+    assert!(pyproject.contains("version = { attr = \"vllm_export_hook.__version__\" }"));
+}
