@@ -300,6 +300,10 @@ enum Command {
         /// same key writes them). The key file must be private (chmod 600).
         #[arg(long, value_name = "FILE", env = "APOLLO_KEY_FILE")]
         key_file: Option<PathBuf>,
+        /// After the run, success or not, write its metrics (Prometheus text format) to PATH,
+        /// atomically: the replica's generation, last run time and exit code.
+        #[arg(long, value_name = "PATH", env = "APOLLO_METRICS_FILE")]
+        metrics_file: Option<PathBuf>,
         /// The delta files (.apd), in any order.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -508,6 +512,15 @@ impl Command {
 
     /// `--metrics-file`, with the model and state directories it describes.
     fn metrics_target(&self) -> Option<(PathBuf, PathBuf, Option<PathBuf>)> {
+        if let Command::ApplyDelta {
+            metrics_file: Some(path),
+            replica_dir,
+            state_dir,
+            ..
+        } = self
+        {
+            return Some((path.clone(), replica_dir.clone(), state_dir.clone()));
+        }
         let target = self.target()?;
         let path = target.metrics_file.clone()?;
         Some((path, target.model_dir.clone(), target.state_dir.clone()))
@@ -748,6 +761,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             wait,
             follow_symlinks,
             key_file,
+            metrics_file,
             files,
         } => {
             let key = key_file
@@ -761,7 +775,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 json,
                 wait,
                 follow_symlinks,
-                metrics_file: None,
+                metrics_file,
             };
             let r = checkpoint(&target).with_key(key).apply_delta(&files)?;
             if json {

@@ -429,7 +429,15 @@ fn pruning_removes_confirmed_deltas_and_the_cli_round_trip_works() {
             .unwrap();
     assert_eq!(manifest["delta_bytes"], j["bytes"]);
     assert_eq!(manifest["delta_blake3"].as_str().unwrap().len(), 64);
-    let mut args = vec!["apply-delta", "--replica-dir", r, "--json"];
+    let prom = p.tmp.path().join("apollo_apply.prom");
+    let mut args = vec![
+        "apply-delta",
+        "--replica-dir",
+        r,
+        "--json",
+        "--metrics-file",
+        s(&prom),
+    ];
     let files: Vec<String> = deltas_in(&outbox)
         .iter()
         .map(|f| f.display().to_string())
@@ -439,6 +447,26 @@ fn pruning_removes_confirmed_deltas_and_the_cli_round_trip_works() {
     assert!(x.status.success(), "{}", stderr(&x));
     assert_eq!(stdout_json(&x)["generation"], 1);
     assert_eq!(model_files(&replica), model_files(&p.model));
+    // The backup host's metrics: the replica's generation and the run's exit code.
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                ref other => panic!("{name}: {other:?}"),
+            })
+    };
+    assert_eq!(value("apollo_checkpoint_generation"), Some(1.0), "{text}");
+    let exit = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "apollo_checkpoint_last_run_exit_code")
+        .unwrap();
+    assert_eq!(exit.labels.get("command"), Some("apply-delta"), "{text}");
     // Nothing new: exporting again writes nothing.
     let x = run(&["export-delta", "--model-dir", m, "--out", o]);
     assert!(stderr(&x).contains("nothing to export"), "{}", stderr(&x));
