@@ -37,7 +37,7 @@ echo "== hashing and capture on the GPU (kernels against the host; a tensor that
 run scripts/gpu_hash_test.py "$bin" "$checker"
 echo "== sync --handles: naming schemes, experts, pipeline stages"
 run scripts/gpu_names_test.py "$bin"
-echo "== sync --handles, tensor parallel over 2 GPUs (skips with fewer)"
+echo "== sync --handles, TP=1/2/4/8 and PP=2 x TP=2, one producer per rank, ranks round-robin over the GPUs"
 run scripts/gpu_tp_test.py "$bin"
 if [ "$failed" -gt 0 ]; then echo "GPU tests: FAIL"; exit 1; fi
 if [ "$skipped" -gt 0 ]; then echo "GPU tests: PASS, $skipped script(s) SKIPPED (no PyTorch, or too few GPUs here: see above)"; exit 0; fi
