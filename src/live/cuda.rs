@@ -18,8 +18,8 @@ use cudarc::driver::{CudaContext, DriverError, result, sys};
 use crate::blockhash::Cv;
 use crate::live::gpu::{DevRun, Gpu};
 use crate::live::handles::ManifestTensor;
-use crate::live::source::ParamReader;
 use crate::live::source::{DeviceReader, ParamJob};
+use crate::live::source::{ParamReader, Strided};
 use crate::source::CaptureStats;
 use crate::source::SourceError;
 
@@ -356,20 +356,33 @@ impl DeviceReader for CudaIpcReader {
     }
 }
 
-impl ParamReader for CudaIpcReader {
-    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let (m, base, nbytes) = self.params[param];
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > nbytes)
-        {
+impl CudaIpcReader {
+    /// Checks that `len` bytes from `offset` lie inside parameter `param`.
+    fn check_param(&self, param: usize, offset: u64, len: u64) -> Result<(), SourceError> {
+        let (_, _, nbytes) = self.params[param];
+        if offset.checked_add(len).is_none_or(|e| e > nbytes) {
             return Err(SourceError::OutOfRange {
                 tensor: format!("live parameter {param}"),
                 offset,
-                len: buf.len() as u64,
+                len,
                 tensor_len: nbytes,
             });
         }
+        Ok(())
+    }
+
+    /// Runs `f` with the device address of parameter `param` and a pinned staging buffer (ours
+    /// under its lock), the parameter's context current on this thread.
+    fn with_staging<T>(
+        &self,
+        param: usize,
+        f: impl FnOnce(
+            sys::CUdeviceptr,
+            &mut Pinned,
+            &dyn Fn(String) -> SourceError,
+        ) -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        let (m, base, _) = self.params[param];
         let mapping = &self.mappings[m];
         // A free staging buffer if there is one, else wait for this thread's.
         let mut guard = self
@@ -404,21 +417,94 @@ impl ParamReader for CudaIpcReader {
             .ctx
             .bind_to_thread()
             .map_err(|e| io(format!("{e:?}")))?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(staging.len);
-            let src = mapping.ptr + base + offset + done as u64;
-            // SAFETY: the staging buffer holds `staging.len >= n` bytes of pinned memory and is
-            // ours under its lock, so no one else reads or writes it while this slice lives.
-            let pinned = unsafe { std::slice::from_raw_parts_mut(staging.ptr, n) };
-            // SAFETY: `src..src+n` lies inside the opened allocation (the manifest's offset and
-            // size, checked above against the tensor's bytes); the copy is synchronous.
-            unsafe { result::memcpy_dtoh_sync(pinned, src) }
-                .map_err(|e| io(format!("copying from the GPU: {e:?}")))?;
-            buf[done..done + n].copy_from_slice(pinned);
-            done += n;
+        f(mapping.ptr + base, staging, &io)
+    }
+}
+
+impl ParamReader for CudaIpcReader {
+    fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.check_param(param, offset, buf.len() as u64)?;
+        self.with_staging(param, |dev, staging, io| {
+            let mut done = 0usize;
+            while done < buf.len() {
+                let n = (buf.len() - done).min(staging.len);
+                let src = dev + offset + done as u64;
+                // SAFETY: the staging buffer holds `staging.len >= n` bytes of pinned memory and
+                // is ours under its lock, so no one else reads or writes it while this slice
+                // lives.
+                let pinned = unsafe { std::slice::from_raw_parts_mut(staging.ptr, n) };
+                // SAFETY: `src..src+n` lies inside the opened allocation (the manifest's offset
+                // and size, checked above against the tensor's bytes); the copy is synchronous.
+                unsafe { result::memcpy_dtoh_sync(pinned, src) }
+                    .map_err(|e| io(format!("copying from the GPU: {e:?}")))?;
+                buf[done..done + n].copy_from_slice(pinned);
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// One 2D copy (cuMemcpy2D) per staging buffer's worth of pieces, instead of a copy each.
+    fn read_param_2d(
+        &self,
+        param: usize,
+        copy: Strided,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        let span = (copy.rows.max(1) - 1)
+            .checked_mul(copy.src_pitch)
+            .and_then(|s| s.checked_add(copy.width))
+            .unwrap_or(u64::MAX);
+        self.check_param(param, copy.src, span)?;
+        let last = (copy.rows.max(1) - 1) * copy.dst_pitch + copy.width;
+        assert!(
+            buf.len() as u64 >= last,
+            "the caller's buffer holds every piece"
+        );
+        let width = copy.width as usize;
+        if copy.rows <= 1 || width > STAGING_BYTES {
+            return crate::live::source::read_pieces(self, param, copy, buf);
         }
-        Ok(())
+        self.with_staging(param, |dev, staging, io| {
+            let per = (staging.len / width) as u64;
+            let mut i = 0;
+            while i < copy.rows {
+                let h = per.min(copy.rows - i);
+                let m = sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    srcHost: std::ptr::null(),
+                    srcDevice: dev + copy.src + i * copy.src_pitch,
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: copy.src_pitch as usize,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+                    dstHost: staging.ptr.cast(),
+                    dstDevice: 0,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: width,
+                    WidthInBytes: width,
+                    Height: h as usize,
+                };
+                // SAFETY: the source rows lie inside the opened allocation (checked above: the
+                // last piece ends within the parameter); the destination is the pinned staging
+                // buffer, ours under its lock, which holds `h · width <= staging.len` bytes; the
+                // copy is synchronous.
+                unsafe { sys::cuMemcpy2D_v2(&raw const m) }
+                    .result()
+                    .map_err(|e| io(format!("copying from the GPU (2D): {e:?}")))?;
+                // SAFETY: as above; the copy has completed, nothing else writes the buffer.
+                let pinned = unsafe { std::slice::from_raw_parts(staging.ptr, h as usize * width) };
+                for (r, piece) in pinned.chunks(width).enumerate() {
+                    let at = ((i + r as u64) * copy.dst_pitch) as usize;
+                    buf[at..at + width].copy_from_slice(piece);
+                }
+                i += h;
+            }
+            Ok(())
+        })
     }
 
     fn describe(&self) -> String {

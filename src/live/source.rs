@@ -58,10 +58,39 @@ pub trait DeviceReader: Sync {
     ) -> Result<CaptureStats, SourceError>;
 }
 
+/// A strided copy out of one live parameter: `rows` pieces of `width` bytes, the i-th from byte
+/// `src + i·src_pitch` of the parameter, each to `i·dst_pitch` of the destination (a
+/// row-parallel shard's rows into their places in the HF tensor's rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strided {
+    /// Offset of the first piece in the parameter.
+    pub src: u64,
+    /// Bytes from one piece to the next in the parameter.
+    pub src_pitch: u64,
+    /// Bytes of each piece.
+    pub width: u64,
+    /// Pieces.
+    pub rows: u64,
+    /// Bytes from one piece to the next in the destination.
+    pub dst_pitch: u64,
+}
+
 /// Raw access to live parameters by index (one rank's GPU memory, or host buffers).
 pub trait ParamReader: Sync {
     /// Copies `buf.len()` bytes of parameter `param` from `offset`.
     fn read_param(&self, param: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Copies the pieces of `copy` out of parameter `param` into `buf` (which starts where the
+    /// first piece goes). Readers that can, do it in one transfer (the GPU: a 2D copy); the
+    /// default reads each piece.
+    fn read_param_2d(
+        &self,
+        param: usize,
+        copy: Strided,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        read_pieces(self, param, copy, buf)
+    }
     /// A short description.
     fn describe(&self) -> String;
 
@@ -69,6 +98,24 @@ pub trait ParamReader: Sync {
     fn device(&self) -> Option<&dyn DeviceReader> {
         None
     }
+}
+
+/// Reads the pieces of `copy` one [`ParamReader::read_param`] each.
+pub fn read_pieces<R: ParamReader + ?Sized>(
+    reader: &R,
+    param: usize,
+    copy: Strided,
+    buf: &mut [u8],
+) -> Result<(), SourceError> {
+    for i in 0..copy.rows {
+        let at = (i * copy.dst_pitch) as usize;
+        reader.read_param(
+            param,
+            copy.src + i * copy.src_pitch,
+            &mut buf[at..at + copy.width as usize],
+        )?;
+    }
+    Ok(())
 }
 
 /// Live parameters held in host memory (tests, and sources that copy whole parameters).
@@ -298,10 +345,9 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
     fn read(&self, tensor: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let t = &self.map.tensors[&self.order[tensor]];
         crate::source::check_range(&t.name, t.len, offset, buf.len())?;
-        for (seg, within, len) in t.pieces(offset, buf.len() as u64) {
-            let at = (seg.dst + within - offset) as usize;
+        for (at, (param, copy)) in strided_copies(t, offset, buf.len() as u64) {
             self.reader
-                .read_param(seg.param, seg.src + within, &mut buf[at..at + len as usize])?;
+                .read_param_2d(param, copy, &mut buf[at as usize..])?;
         }
         Ok(())
     }
@@ -355,30 +401,121 @@ impl<R: ParamReader> WeightSource for LayoutSource<R> {
     }
 }
 
+/// Bytes of HF tensor data the host path reads at once per thread.
+const HOST_CHUNK: u64 = 8 << 20;
+
 impl<R: ParamReader> LayoutSource<R> {
-    /// Reads and hashes blocks that span segments on the host (in parallel); with `bytes`, also
-    /// copies each to its place there.
+    /// Reads and hashes blocks that span segments on the host; with `bytes`, also copies each to
+    /// its place there. Consecutive blocks are read together, in chunks of [`HOST_CHUNK`] bytes
+    /// on every core, each chunk with one strided copy per parameter run
+    /// ([`strided_copies`]), never one copy per block.
     fn host_blocks(
         &self,
         blocks: &[HostBlock],
         block_size: u64,
-        bytes: Option<&mut [u8]>,
+        mut bytes: Option<&mut [u8]>,
     ) -> Result<Vec<Cv>, SourceError> {
         use rayon::prelude::*;
-        let read = |h: &HostBlock| {
-            let len = self.hf(h.tensor).len;
-            let off = h.block * block_size;
-            let mut buf = vec![0u8; (block_size.min(len - off)) as usize];
-            self.read(h.tensor, off, &mut buf)?;
-            let cv = blockhash::subtree_cv(off, &buf);
-            Ok::<_, SourceError>((buf, cv))
-        };
-        let done: Vec<(Vec<u8>, Cv)> = blocks.par_iter().map(read).collect::<Result<_, _>>()?;
-        if let Some(bytes) = bytes {
-            for (h, (buf, _)) in blocks.iter().zip(&done) {
-                bytes[h.dst as usize..h.dst as usize + buf.len()].copy_from_slice(buf);
+        let per_chunk = (HOST_CHUNK / block_size).max(1) as usize;
+        let mut chunks: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, h) in blocks.iter().enumerate() {
+            match chunks.last_mut() {
+                Some(c)
+                    if c.len() < per_chunk
+                        && blocks[c.end - 1].tensor == h.tensor
+                        && blocks[c.end - 1].block + 1 == h.block =>
+                {
+                    c.end = i + 1;
+                }
+                _ => chunks.push(i..i + 1),
             }
         }
-        Ok(done.into_iter().map(|(_, cv)| cv).collect())
+        let read = |c: &std::ops::Range<usize>| {
+            let first = &blocks[c.start];
+            let len = self.hf(first.tensor).len;
+            let off = first.block * block_size;
+            let end = ((blocks[c.end - 1].block + 1) * block_size).min(len);
+            let mut buf = vec![0u8; (end - off) as usize];
+            self.read(first.tensor, off, &mut buf)?;
+            let cvs: Vec<Cv> = buf
+                .chunks(block_size as usize)
+                .enumerate()
+                .map(|(k, b)| blockhash::subtree_cv(off + k as u64 * block_size, b))
+                .collect();
+            Ok::<_, SourceError>((buf, cvs))
+        };
+        // A wave of chunks per pass, so that at most one chunk per thread is held at a time.
+        let wave = rayon::current_num_threads().max(1);
+        let mut out = Vec::with_capacity(blocks.len());
+        for group in chunks.chunks(wave) {
+            let done: Vec<(Vec<u8>, Vec<Cv>)> =
+                group.par_iter().map(read).collect::<Result<_, _>>()?;
+            for (c, (buf, cvs)) in group.iter().zip(done) {
+                if let Some(bytes) = bytes.as_deref_mut() {
+                    for (h, b) in blocks[c.clone()]
+                        .iter()
+                        .zip(buf.chunks(block_size as usize))
+                    {
+                        bytes[h.dst as usize..h.dst as usize + b.len()].copy_from_slice(b);
+                    }
+                }
+                out.extend(cvs);
+            }
+        }
+        Ok(out)
     }
+}
+
+/// The copies that read bytes `offset..offset + len` of `t` from its live parameters: per
+/// parameter, its pieces in that range grouped into strided runs (pieces of one width at
+/// constant pitches on both sides: a row-parallel shard's rows), each as (offset in the
+/// destination, copy). A tensor of `rows` rows split over `tp` ranks thus reads with `tp`
+/// copies, not `rows × tp`.
+pub fn strided_copies(t: &HfTensor, offset: u64, len: u64) -> Vec<(u64, (usize, Strided))> {
+    /// A piece: (offset in the parameter, offset in the destination, bytes).
+    type Piece = (u64, u64, u64);
+    let mut by_param: Vec<(usize, Vec<Piece>)> = Vec::new();
+    for (seg, within, n) in t.pieces(offset, len) {
+        let piece = (seg.src + within, seg.dst + within - offset, n);
+        match by_param.iter_mut().find(|(p, _)| *p == seg.param) {
+            Some((_, list)) => list.push(piece),
+            None => by_param.push((seg.param, vec![piece])),
+        }
+    }
+    let mut out = Vec::new();
+    for (param, pieces) in by_param {
+        let mut i = 0;
+        while i < pieces.len() {
+            let (src, dst, width) = pieces[i];
+            let mut copy = Strided {
+                src,
+                src_pitch: 0,
+                width,
+                rows: 1,
+                dst_pitch: 0,
+            };
+            // Pitches at least one piece wide on both sides (what a 2D copy takes).
+            let pitches = pieces.get(i + 1).and_then(|&(s2, d2, w2)| {
+                let sp = s2.checked_sub(src).filter(|&p| p >= width)?;
+                let dp = d2.checked_sub(dst).filter(|&p| p >= width)?;
+                (w2 == width).then_some((sp, dp))
+            });
+            if let Some((sp, dp)) = pitches {
+                copy.src_pitch = sp;
+                copy.dst_pitch = dp;
+                copy.rows = 2;
+                while let Some(&(s, d, w)) = pieces.get(i + copy.rows as usize) {
+                    let k = copy.rows;
+                    if w != width || s != src + k * copy.src_pitch || d != dst + k * copy.dst_pitch
+                    {
+                        break;
+                    }
+                    copy.rows += 1;
+                }
+            }
+            i += copy.rows as usize;
+            out.push((dst, (param, copy)));
+        }
+    }
+    out
 }

@@ -217,7 +217,7 @@ fn in_place_hashing_and_capture_equal_the_host_path_for_any_layout() {
     use apollo_checkpoint::source::BlockRun;
     let mut rng = Rng::new(92);
     let hf = hf_tensors(&mut rng);
-    for tp in [1, 2, 4] {
+    for tp in [1, 2, 4, 8] {
         let (params, live) = pack(&hf, tp);
         let map = LayoutMap::build(&params).unwrap();
         let device = LayoutSource::new(map.clone(), live.clone());
@@ -261,4 +261,121 @@ fn in_place_hashing_and_capture_equal_the_host_path_for_any_layout() {
             }
         }
     }
+}
+
+/// Host memory that counts the reads it is asked for: one per strided run, or one per piece.
+struct CountingReader {
+    live: HostParams,
+    strided: std::sync::atomic::AtomicUsize,
+    pieces: std::sync::atomic::AtomicUsize,
+}
+
+impl apollo_checkpoint::live::source::ParamReader for CountingReader {
+    fn read_param(
+        &self,
+        param: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), apollo_checkpoint::source::SourceError> {
+        self.pieces
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live.read_param(param, offset, buf)
+    }
+
+    fn read_param_2d(
+        &self,
+        param: usize,
+        copy: apollo_checkpoint::live::source::Strided,
+        buf: &mut [u8],
+    ) -> Result<(), apollo_checkpoint::source::SourceError> {
+        self.strided
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live.read_param_2d(param, copy, buf)
+    }
+
+    fn describe(&self) -> String {
+        "counting".into()
+    }
+
+    fn device(&self) -> Option<&dyn apollo_checkpoint::live::source::DeviceReader> {
+        Some(&self.live)
+    }
+}
+
+/// A row-parallel tensor over 8 ranks: every 4 KiB block spans ranks, so it takes the host
+/// path; its rows are read with one strided copy per rank (a 2D copy on the GPU), never one
+/// copy per block or per row piece, and hash to the HF bytes' block hashes.
+#[test]
+fn row_parallel_blocks_are_read_with_one_strided_copy_per_rank() {
+    use apollo_checkpoint::WeightSource;
+    use apollo_checkpoint::source::BlockRun;
+    use std::sync::atomic::Ordering::Relaxed;
+    let (rows_n, cols, tp) = (512usize, 2048usize, 8usize);
+    let mut rng = Rng::new(31);
+    let o = T::random("o_proj.weight", Dtype::BF16, &[rows_n, cols], &mut rng);
+    let w = cols / tp;
+    let mut params = Vec::new();
+    let mut data = Vec::new();
+    for r in 0..tp {
+        params.push(LiveParam {
+            name: "o_proj".into(),
+            dtype: Dtype::BF16,
+            shape: vec![rows_n as u64, w as u64],
+            tp_rank: r as u64,
+            tp_size: tp as u64,
+            shard_dim: Some(1),
+            parts: vec![],
+            hf_name: o.name.clone(),
+        });
+        data.push(
+            (0..rows_n)
+                .flat_map(|row| rows(&o, row, row + 1)[2 * r * w..2 * (r + 1) * w].to_vec())
+                .collect(),
+        );
+    }
+    let reader = CountingReader {
+        live: HostParams(data),
+        strided: 0.into(),
+        pieces: 0.into(),
+    };
+    let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), reader);
+    let bs = 4096u64;
+    let count = (o.data.len() as u64).div_ceil(bs);
+    let mut cvs = vec![[0u8; 32]; count as usize];
+    let mut bytes = vec![0u8; o.data.len()];
+    source
+        .capture(
+            &[BlockRun {
+                tensor: 0,
+                first: 0,
+                count,
+            }],
+            bs,
+            &mut bytes,
+            &mut cvs,
+        )
+        .unwrap();
+    assert!(bytes == o.data, "the HF bytes");
+    let mut want = vec![[0u8; 32]; count as usize];
+    apollo_checkpoint::blockhash::hash_units(0, bs, &o.data, &mut want);
+    assert!(cvs == want, "the HF bytes' block hashes");
+    let reader = source.reader();
+    // 2 MiB in one host chunk: one strided copy per rank. The pieces read are the host
+    // memory's own loop inside each (not calls into the reader).
+    assert_eq!(
+        reader.strided.load(Relaxed),
+        tp,
+        "one strided copy per rank"
+    );
+    assert_eq!(reader.pieces.load(Relaxed), 0, "no copy per piece");
+    // A block range cut mid-row still reads each rank's rows in one run (plus the cut pieces).
+    reader.strided.store(0, Relaxed);
+    let mut part = vec![0u8; 10_000];
+    source.read(0, 12_345, &mut part).unwrap();
+    assert!(part == o.data[12_345..22_345]);
+    assert!(
+        reader.strided.load(Relaxed) <= 3 * tp,
+        "{}",
+        reader.strided.load(Relaxed)
+    );
 }
