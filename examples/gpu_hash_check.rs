@@ -18,7 +18,11 @@ fn main() -> anyhow::Result<()> {
     let [model_dir, handles] = args.as_slice() else {
         anyhow::bail!("usage: gpu_hash_check MODEL_DIR HANDLES");
     };
-    let source = live::open(handles.as_ref(), model_dir.as_ref())?;
+    let source = live::open(
+        handles.as_ref(),
+        model_dir.as_ref(),
+        live::gpu::GpuBudget::default(),
+    )?;
     if let Err(why) = source.reader().gpu_hashing() {
         anyhow::bail!("the GPU cannot hash: {why}");
     }

@@ -44,7 +44,7 @@ import gpu_checks  # noqa: E402
 HIDDEN, INTER, VOCAB = 5120, 17408, 248320
 Q, KV = 24 * 256 * 2, 4 * 256  # gated query: 2 x 24 heads of 256; 4 KV heads of 256
 KEY, VALUE, VHEADS = 16 * 128, 48 * 128, 48
-GPU_MEMORY = (16 + 64 + 64) << 20  # job tables, hashes, staging: src/live/gpu.rs
+MIB = 1 << 20
 PER_54GB = 54e9
 KINDS = ["nothing", "sparse", "dense", "elements", "tensors"]
 
@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--changes", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--repeat", type=int, default=3, help="our runs per change (median reported)")
     ap.add_argument("--verbose", action="store_true", help="run ours with -vv and log its stderr (timings of each step)")
+    ap.add_argument("--gpu-memory-mib", type=int, default=144,
+                    help="our --gpu-memory per GPU, in MiB (split 1:4:4 into whole MiB, as src/live/gpu.rs does)")
     args = ap.parse_args()
     torch = gpu_checks.cuda_torch()
     if torch is None:
@@ -253,7 +255,8 @@ def main():
             if kind != "nothing":
                 change(kind, i * 10 + r)
             os.sync()
-            cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json"]
+            cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json",
+                   "--gpu-memory", f"{args.gpu_memory_mib}MiB"]
             wall, out, err, code, rss = timed(cmd + (["-vv"] if args.verbose else []))
             rep = json.loads(out) if code == 0 else {}
             if code != 0:
@@ -299,7 +302,7 @@ def main():
         "machine": {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()},
         "model_bytes": total,
         "layers": args.layers,
-        "gpu_memory_allocated_by_tool": GPU_MEMORY,
+        "gpu_memory_allocated_by_tool": 9 * (args.gpu_memory_mib // 9) * MIB,
         "rows": rows,
     }, indent=1))
     subprocess.run(["rm", "-rf", work])

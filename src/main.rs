@@ -172,6 +172,11 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 }
 
 /// A size in bytes: a number, or with a unit (`4KiB`, `20GiB`, `500MB`, `1.5 GiB`).
+/// `--gpu-memory`: a size, split into the GPU path's buffers.
+fn parse_gpu_memory(s: &str) -> Result<apollo_checkpoint::live::gpu::GpuBudget, String> {
+    apollo_checkpoint::live::gpu::GpuBudget::from_total(parse_bytes(s)?)
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::parse_size(s.trim()).map_err(|e| {
         format!("{s:?} is not a size ({e}): give bytes, e.g. 4096, 4KiB, 20GiB or 500MB")
@@ -211,6 +216,10 @@ enum Command {
         /// hashing kernels, else the host, saying why).
         #[arg(long, value_enum, default_value_t = HashOn::Auto, env = "APOLLO_HASH_ON")]
         hash_on: HashOn,
+        /// The most GPU memory the tool itself allocates on each GPU of --handles (job tables,
+        /// hashes, staging; at least 36MiB). Less makes more, smaller transfers.
+        #[arg(long, value_name = "SIZE", default_value = "144MiB", value_parser = parse_gpu_memory, env = "APOLLO_GPU_MEMORY")]
+        gpu_memory: apollo_checkpoint::live::gpu::GpuBudget,
         /// Leave the tensors whose names match GLOB untouched (`*` matches anything, dots
         /// included: `mtp.*`), e.g. those a trainer does not save; they are listed in the
         /// output. Repeatable.
@@ -598,6 +607,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             from,
             handles,
             hash_on,
+            gpu_memory,
             ignore,
             tag,
         } => {
@@ -614,8 +624,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 Ok(())
             };
             let report = if let Some(handles) = handles {
-                let source = apollo_checkpoint::live::open(&handles, &target.model_dir)?
-                    .with_hashing_in_place(hash_on != HashOn::Cpu);
+                let source =
+                    apollo_checkpoint::live::open(&handles, &target.model_dir, gpu_memory)?
+                        .with_hashing_in_place(hash_on != HashOn::Cpu);
                 if let Err(why) = source.reader().gpu_hashing() {
                     if hash_on == HashOn::Gpu {
                         return Err(Error::Usage(format!("--hash-on gpu: {why}")).into());

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, DriverError, result, sys};
 
 use crate::blockhash::Cv;
-use crate::live::gpu::{DevRun, Gpu};
+use crate::live::gpu::{DevRun, Gpu, GpuBudget};
 use crate::live::handles::ManifestTensor;
 use crate::live::source::{DeviceReader, ParamJob};
 use crate::live::source::{ParamReader, Strided};
@@ -138,12 +138,17 @@ impl CudaIpcReader {
     /// (`examples/ipc_read.rs`): 1.5–1.6 GiB/s with one buffer, 5.8 with 4, 10.4 with 8, 12.5
     /// with 16 of 16 MiB (16.5 with 16 of 64 MiB) — the copy out of the pinned buffer into the
     /// reader's memory, not the DMA, is what one buffer serialises.
-    pub fn open(tensors: &[ManifestTensor]) -> Result<Self, CudaError> {
-        Self::open_with(tensors, rayon::current_num_threads())
+    /// The kernels take at most `budget` of memory on each GPU.
+    pub fn open(tensors: &[ManifestTensor], budget: GpuBudget) -> Result<Self, CudaError> {
+        Self::open_with(tensors, rayon::current_num_threads(), budget)
     }
 
     /// [`CudaIpcReader::open`] with `buffers` pinned staging buffers (at least one).
-    pub fn open_with(tensors: &[ManifestTensor], buffers: usize) -> Result<Self, CudaError> {
+    pub fn open_with(
+        tensors: &[ManifestTensor],
+        buffers: usize,
+        budget: GpuBudget,
+    ) -> Result<Self, CudaError> {
         // SAFETY: only tries to load the library; no CUDA function is called.
         if !unsafe { sys::is_culib_present() } {
             return Err(CudaError::NoDriver);
@@ -248,7 +253,8 @@ impl CudaIpcReader {
             None => CudaContext::new(0).map_err(driver("opening a GPU"))?,
         };
         let staging = (0..buffers.max(1)).map(|_| Mutex::new(None)).collect();
-        let gpus: Result<Vec<Gpu>, String> = contexts.iter().map(Gpu::load).collect();
+        let gpus: Result<Vec<Gpu>, String> =
+            contexts.iter().map(|c| Gpu::load(c, budget)).collect();
         tracing::debug!(
             seconds = lap.elapsed().as_secs_f64(),
             "hashing kernels loaded"

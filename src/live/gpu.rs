@@ -3,7 +3,7 @@
 //! on the GPU that holds the weights, through the IPC mappings [`super::cuda`] opened.
 //!
 //! - [`Gpu::hash`]: the hash of every block of many runs, one launch per up to
-//!   [`CV_BYTES`] of hashes; only the hashes (32 bytes per block) cross PCIe.
+//!   [`GpuBudget::cvs`] bytes of hashes; only the hashes (32 bytes per block) cross PCIe.
 //! - [`Gpu::capture`]: changed blocks gathered on the GPU into a staging buffer laid out like
 //!   the host buffer, the staged copy hashed, and copied to the host with one transfer per
 //!   staging fill. Then the live blocks are hashed again: a block whose live hash is no longer
@@ -11,9 +11,9 @@
 //!   copied again, up to [`ATTEMPTS`] times; if some block never holds still, the capture fails
 //!   and nothing is committed. Every block hash returned is the hash of the bytes returned.
 //!
-//! Memory on each GPU: at most [`JOB_BYTES`] of job tables, [`CV_BYTES`] of hashes and
-//! [`STAGE_BYTES`] of staging, allocated at first use and freed with the reader; on the host, a
-//! pinned buffer for the hashes.
+//! Memory on each GPU: a [`GpuBudget`] (144 MiB by default) of job tables, hashes and staging,
+//! allocated at first use and freed with the reader; on the host, a pinned buffer for the
+//! hashes.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,12 +31,54 @@ pub const PTX: &str = include_str!("blake3.ptx");
 pub const CUBIN_SM80: &[u8] = include_bytes!("blake3.sm80.cubin");
 /// The same, compiled for sm_90 (H100, H200).
 pub const CUBIN_SM90: &[u8] = include_bytes!("blake3.sm90.cubin");
-/// Bytes of job tables on the GPU, at most (40 bytes a job).
-pub const JOB_BYTES: usize = 16 << 20;
-/// Bytes of block hashes computed per launch, at most.
-pub const CV_BYTES: usize = 64 << 20;
-/// Bytes of the staging buffer a capture gathers into.
-pub const STAGE_BYTES: usize = 64 << 20;
+/// The tool's own memory on each GPU (`sync --gpu-memory`), in three buffers allocated at first
+/// use: job tables (40 bytes a job), block hashes computed per launch, and the staging buffer a
+/// capture gathers into; split 1 : 4 : 4. The host holds a pinned buffer of the hashes' size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuBudget {
+    /// Bytes of job tables, at most.
+    pub jobs: usize,
+    /// Bytes of block hashes computed per launch, at most.
+    pub cvs: usize,
+    /// Bytes of the staging buffer.
+    pub stage: usize,
+}
+
+impl GpuBudget {
+    /// The default: 144 MiB (16 + 64 + 64).
+    pub const DEFAULT_BYTES: u64 = 144 << 20;
+    /// The least that works: 36 MiB (4 + 16 + 16: the staging buffer holds the largest block,
+    /// [`crate::blockhash::MAX_BLOCK_SIZE`]).
+    pub const MIN_BYTES: u64 = 9 * crate::blockhash::MAX_BLOCK_SIZE / 4;
+
+    /// `total` bytes split 1 : 4 : 4, each a whole number of MiB; refused below
+    /// [`GpuBudget::MIN_BYTES`].
+    pub fn from_total(total: u64) -> Result<GpuBudget, String> {
+        if total < Self::MIN_BYTES {
+            return Err(format!(
+                "{total} bytes is below the least the GPU path needs ({} MiB)",
+                Self::MIN_BYTES >> 20
+            ));
+        }
+        let ninth = usize::try_from((total / 9) >> 20).unwrap_or(usize::MAX >> 24) << 20;
+        Ok(GpuBudget {
+            jobs: ninth,
+            cvs: 4 * ninth,
+            stage: 4 * ninth,
+        })
+    }
+
+    /// Bytes of GPU memory these buffers take.
+    pub fn total(&self) -> u64 {
+        (self.jobs + self.cvs + self.stage) as u64
+    }
+}
+
+impl Default for GpuBudget {
+    fn default() -> Self {
+        Self::from_total(Self::DEFAULT_BYTES).expect("the default is above the minimum")
+    }
+}
 /// Copies of a block that keeps changing, at most.
 pub const ATTEMPTS: u32 = 4;
 /// Threads per block of the kernels.
@@ -148,6 +190,7 @@ pub struct Gpu {
     hash_fn: CudaFunction,
     gather_fn: CudaFunction,
     scratch: Mutex<Option<Scratch>>,
+    budget: GpuBudget,
 }
 
 fn driver(what: &'static str) -> impl Fn(result::DriverError) -> SourceError {
@@ -160,7 +203,7 @@ fn driver(what: &'static str) -> impl Fn(result::DriverError) -> SourceError {
 impl Gpu {
     /// Loads the kernels into `ctx`: the machine code for its GPU if shipped, else the PTX
     /// (JIT-compiled by the driver); an error says why neither loads (e.g. a driver too old).
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Gpu, String> {
+    pub fn load(ctx: &Arc<CudaContext>, budget: GpuBudget) -> Result<Gpu, String> {
         let cubin = match ctx.compute_capability() {
             Ok((9, 0)) => Some(CUBIN_SM90),
             Ok((8, _)) => Some(CUBIN_SM80),
@@ -181,6 +224,7 @@ impl Gpu {
             hash_fn: f("apollo_block_cvs")?,
             gather_fn: f("apollo_gather")?,
             scratch: Mutex::new(None),
+            budget,
         })
     }
 
@@ -204,15 +248,15 @@ impl Gpu {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if guard.is_none() {
             // SAFETY: the context is current; the buffer is freed once, in `PinnedBuf::drop`.
-            let host = unsafe { result::malloc_host(CV_BYTES, 0) }
+            let host = unsafe { result::malloc_host(self.budget.cvs, 0) }
                 .map_err(driver("allocating pinned memory"))?;
             *guard = Some(Scratch {
-                jobs: Self::alloc(JOB_BYTES)?,
-                cvs: Self::alloc(CV_BYTES)?,
-                stage: Self::alloc(STAGE_BYTES)?,
+                jobs: Self::alloc(self.budget.jobs)?,
+                cvs: Self::alloc(self.budget.cvs)?,
+                stage: Self::alloc(self.budget.stage)?,
                 host_cvs: PinnedBuf {
                     ptr: host.cast(),
-                    len: CV_BYTES,
+                    len: self.budget.cvs,
                 },
             });
         }
@@ -256,8 +300,8 @@ impl Gpu {
         out: &mut [Cv],
     ) -> Result<CaptureStats, SourceError> {
         let mut stats = CaptureStats::default();
-        let max_blocks = (CV_BYTES / 32) as u64;
-        let max_jobs = JOB_BYTES / std::mem::size_of::<Job>();
+        let max_blocks = (self.budget.cvs / 32) as u64;
+        let max_jobs = self.budget.jobs / std::mem::size_of::<Job>();
         let mut jobs: Vec<Job> = Vec::new();
         // (job's first block in the launch, its output index, blocks) for the copy out.
         let mut places: Vec<(u64, u64, u64)> = Vec::new();
@@ -322,7 +366,7 @@ impl Gpu {
         let bytes = unsafe {
             std::slice::from_raw_parts(jobs.as_ptr().cast::<u8>(), std::mem::size_of_val(jobs))
         };
-        // SAFETY: the job table fits `s.jobs` (callers keep to JOB_BYTES); synchronous copy.
+        // SAFETY: the job table fits `s.jobs` (callers keep to the budget's job bytes); synchronous copy.
         unsafe { result::memcpy_htod_sync(s.jobs.ptr, bytes) }
             .map_err(driver("copying the job table"))?;
         let (njobs, out) = (jobs.len() as u32, s.cvs.ptr);
@@ -358,7 +402,7 @@ impl Gpu {
         cvs: &mut [Cv],
     ) -> Result<CaptureStats, SourceError> {
         // No run longer than the staging buffer: longer ones are cut at block boundaries.
-        let stage = (STAGE_BYTES as u64 / block_size).max(1) * block_size;
+        let stage = (self.budget.stage as u64 / block_size).max(1) * block_size;
         let mut cut = Vec::with_capacity(runs.len());
         for r in runs.iter().filter(|r| r.len > 0) {
             let mut off = 0;
@@ -376,14 +420,14 @@ impl Gpu {
         }
         self.with_scratch(|gpu, s| {
             let mut stats = CaptureStats::default();
-            for fill in fills(&cut) {
+            for fill in fills(&cut, self.budget.stage as u64) {
                 gpu.capture_fill(s, &cut[fill], block_size, bytes, cvs, &mut stats)?;
             }
             Ok(stats)
         })
     }
 
-    /// One staging fill: `runs` span at most [`STAGE_BYTES`] of the host buffer.
+    /// One staging fill: `runs` span at most the staging buffer's bytes of the host buffer.
     fn capture_fill(
         &self,
         s: &mut Scratch,
@@ -404,7 +448,7 @@ impl Gpu {
         // runs still keeps every multiprocessor busy (one block per 64 MiB run copied at a
         // fraction of the GPU's bandwidth: 1.7 s of a 17 GB dense sync).
         let pieces = gather_pieces(runs, base);
-        let max = JOB_BYTES / std::mem::size_of::<Run>();
+        let max = self.budget.jobs / std::mem::size_of::<Run>();
         for table in pieces.chunks(max) {
             // SAFETY: `Run` is plain old data (`repr(C)`, three u64).
             let raw = unsafe {
@@ -413,7 +457,7 @@ impl Gpu {
                     std::mem::size_of_val(table),
                 )
             };
-            // SAFETY: the table fits `s.jobs` (at most JOB_BYTES); synchronous copy.
+            // SAFETY: the table fits `s.jobs` (at most the budget's job bytes); synchronous copy.
             unsafe { result::memcpy_htod_sync(s.jobs.ptr, raw) }
                 .map_err(driver("copying the gather table"))?;
             let n = table.len() as u32;
@@ -426,7 +470,7 @@ impl Gpu {
             launch.arg(&s.jobs.ptr).arg(&n).arg(&s.stage.ptr);
             // SAFETY: the arguments match `apollo_gather(const Run*, u32, u8*)`; every source
             // range lies in an opened allocation and every destination inside the staging
-            // buffer (a fill spans at most STAGE_BYTES).
+            // buffer (a fill spans at most the staging buffer).
             unsafe { launch.launch(cfg) }.map_err(driver("launching the gather kernel"))?;
         }
         self.stream
@@ -545,7 +589,7 @@ impl Capturer for OnGpu<'_> {
             .collect();
         stats.add(gpu.hash_in(self.s, &staged, block_size, cvs)?);
         let host = &mut bytes[first as usize..end as usize];
-        // SAFETY: staging bytes `first - base .. end - base` (within STAGE_BYTES) hold the
+        // SAFETY: staging bytes `first - base .. end - base` (within the staging buffer) hold the
         // gathered runs (and, between them, bytes copied before to the same places);
         // synchronous copy into the host buffer.
         unsafe { result::memcpy_dtoh_sync(host, self.s.stage.ptr + (first - base)) }
@@ -584,15 +628,15 @@ fn gather_pieces(runs: &[DevRun], base: u64) -> Vec<Run> {
         .collect()
 }
 
-/// `runs` cut into staging fills: consecutive runs spanning at most [`STAGE_BYTES`] of the host
+/// `runs` cut into staging fills: consecutive runs spanning at most `stage` bytes of the host
 /// buffer (no run is longer).
-fn fills(runs: &[DevRun]) -> Vec<std::ops::Range<usize>> {
+fn fills(runs: &[DevRun], stage: u64) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < runs.len() {
         let base = runs[start].dst;
         let mut end = start + 1;
-        while end < runs.len() && runs[end].dst + runs[end].len - base <= STAGE_BYTES as u64 {
+        while end < runs.len() && runs[end].dst + runs[end].len - base <= stage {
             end += 1;
         }
         out.push(start..end);
@@ -682,6 +726,35 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn the_gpu_memory_budget_is_split_and_never_exceeded() {
+        let d = GpuBudget::default();
+        assert_eq!((d.jobs, d.cvs, d.stage), (16 << 20, 64 << 20, 64 << 20));
+        let least = GpuBudget::from_total(GpuBudget::MIN_BYTES).unwrap();
+        assert_eq!(
+            (least.jobs, least.cvs, least.stage),
+            (4 << 20, 16 << 20, 16 << 20)
+        );
+        assert!(GpuBudget::from_total(GpuBudget::MIN_BYTES - 1).is_err());
+        for total in [
+            36u64 << 20,
+            100 << 20,
+            512 << 20,
+            (512 << 20) + 12_345,
+            4 << 30,
+        ] {
+            let b = GpuBudget::from_total(total).unwrap();
+            assert!(
+                b.total() <= total && b.total() + (9 << 20) > total,
+                "{total}: {b:?}"
+            );
+            assert!(
+                b.stage as u64 >= crate::blockhash::MAX_BLOCK_SIZE,
+                "the staging buffer holds the largest block"
+            );
+        }
+    }
     use crate::blockhash::hash_units;
 
     /// Host memory standing in for a GPU whose weights a trainer keeps writing: after each

@@ -669,3 +669,22 @@ fn metrics_file_is_prometheus_text_for_the_textfile_collector() {
         .collect();
     assert_eq!(names, [std::ffi::OsString::from("apollo_sync.prom")]);
 }
+
+/// `--gpu-memory`: sizes with units, refused below what the GPU path needs (a bad command line,
+/// before anything is opened).
+#[test]
+fn gpu_memory_below_the_least_needed_is_a_usage_error() {
+    let o = run(&[
+        "sync",
+        "--model-dir",
+        "/nonexistent",
+        "--handles",
+        "/nonexistent",
+        "--gpu-memory",
+        "32MiB",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("36 MiB"), "{}", stderr(&o));
+    let o = run(&["sync", "--help"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("[default: 144MiB]"));
+}
