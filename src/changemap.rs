@@ -665,6 +665,10 @@ impl std::str::FromStr for GenerationRange {
 /// output: changed bytes, size, and the mean share changed per generation.
 pub fn totals_text(rows: &[RowTotal], generations: usize) -> String {
     let mut s = String::new();
+    if rows.iter().all(|r| r.bytes_changed == 0) {
+        s.push_str("  (nothing changed)\n");
+        return s;
+    }
     let _ = writeln!(
         s,
         "  {:<40} {:>12} {:>12} {:>14}",

@@ -82,8 +82,13 @@ impl Checkpoint {
             .first
             .unwrap_or_else(|| last.saturating_sub(REPORT_GENERATIONS - 1).max(last.min(1)));
         if last > newest || first > newest {
+            let given = format!(
+                "{}..{}",
+                range.first.map(|g| g.to_string()).unwrap_or_default(),
+                range.last.map(|g| g.to_string()).unwrap_or_default()
+            );
             return Err(Error::Usage(format!(
-                "--generations {first}..{last}: the model's newest generation is {newest} (see `apollo-checkpoint log {}`)",
+                "--generations {given}: the model's newest generation is {newest} (see `apollo-checkpoint log {}`)",
                 self.args()
             )));
         }

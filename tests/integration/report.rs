@@ -250,7 +250,11 @@ fn report_takes_a_range_and_refuses_one_beyond_the_newest_generation() {
     );
     assert!(text.contains("attn.c_attn.weight"), "{text}");
     assert!(!text.contains("mlp.c_fc.weight"), "{text}");
-    // Beyond the newest: a usage error naming it, and no file written.
+    // Generation 0 (init) changed nothing, and says so.
+    let o = run(&["report", "--model-dir", m, "--generations", "0"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("by layer:\n  (nothing changed)"), "{text}");
+    // Beyond the newest: a usage error naming it as given, and no file written.
     let svg = tmp.path().join("never.svg");
     let o = run(&[
         "report",
