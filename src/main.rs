@@ -638,13 +638,15 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 announce(&cp)?;
                 let started = std::time::Instant::now();
                 let report = cp.sync(&source)?;
-                let synced = std::time::Instant::now();
-                drop(source);
                 tracing::debug!(
-                    sync_seconds = (synced - started).as_secs_f64(),
-                    release_seconds = synced.elapsed().as_secs_f64(),
-                    "GPU mappings and contexts released"
+                    sync_seconds = started.elapsed().as_secs_f64(),
+                    "synced; the GPU mappings and contexts are left to the driver at exit"
                 );
+                // The process ends right after the report: the driver releases the IPC mappings,
+                // pinned buffers and contexts at exit (as it does for a killed sync) instead of
+                // them being closed one by one (0.08 s on an H200 host: a quarter of a sync that
+                // finds nothing).
+                std::mem::forget(source);
                 report
             } else {
                 if hash_on == HashOn::Gpu {
