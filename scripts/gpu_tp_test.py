@@ -277,9 +277,12 @@ def main():
             r = subprocess.run([binary, "verify", "--model-dir", model], capture_output=True, text=True)
             ok(f"{label}: verify clean", r.returncode == 0, r.stderr)
 
-    print("sync seconds per set and round (one GPU shared by every rank unless there are as many GPUs as ranks):")
+    print("sync seconds per set and round, and against TP=1 in the same round "
+          "(one GPU shared by every rank unless there are as many GPUs as ranks):")
     for (label, kind, round_), s in sorted(times.items(), key=lambda kv: kv[0][2]):
-        print(f"  {label:<12} round {round_} {kind:<6} {s}")
+        base = times.get(("TP=1", kind, round_))
+        ratio = f"{s / base:.2f}x TP=1" if s and base else ""
+        print(f"  {label:<12} round {round_} {kind:<6} {s:.3f} s  {ratio}" if s else f"  {label:<12} round {round_} failed")
     return checks.report()
 
 
