@@ -378,4 +378,19 @@ fn row_parallel_blocks_are_read_with_one_strided_copy_per_rank() {
         "{}",
         reader.strided.load(Relaxed)
     );
+    // Any range, cut anywhere (mid-piece, mid-row, one byte, the tail), reads the HF bytes.
+    let mut pick = Rng::new(77);
+    let total = o.data.len() as u64;
+    for _ in 0..300 {
+        let offset = pick.below(total);
+        let most = if pick.below(2) == 0 { 64 } else { 1 << 20 };
+        let len = 1 + pick.below((total - offset).min(most));
+        let mut got = vec![0u8; len as usize];
+        source.read(0, offset, &mut got).unwrap();
+        assert!(
+            got == o.data[offset as usize..(offset + len) as usize],
+            "bytes {offset}..{}",
+            offset + len
+        );
+    }
 }
