@@ -208,59 +208,55 @@ impl ChangeMap {
         }
     }
 
-    /// Per layer: bytes and bytes changed over the whole range.
-    pub fn layer_totals(&self) -> Vec<RowTotal> {
+    /// The cells of a layer (`Axis::Layer`: a contiguous run, the map being layer-major) or of a
+    /// tensor kind (`Axis::Kind`: one per layer).
+    fn cells(&self, axis: Axis, row: usize) -> impl Iterator<Item = usize> + use<> {
         let k = self.kinds.len();
-        self.layers
+        let (first, step, count) = match axis {
+            Axis::Layer => (row * k, 1, k),
+            Axis::Kind => (row, k, self.layers.len()),
+        };
+        (0..count).map(move |j| first + j * step)
+    }
+
+    /// Per layer or per tensor kind: bytes and bytes changed over the whole range.
+    pub fn totals(&self, axis: Axis) -> Vec<RowTotal> {
+        let names = match axis {
+            Axis::Layer => &self.layers,
+            Axis::Kind => &self.kinds,
+        };
+        names
             .iter()
             .enumerate()
-            .map(|(l, name)| RowTotal {
+            .map(|(row, name)| RowTotal {
                 name: name.clone(),
-                bytes: self.cell_bytes[l * k..(l + 1) * k].iter().sum(),
+                bytes: self.cells(axis, row).map(|c| self.cell_bytes[c]).sum(),
                 bytes_changed: self
                     .changed
                     .iter()
-                    .map(|c| c[l * k..(l + 1) * k].iter().sum::<u64>())
+                    .map(|g| self.cells(axis, row).map(|c| g[c]).sum::<u64>())
                     .sum(),
             })
             .collect()
     }
 
-    /// Per tensor kind: bytes and bytes changed over the whole range.
-    pub fn kind_totals(&self) -> Vec<RowTotal> {
-        let k = self.kinds.len();
-        self.kinds
-            .iter()
-            .enumerate()
-            .map(|(i, name)| RowTotal {
-                name: name.clone(),
-                bytes: self.cell_bytes.iter().skip(i).step_by(k).sum(),
-                bytes_changed: self
-                    .changed
-                    .iter()
-                    .map(|c| c.iter().skip(i).step_by(k).sum::<u64>())
-                    .sum(),
-            })
-            .collect()
-    }
-
-    /// Bytes changed in layer `l` by generation `g` (index into `generations`), and its bytes.
-    fn layer_cell(&self, g: usize, l: usize) -> (u64, u64) {
-        let k = self.kinds.len();
+    /// Bytes changed in a layer or kind by generation `g` (index into `generations`), and its
+    /// bytes.
+    fn cell(&self, g: usize, axis: Axis, row: usize) -> (u64, u64) {
         (
-            self.changed[g][l * k..(l + 1) * k].iter().sum(),
-            self.cell_bytes[l * k..(l + 1) * k].iter().sum(),
+            self.cells(axis, row).map(|c| self.changed[g][c]).sum(),
+            self.cells(axis, row).map(|c| self.cell_bytes[c]).sum(),
         )
     }
+}
 
-    /// Bytes changed in kind `i` by generation `g`, and its bytes.
-    fn kind_cell(&self, g: usize, i: usize) -> (u64, u64) {
-        let k = self.kinds.len();
-        (
-            self.changed[g].iter().skip(i).step_by(k).sum(),
-            self.cell_bytes.iter().skip(i).step_by(k).sum(),
-        )
-    }
+/// The rows of a total: layers or tensor kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// One row per layer (and `other`).
+    Layer,
+    /// One row per tensor kind.
+    Kind,
 }
 
 /// Calls `add(tensor, bytes)` for every overlap of `ranges` (sorted, merged) with the tensors
@@ -401,7 +397,7 @@ pub fn render_svg(map: &ChangeMap, title: &str) -> Result<String, String> {
             x_desc: "generation",
             rows: &map.layers,
             cell,
-            value: |g, l| Some(map.layer_cell(g, l)),
+            value: |g, l| Some(map.cell(g, Axis::Layer, l)),
         }
         .draw(&areas[2])?;
         HeatMap {
@@ -410,7 +406,7 @@ pub fn render_svg(map: &ChangeMap, title: &str) -> Result<String, String> {
             x_desc: "generation",
             rows: &map.kinds,
             cell,
-            value: |g, i| Some(map.kind_cell(g, i)),
+            value: |g, i| Some(map.cell(g, Axis::Kind, i)),
         }
         .draw(&areas[3])?;
         // A block may change in every generation: the share is of the cell's bytes times the
@@ -747,7 +743,7 @@ mod tests {
         );
         assert_eq!(map.layers, ["0", "1", OTHER_LAYER]);
         assert_eq!(map.kinds, ["norm.weight", "v", "w"]);
-        let layers = map.layer_totals();
+        let layers = map.totals(Axis::Layer);
         assert_eq!(
             layers.iter().map(|r| r.bytes_changed).collect::<Vec<_>>(),
             [10, 11, 10]
@@ -756,7 +752,7 @@ mod tests {
             layers.iter().map(|r| r.bytes).collect::<Vec<_>>(),
             [50, 60, 100]
         );
-        let kinds = map.kind_totals();
+        let kinds = map.totals(Axis::Kind);
         assert_eq!(
             kinds.iter().map(|r| r.bytes_changed).collect::<Vec<_>>(),
             [10, 1, 20]

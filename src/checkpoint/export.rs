@@ -237,8 +237,8 @@ impl Checkpoint {
         let manifest_path = outbox.join(name.replace(".apd", ".json"));
         // What the backup host receives, by generation: its tags (`sync --tag`), if any.
         let mut tags = serde_json::Map::new();
-        for g in index.generation_records(current.saturating_sub(base.unwrap_or(0)) + 1)? {
-            if base.is_none_or(|b| g.generation > b) && !g.tags.is_empty() {
+        for g in index.generation_records_between(base.map_or(0, |b| b + 1), current)? {
+            if !g.tags.is_empty() {
                 tags.insert(g.generation.to_string(), serde_json::json!(g.tags));
             }
         }

@@ -9,7 +9,7 @@ use super::{
     BlockMismatch, ChangeReport, Checkpoint, DEFAULT_RETAIN_GENERATIONS, Error, FileState,
     FileStatus, LogReport, Retention, StatusReport, VerifyReport, file_problems, seconds_since,
 };
-use crate::changemap::{self, ChangeMap, GenerationChanges, GenerationRange, TensorSpan};
+use crate::changemap::{self, Axis, ChangeMap, GenerationChanges, GenerationRange, TensorSpan};
 use crate::index::{
     FileRanges, GenerationKind, GenerationRecord, IndexedTensor, MetaKey, SyncCommit, unix_ms,
 };
@@ -128,8 +128,8 @@ impl Checkpoint {
         Ok(ChangeReport {
             first_generation: first,
             last_generation: last,
-            layers: map.layer_totals(),
-            kinds: map.kind_totals(),
+            layers: map.totals(Axis::Layer),
+            kinds: map.totals(Axis::Kind),
             generations: map.generations,
             svg: svg.map(Path::to_owned),
         })

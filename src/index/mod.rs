@@ -752,33 +752,39 @@ impl BlockIndex {
 
     /// The newest `limit` generations, newest first (`log`).
     pub fn generation_records(&self, limit: u64) -> Result<Vec<GenerationRecord>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT {GENERATION_COLUMNS} FROM generations ORDER BY generation DESC LIMIT ?1"
-            ))
-            .map_err(|e| self.sql(e))?;
-        let rows = stmt
-            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], generation_row)
-            .map_err(|e| self.sql(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+        self.generations_where(
+            "ORDER BY generation DESC LIMIT ?1",
+            [i64::try_from(limit).unwrap_or(i64::MAX)],
+        )
     }
 
-    /// The generations `first..=last`, oldest first (`report`).
+    /// The generations `first..=last`, oldest first (`report`, the export manifest).
     pub fn generation_records_between(
         &self,
         first: u64,
         last: u64,
     ) -> Result<Vec<GenerationRecord>, IndexError> {
+        let to_sql = |g: u64| i64::try_from(g).unwrap_or(i64::MAX);
+        self.generations_where(
+            "WHERE generation BETWEEN ?1 AND ?2 ORDER BY generation",
+            [to_sql(first), to_sql(last)],
+        )
+    }
+
+    /// The `generations` rows that `clause` (with `params`) selects.
+    fn generations_where(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<GenerationRecord>, IndexError> {
         let mut stmt = self
             .conn
             .prepare(&format!(
-                "SELECT {GENERATION_COLUMNS} FROM generations WHERE generation BETWEEN ?1 AND ?2 ORDER BY generation"
+                "SELECT {GENERATION_COLUMNS} FROM generations {clause}"
             ))
             .map_err(|e| self.sql(e))?;
-        let to_sql = |g: u64| i64::try_from(g).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([to_sql(first), to_sql(last)], generation_row)
+            .query_map(params, generation_row)
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
