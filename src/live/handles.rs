@@ -275,14 +275,15 @@ fn check_header(path: &Path, header: &ManifestHeader) -> Result<(), HandlesError
         return Ok(());
     }
     let ours = env!("CARGO_PKG_VERSION");
+    let install = format!(
+        "install this release's hook on the vLLM host (`pip install ./scripts` of apollo-checkpoint {ours}, package apollo-checkpoint-hook {ours}) and restart the server"
+    );
     let advice = if header.version > MANIFEST_VERSION {
         format!(
-            "The hook is newer: install apollo-checkpoint's release that goes with it, or install this release's hook on the vLLM host (`pip install ./scripts` of apollo-checkpoint {ours}, package apollo-checkpoint-hook {ours}) and restart the server"
+            "The hook is newer: install apollo-checkpoint's release that goes with it, or {install}"
         )
     } else {
-        format!(
-            "The hook is older: install this release's hook on the vLLM host (`pip install ./scripts` of apollo-checkpoint {ours}, package apollo-checkpoint-hook {ours}) and restart the server"
-        )
+        format!("The hook is older: {install}")
     };
     Err(HandlesError::Version {
         path: path.to_owned(),
