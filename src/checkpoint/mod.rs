@@ -435,7 +435,11 @@ pub fn write_atomic(io: &dyn Io, path: &Path, bytes: &[u8]) -> Result<(), Error>
         let _ = io.remove_file(&tmp);
         return Err(e);
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
+    // A bare file name's parent is "": the current directory.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     io.sync_dir(dir).map_err(err(dir))
 }
 

@@ -276,3 +276,33 @@ fn report_takes_a_range_and_refuses_one_beyond_the_newest_generation() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("empty"), "{}", stderr(&o));
 }
+
+/// Output files named without a directory go to the current one (`--svg changes.svg`,
+/// `--metrics-file run.prom`): the directory synced after the rename is ".", not "".
+#[test]
+fn output_files_named_without_a_directory_land_in_the_current_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_model(&model, &gpt2_like(3), 1);
+    assert!(
+        run(&["init", "--model-dir", s(&model), "-q"])
+            .status
+            .success()
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_apollo-checkpoint"))
+        .args([
+            "report",
+            "--model-dir",
+            s(&model),
+            "--svg",
+            "changes.svg",
+            "--metrics-file",
+            "run.prom",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(tmp.path().join("changes.svg").is_file());
+    assert!(tmp.path().join("run.prom").is_file());
+}
