@@ -18,8 +18,15 @@
 //! 16 KiB is within 4% of the fastest size while a sparse change (0.5% of blocks) touches only
 //! 2% of 16 KiB groups, against 7.7% of 64 KiB ones.
 //!
+//! The index also keeps one *summary* per aligned run of [`SUMMARY_BLOCKS`] blocks (64 KiB at
+//! 4 KiB blocks): the same merge of their chaining values, so it equals the chaining value of
+//! those bytes hashed as one subtree. A source that hashes where the weights live (a GPU) hashes
+//! summary-sized units and compares them with the stored summaries: a sync that finds nothing
+//! reads 1/16 of the stored hashes and copies 1/16 of the hashes back from the GPU.
+//!
 //! Invariant: `block_size` is a power of two of at least one BLAKE3 chunk (1 KiB), so every block
-//! boundary is a valid subtree boundary, and `group_size` is a power-of-two multiple of it.
+//! boundary is a valid subtree boundary, and `group_size` and `summary_size` are power-of-two
+//! multiples of it.
 
 use blake3::Hasher;
 use blake3::hazmat::{ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root};
@@ -37,6 +44,9 @@ pub const MAX_BLOCK_SIZE: u64 = 1 << 24;
 /// The comparison group: wide enough for BLAKE3 to fill its SIMD lanes, small enough that a
 /// sparse change touches few groups.
 pub const DEFAULT_GROUP_SIZE: u64 = 16 * 1024;
+/// Blocks per stored summary, at most (fewer for blocks over 1 MiB: a summary is at most
+/// [`MAX_BLOCK_SIZE`], the largest unit the GPU kernel hashes).
+pub const SUMMARY_BLOCKS: u64 = 16;
 /// Name of the scheme recorded in the index, so that a future change of scheme is detected.
 pub const SCHEME: &str = "blake3-subtree-cv-v1";
 
@@ -80,6 +90,46 @@ impl BlockLayout {
     /// Blocks per full group.
     pub fn blocks_per_group(&self) -> u64 {
         self.group_size / self.block_size
+    }
+
+    /// Bytes per stored summary: [`SUMMARY_BLOCKS`] blocks, at most [`MAX_BLOCK_SIZE`].
+    pub fn summary_size(&self) -> u64 {
+        (self.block_size * SUMMARY_BLOCKS).min(MAX_BLOCK_SIZE.max(self.block_size))
+    }
+
+    /// Blocks per full summary.
+    pub fn blocks_per_summary(&self) -> u64 {
+        self.summary_size() / self.block_size
+    }
+
+    /// Number of summaries of a tensor of `len` bytes.
+    pub fn summaries(&self, len: u64) -> u64 {
+        len.div_ceil(self.summary_size())
+    }
+
+    /// The blocks of summary `s` of a tensor of `len` bytes.
+    pub fn summary_blocks(&self, len: u64, s: u64) -> std::ops::Range<u64> {
+        let per = self.blocks_per_summary();
+        s * per..((s + 1) * per).min(self.blocks(len))
+    }
+
+    /// Summary `s` of a tensor of `len` bytes whose block hashes are `cvs` (all of them).
+    pub fn summary_of(&self, cvs: &[Cv], len: u64, s: u64) -> Cv {
+        let b = self.summary_blocks(len, s);
+        let start = s * self.summary_size();
+        let end = (start + self.summary_size()).min(len);
+        merge_blocks(
+            &cvs[b.start as usize..b.end as usize],
+            end - start,
+            self.block_size,
+        )
+    }
+
+    /// Every summary of a tensor of `len` bytes whose block hashes are `cvs`.
+    pub fn summaries_of(&self, cvs: &[Cv], len: u64) -> Vec<Cv> {
+        (0..self.summaries(len))
+            .map(|s| self.summary_of(cvs, len, s))
+            .collect()
     }
 }
 
@@ -205,6 +255,42 @@ mod tests {
                         "block {block} len {len} group {gi}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A stored summary equals the chaining value of its bytes hashed as one unit of
+    /// `summary_size` (what the GPU computes), for partial last summaries and for block sizes
+    /// whose summary is capped at the largest unit.
+    #[test]
+    fn summaries_equal_the_hash_of_their_bytes() {
+        for block in [1024u64, 4096, 1 << 20, 1 << 22, MAX_BLOCK_SIZE] {
+            let layout = BlockLayout::new(block).unwrap();
+            let unit = layout.summary_size();
+            assert!(
+                unit.is_power_of_two() && unit % block == 0 && unit <= MAX_BLOCK_SIZE.max(block)
+            );
+            assert_eq!(
+                layout.blocks_per_summary(),
+                (SUMMARY_BLOCKS).min((MAX_BLOCK_SIZE / block).max(1))
+            );
+            let u = unit as usize;
+            let lens: Vec<usize> = if block >= 1 << 20 {
+                vec![1, block as usize + 3, u + 1]
+            } else {
+                vec![1, 1025, u - 1, u, u + 1, 3 * u + block as usize / 2 + 5]
+            };
+            for len in lens {
+                let d = data(len);
+                let mut blocks = vec![[0u8; 32]; layout.blocks(len as u64) as usize];
+                hash_units(0, block, &d, &mut blocks);
+                let mut direct = vec![[0u8; 32]; layout.summaries(len as u64) as usize];
+                hash_units(0, unit, &d, &mut direct);
+                assert_eq!(
+                    layout.summaries_of(&blocks, len as u64),
+                    direct,
+                    "block {block} len {len}"
+                );
             }
         }
     }

@@ -23,7 +23,7 @@
 //! old bytes of one capture; the new hashes of the changed blocks go to a [`HashSpill`] (in
 //! memory up to 48 MiB, then sorted runs in a temporary file) for the index.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use indicatif::ProgressBar;
@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use super::txn::WriteTxn;
 use super::{Checkpoint, Error, seconds_since};
 use crate::blockhash::{self, BlockLayout, Cv, merge_blocks};
-use crate::index::{BlockIndex, FileRanges, HashSpill, IndexedTensor, unix_ms};
+use crate::index::{BlockIndex, FileRanges, HashSpill, IndexedTensor, NewSummaries, unix_ms};
 use crate::io::{FileIo, OpenMode};
 use crate::journal::{GenerationInfo, JournalFile, JournalHeader, JournalKind};
 use crate::model::ModelLayout;
@@ -78,6 +78,10 @@ pub(crate) struct Found {
     pub capture: CaptureStats,
     /// Seconds spent reading stored block hashes.
     pub index_read_seconds: f64,
+    /// Bytes of stored hashes and summaries read.
+    pub index_bytes_read: u64,
+    /// New summaries, by tensor id, for the index.
+    pub summaries: HashMap<i64, NewSummaries>,
     /// Seconds spent finding candidates (hashing live bytes, comparing).
     pub plan_seconds: f64,
     /// Seconds spent capturing and staging.
@@ -155,6 +159,7 @@ impl<'a> Changes<'a> {
             found: Found::default(),
             txn: None,
             captures: Vec::new(),
+            batch_changed: Vec::new(),
             files: Vec::new(),
             tensors: BTreeSet::new(),
             ranges: BTreeMap::new(),
@@ -163,8 +168,9 @@ impl<'a> Changes<'a> {
         let len = |c: &Comparison<'_>| self.model.tensors[c.0].entry.len;
         for batch in plan::hash_batches(comparisons.iter().map(len), self.layout) {
             let cmp = &comparisons[batch];
-            let (stored, candidates) = if self.source.hashes_in_place() {
-                self.hash_in_place(index, cmp, &mut out.found)?
+            let known = self.known_summaries(index, cmp, &mut out.found)?;
+            let (mut stored, candidates) = if self.source.hashes_in_place() {
+                self.hash_in_place(index, cmp, &known, &mut out.found)?
             } else {
                 let stored = self.stored(index, cmp, &mut out.found)?;
                 let lap = Instant::now();
@@ -179,6 +185,8 @@ impl<'a> Changes<'a> {
             };
             let captures = capture_batches(&candidates, cmp, self.layout);
             self.capture_and_stage(index, &batch, &captures, &mut out)?;
+            let changed = std::mem::take(&mut out.batch_changed);
+            self.new_summaries(cmp, &mut stored, &known, changed, &mut out.found);
             out.found.stage_seconds += seconds_since(lap);
             progress.inc(cmp.iter().map(len).sum());
         }
@@ -197,6 +205,102 @@ impl<'a> Changes<'a> {
         Ok((found, out.txn.map(|t| (t, out.files))))
     }
 
+    /// The stored summaries of a batch's tensors (`None` where not known).
+    fn known_summaries(
+        &self,
+        index: &BlockIndex,
+        cmp: &[Comparison<'_>],
+        found: &mut Found,
+    ) -> Result<Vec<Option<Vec<Cv>>>, Error> {
+        let lap = Instant::now();
+        let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
+        let known = index.tensors_summaries(&rows, self.layout)?;
+        let bytes = known
+            .iter()
+            .flatten()
+            .map(|s| s.len() as u64 * 32)
+            .sum::<u64>();
+        found.index_bytes_read += bytes;
+        tracing::debug!(
+            tensors = rows.len(),
+            bytes,
+            seconds = seconds_since(lap),
+            "summaries read"
+        );
+        found.index_read_seconds += seconds_since(lap);
+        Ok(known)
+    }
+
+    /// The batch's new summaries, into `found.summaries`: those holding a changed block of a
+    /// tensor whose summaries are known, every summary of a tensor whose summaries were not
+    /// (its stored hashes were all read). `stored` takes the new hashes of `changed`.
+    fn new_summaries(
+        &self,
+        cmp: &[Comparison<'_>],
+        stored: &mut Stored,
+        known: &[Option<Vec<Cv>>],
+        mut changed: Vec<(usize, u64, Cv)>,
+        found: &mut Found,
+    ) {
+        let layout = self.layout;
+        changed.sort_unstable_by_key(|c| (c.0, c.1));
+        for &(k, b, cv) in &changed {
+            stored[k][b as usize] = cv;
+        }
+        let per = layout.blocks_per_summary();
+        let mut by_tensor: Vec<Vec<u64>> = vec![Vec::new(); cmp.len()];
+        for &(k, b, _) in &changed {
+            if by_tensor[k].last() != Some(&(b / per)) {
+                by_tensor[k].push(b / per);
+            }
+        }
+        // Every summary to compute, (comparison, summary), on all cores: a dense change
+        // recomputes them all, and a few tensors hold most of them.
+        let mut items: Vec<(usize, u64)> = Vec::new();
+        for k in 0..cmp.len() {
+            let len = self.model.tensors[cmp[k].0].entry.len;
+            match &known[k] {
+                None => items.extend((0..layout.summaries(len)).map(|s| (k, s))),
+                Some(_) => items.extend(by_tensor[k].iter().map(|&s| (k, s))),
+            }
+        }
+        let cvs: Vec<Cv> = items
+            .par_iter()
+            .map(|&(k, s)| {
+                let len = self.model.tensors[cmp[k].0].entry.len;
+                layout.summary_of(&stored[k], len, s)
+            })
+            .collect();
+        let mut new: Vec<(i64, NewSummaries)> = Vec::new();
+        let mut i = 0;
+        while i < items.len() {
+            let k = items[i].0;
+            let j = i + items[i..].iter().take_while(|x| x.0 == k).count();
+            let id = cmp[k].2.id;
+            new.push(match known[k] {
+                None => (id, NewSummaries::All(cvs[i..j].to_vec())),
+                Some(_) => (
+                    id,
+                    NewSummaries::Some(
+                        items[i..j]
+                            .iter()
+                            .map(|x| x.1)
+                            .zip(cvs[i..j].iter().copied())
+                            .collect(),
+                    ),
+                ),
+            });
+            i = j;
+        }
+        // A tensor without known summaries and without bytes still gets its (empty) list.
+        for k in 0..cmp.len() {
+            if known[k].is_none() && layout.summaries(self.model.tensors[cmp[k].0].entry.len) == 0 {
+                new.push((cmp[k].2.id, NewSummaries::All(Vec::new())));
+            }
+        }
+        found.summaries.extend(new);
+    }
+
     /// The stored hashes of a batch.
     fn stored(
         &self,
@@ -204,11 +308,42 @@ impl<'a> Changes<'a> {
         cmp: &[Comparison<'_>],
         found: &mut Found,
     ) -> Result<Stored, Error> {
-        let lap = Instant::now();
         let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
-        let stored = index.tensors_hashes(&rows, self.layout)?;
+        self.stored_in(index, &rows, found)
+    }
+
+    /// The stored hashes of `rows` (every block).
+    fn stored_in(
+        &self,
+        index: &BlockIndex,
+        rows: &[&IndexedTensor],
+        found: &mut Found,
+    ) -> Result<Stored, Error> {
+        let wants: Vec<(&IndexedTensor, Option<&[u64]>)> =
+            rows.iter().map(|t| (*t, None)).collect();
+        self.stored_rows(index, &wants, found)
+    }
+
+    /// The stored hashes of `wants`: every block, or those of the given summaries (the other
+    /// entries zero).
+    fn stored_rows(
+        &self,
+        index: &BlockIndex,
+        wants: &[(&IndexedTensor, Option<&[u64]>)],
+        found: &mut Found,
+    ) -> Result<Stored, Error> {
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lap = Instant::now();
+        let stored = index.tensors_hashes_in(wants, self.layout)?;
+        let per = self.layout.blocks_per_summary();
+        found.index_bytes_read += wants
+            .iter()
+            .map(|(t, only)| only.map_or(self.layout.blocks(t.len), |s| s.len() as u64 * per) * 32)
+            .sum::<u64>();
         tracing::debug!(
-            tensors = rows.len(),
+            tensors = wants.len(),
             seconds = seconds_since(lap),
             "stored hashes read"
         );
@@ -216,65 +351,171 @@ impl<'a> Changes<'a> {
         Ok(stored)
     }
 
-    /// For a source that hashes where its data lives (the GPU): every block of the batch hashed
-    /// there while the stored hashes are read (only the hashes come back); the candidates are
-    /// the blocks whose hashes differ. Returns the stored hashes and the candidates.
+    /// For a source that hashes where its data lives (the GPU): returns the stored hashes and
+    /// the candidates (the blocks whose live hash differs from the stored one); only hashes
+    /// cross to the host.
+    ///
+    /// A tensor whose summaries are known is hashed in summary units (64 KiB at 4 KiB blocks)
+    /// and compared with them, while they are read; only within the summaries that differ are
+    /// the stored block hashes read and, unless most of the tensor's summaries differ (a
+    /// training step: every block of them is a candidate, judged when captured), its blocks
+    /// hashed. A tensor without known summaries has every block hashed while its stored hashes
+    /// are read.
     fn hash_in_place(
         &self,
         index: &BlockIndex,
         cmp: &[Comparison<'_>],
+        known: &[Option<Vec<Cv>>],
         found: &mut Found,
     ) -> Result<(Stored, Candidates), Error> {
         let lap = Instant::now();
         let layout = self.layout;
-        let blocks: Vec<u64> = cmp
-            .iter()
-            .map(|c| layout.blocks(self.model.tensors[c.0].entry.len))
-            .collect();
-        let runs: Vec<BlockRun> = cmp
-            .iter()
-            .zip(&blocks)
-            .map(|(c, &count)| BlockRun {
-                tensor: c.1,
-                first: 0,
-                count,
-            })
-            .collect();
-        let mut live = vec![[0u8; 32]; blocks.iter().sum::<u64>() as usize];
+        let len = |k: usize| self.model.tensors[cmp[k].0].entry.len;
+        let unit = layout.summary_size();
+        let (by_summary, whole): (Vec<usize>, Vec<usize>) =
+            (0..cmp.len()).partition(|&k| known[k].is_some());
+        let runs = |ks: &[usize], unit: u64| -> Vec<BlockRun> {
+            ks.iter()
+                .map(|&k| BlockRun {
+                    tensor: cmp[k].1,
+                    first: 0,
+                    count: len(k).div_ceil(unit),
+                })
+                .collect()
+        };
+        let (summary_runs, block_runs) = (runs(&by_summary, unit), runs(&whole, layout.block_size));
+        let count = |r: &[BlockRun]| r.iter().map(|r| r.count as usize).sum::<usize>();
+        let mut live_summaries = vec![[0u8; 32]; count(&summary_runs)];
+        let mut live_blocks = vec![[0u8; 32]; count(&block_runs)];
         let source = self.source;
-        let (stored, hashed) = std::thread::scope(|scope| {
+        let whole_rows: Vec<&IndexedTensor> = whole.iter().map(|&k| cmp[k].2).collect();
+        // The GPU hashes while the stored hashes of the tensors without summaries are read.
+        let (stored_whole, hashed) = std::thread::scope(|scope| {
             let hashing = scope.spawn(|| {
                 let lap = Instant::now();
-                let r = source.hash_blocks(&runs, layout.block_size, &mut live);
-                (r, seconds_since(lap))
+                let mut stats = CaptureStats::default();
+                if !summary_runs.is_empty() {
+                    stats.add(source.hash_blocks(&summary_runs, unit, &mut live_summaries)?);
+                }
+                if !block_runs.is_empty() {
+                    stats.add(source.hash_blocks(
+                        &block_runs,
+                        layout.block_size,
+                        &mut live_blocks,
+                    )?);
+                }
+                Ok::<_, crate::source::SourceError>((stats, seconds_since(lap)))
             });
-            let stored = self.stored(index, cmp, found);
+            let stored = self.stored_in(index, &whole_rows, found);
             (stored, hashing.join().expect("hashing does not panic"))
         });
-        let ((stored, stats), hash_seconds) = ((stored?, hashed.0?), hashed.1);
-        let compared = Instant::now();
+        let (stored_whole, (stats, hash_seconds)) = (stored_whole?, hashed?);
         found.capture.add(stats);
-        let mut per: Vec<&[Cv]> = Vec::with_capacity(cmp.len());
-        let mut rest = live.as_slice();
-        for &n in &blocks {
-            let (head, tail) = rest.split_at(n as usize);
-            per.push(head);
-            rest = tail;
+        let compared = Instant::now();
+        let mut stored: Stored = vec![Vec::new(); cmp.len()];
+        let mut candidates: Candidates = vec![Vec::new(); cmp.len()];
+        // Tensors without summaries: every block compared.
+        let mut at = 0;
+        for (&k, s) in whole.iter().zip(stored_whole) {
+            let live = &live_blocks[at..at + s.len()];
+            at += s.len();
+            candidates[k] = (0..s.len())
+                .filter(|&b| live[b] != s[b])
+                .map(|b| b as u64)
+                .collect();
+            stored[k] = s;
         }
-        let candidates = per
-            .par_iter()
-            .zip(&stored)
-            .map(|(l, s)| {
-                (0..s.len() as u64)
-                    .filter(|&b| l[b as usize] != s[b as usize])
-                    .collect()
-            })
-            .collect();
+        // Tensors with summaries: the summaries that differ.
+        let mut differing: Vec<(usize, Vec<u64>)> = Vec::new();
+        let mut at = 0;
+        for &k in &by_summary {
+            let old = known[k].as_deref().expect("partitioned on it");
+            let live = &live_summaries[at..at + old.len()];
+            at += old.len();
+            let diff: Vec<u64> = (0..old.len())
+                .filter(|&i| live[i] != old[i])
+                .map(|i| i as u64)
+                .collect();
+            // (No stored hashes at all for a tensor whose summaries all match: nothing reads
+            // them.)
+            if !diff.is_empty() {
+                differing.push((k, diff));
+            }
+        }
+        let mut compare_seconds = seconds_since(compared);
+        if !differing.is_empty() {
+            // Most of a tensor's summaries differ: all their blocks are candidates (judged by
+            // the capture's hashes); otherwise their blocks are hashed, while their stored
+            // hashes are read.
+            let mostly = |k: usize, diff: &[u64]| diff.len() as u64 * 2 > layout.summaries(len(k));
+            let mut block_runs = Vec::new();
+            let mut places = Vec::new();
+            for (k, diff) in &differing {
+                if mostly(*k, diff) {
+                    continue;
+                }
+                for s in diff {
+                    let b = layout.summary_blocks(len(*k), *s);
+                    places.push((*k, b.clone()));
+                    block_runs.push(BlockRun {
+                        tensor: cmp[*k].1,
+                        first: b.start,
+                        count: b.end - b.start,
+                    });
+                }
+            }
+            let mut live = vec![[0u8; 32]; count(&block_runs)];
+            // Only the differing summaries' blocks are read where few differ; where more than
+            // one in 16 do, nearly every page of the hashes holds one of them: all are read.
+            let rows: Vec<(&IndexedTensor, Option<&[u64]>)> = differing
+                .iter()
+                .map(|(k, diff)| {
+                    let few = (diff.len() as u64) * 16 < layout.summaries(len(*k));
+                    (cmp[*k].2, few.then_some(diff.as_slice()))
+                })
+                .collect();
+            let (read, hashed) = std::thread::scope(|scope| {
+                let hashing = scope.spawn(|| {
+                    let lap = Instant::now();
+                    let r = if block_runs.is_empty() {
+                        Ok(CaptureStats::default())
+                    } else {
+                        source.hash_blocks(&block_runs, layout.block_size, &mut live)
+                    };
+                    (r, seconds_since(lap))
+                });
+                let read = self.stored_rows(index, &rows, found);
+                (read, hashing.join().expect("hashing does not panic"))
+            });
+            let (read, stats) = (read?, hashed.0?);
+            found.capture.add(stats);
+            let lap = Instant::now();
+            for ((k, diff), s) in differing.iter().zip(read) {
+                if mostly(*k, diff) {
+                    candidates[*k] = diff
+                        .iter()
+                        .flat_map(|&d| layout.summary_blocks(len(*k), d))
+                        .collect();
+                }
+                stored[*k] = s;
+            }
+            let mut at = 0;
+            for (k, blocks) in places {
+                for b in blocks {
+                    if live[at] != stored[k][b as usize] {
+                        candidates[k].push(b);
+                    }
+                    at += 1;
+                }
+            }
+            compare_seconds += seconds_since(lap);
+        }
         tracing::debug!(
             tensors = cmp.len(),
-            blocks = live.len(),
+            by_summary = by_summary.len(),
+            summaries_differing = differing.iter().map(|d| d.1.len()).sum::<usize>(),
             hash_seconds,
-            compare_seconds = seconds_since(compared),
+            compare_seconds,
             "batch hashed where the weights live"
         );
         // Wall time, with the reading of the stored hashes (`index_read`) inside it.
@@ -464,6 +705,7 @@ impl<'a> Changes<'a> {
             let t = &self.model.tensors[batch.cmp[c.k].0];
             let id = batch.cmp[c.k].2.id;
             out.tensors.insert(id);
+            out.batch_changed.push((c.k, c.block, c.new));
             out.found
                 .updates
                 .push(id, c.block, c.new)
@@ -569,6 +811,8 @@ struct Staging<'a> {
     txn: Option<WriteTxn<'a>>,
     /// The capture buffers ([`CAPTURE_BYTES`] each), from the source, reused.
     captures: Vec<Box<dyn CaptureBuffer>>,
+    /// The changed blocks of the current batch: (comparison index, block, new hash).
+    batch_changed: Vec<(usize, u64, Cv)>,
     /// Every model file, open for writing, in the journal's file table order (model order).
     files: Vec<Box<dyn FileIo>>,
     /// Tensors with a changed block (row ids).

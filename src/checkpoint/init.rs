@@ -143,7 +143,7 @@ impl Checkpoint {
             })?;
             for (cvs, i) in hashes.iter().zip(batch) {
                 let t = &model.tensors[i];
-                rebuild.add_tensor(file_ids[t.file], &t.entry, cvs)?;
+                rebuild.add_tensor(file_ids[t.file], &t.entry, cvs, layout)?;
                 total_blocks += cvs.len() as u64;
             }
         }

@@ -351,6 +351,14 @@ impl Checkpoint {
         report
             .mismatched_blocks
             .sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
+        let stale = index.stale_summaries(layout)?;
+        for t in &stale {
+            report.file_problems.push(format!(
+                "{}: the index's summaries of tensor {} disagree with its block hashes; `verify --repair` forgets them (the next sync recomputes them)",
+                index.path().display(),
+                t.name
+            ));
+        }
         report.clean = report.file_problems.is_empty() && report.mismatched_block_count == 0;
 
         let same_files = indexed_files.len() == model.files.len()
@@ -373,6 +381,7 @@ impl Checkpoint {
                 .collect();
             index.commit_sync(SyncCommit {
                 file_stats,
+                forget_summaries: stale.iter().map(|t| t.id).collect(),
                 ..SyncCommit::default()
             })?;
             report.repaired = true;

@@ -58,6 +58,8 @@ pub struct SyncReport {
     pub model_bytes_read: u64,
     /// Size of the journal written (its undo data), in bytes.
     pub journal_bytes: u64,
+    /// Bytes of stored block hashes and summaries read from the index.
+    pub index_bytes_read: u64,
     /// What copying live bytes from a GPU cost (`gpu_bytes_copied`, `gpu_copies`,
     /// `recaptured_blocks`; zeros for host sources).
     #[serde(flatten)]

@@ -11,7 +11,7 @@ use super::{
     seconds_since,
 };
 use crate::blockhash;
-use crate::index::unix_ms;
+use crate::index::{SyncCommit, unix_ms};
 use crate::journal::GenerationInfo;
 use crate::model::{ModelLayout, dtype_name};
 use crate::source::{CaptureStats, WeightSource};
@@ -84,6 +84,7 @@ impl Checkpoint {
             files_changed: Vec::new(),
             model_bytes_read: 0,
             journal_bytes: 0,
+            index_bytes_read: 0,
             capture: CaptureStats::default(),
             recovered,
             seconds: 0.0,
@@ -103,7 +104,7 @@ impl Checkpoint {
             },
         };
         let pb = self.progress_bar(bytes_compared, "comparing");
-        let (found, write_txn) = changes.run(&index, &comparisons, &pb)?;
+        let (mut found, write_txn) = changes.run(&index, &comparisons, &pb)?;
         pb.finish_and_clear();
         phases.index_read = found.index_read_seconds;
         phases.capture = found.capture_seconds;
@@ -123,6 +124,7 @@ impl Checkpoint {
                 updates: found.updates,
                 ranges: found.ranges,
                 bytes: found.bytes_changed,
+                summaries: std::mem::take(&mut found.summaries),
             };
             let finished = committed.finish(Mode::Write, Some(files), hashes, start)?;
             phases.apply = finished.apply_seconds;
@@ -133,6 +135,7 @@ impl Checkpoint {
         } else {
             phases.journal = found.stage_seconds;
         }
+        report.index_bytes_read = found.index_bytes_read;
         report.model_bytes_read = self.io.bytes_read().saturating_sub(read_before);
         tracing::debug!(?phases, "sync phases (seconds)");
         report.phases = phases;
@@ -146,7 +149,17 @@ impl Checkpoint {
             // here would wait for the commit's frames behind the model's writeback.
             index.defer_durability()?;
         }
-        index.set_last_sync(&serde_json::to_string(&last).expect("plain data serializes"))?;
+        let last = serde_json::to_string(&last).expect("plain data serializes");
+        if found.summaries.is_empty() {
+            index.set_last_sync(&last)?;
+        } else {
+            // Nothing changed, but summaries that were not known are now.
+            index.commit_sync(SyncCommit {
+                summaries: std::mem::take(&mut found.summaries),
+                last_sync: Some(last),
+                ..SyncCommit::default()
+            })?;
+        }
         Ok(report)
     }
 }

@@ -20,8 +20,8 @@ use super::{Checkpoint, Error, RecoverReport, RecoveryAction, seconds_since};
 use crate::apply::{self, ApplyStats};
 use crate::blockhash::{self, BlockLayout, Cv};
 use crate::index::{
-    BlockIndex, FileRanges, GenerationRecord, HashSpill, IndexError, IndexedTensor, SyncCommit,
-    unix_ms,
+    BlockIndex, FileRanges, GenerationRecord, HashSpill, IndexError, IndexedTensor, NewSummaries,
+    SyncCommit, unix_ms,
 };
 use crate::io::{FileIo, FileStat, OpenMode};
 use crate::journal::{
@@ -208,6 +208,8 @@ pub(crate) enum NewHashes {
         ranges: FileRanges,
         /// Bytes of the changed blocks.
         bytes: u64,
+        /// The summaries the sync recomputed (the changed tensors' others are forgotten).
+        summaries: HashMap<i64, NewSummaries>,
     },
     /// Read back from the files after applying, each checked against its record's new hash.
     ReadBack,
@@ -334,11 +336,13 @@ impl<'c> Committed<'c> {
                 updates,
                 ranges,
                 bytes,
+                summaries,
             } => {
                 txn.write(SyncCommit {
                     generation: Some(generation(bytes)),
                     hashes: updates,
                     ranges,
+                    summaries,
                     ..SyncCommit::default()
                 })?;
                 false

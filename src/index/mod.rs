@@ -34,6 +34,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_hash_log.sql"),
     include_str!("../../migrations/0004_ctime.sql"),
     include_str!("../../migrations/0005_tags.sql"),
+    include_str!("../../migrations/0006_summaries.sql"),
 ];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -323,6 +324,21 @@ pub struct SyncCommit {
     pub ranges: FileRanges,
     /// JSON stats of this run, changed or not (absent when recovery commits).
     pub last_sync: Option<String>,
+    /// New summaries, by tensor id. A tensor whose block hashes this commit changes and that
+    /// has no entry here loses its summaries (they become unknown, see
+    /// [`BlockIndex::tensors_summaries`]).
+    pub summaries: HashMap<i64, NewSummaries>,
+    /// Tensors whose summaries become unknown (found stale by `verify`).
+    pub forget_summaries: Vec<i64>,
+}
+
+/// A tensor's new summaries in a [`SyncCommit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewSummaries {
+    /// All of them (they were unknown, or most changed).
+    All(Vec<Cv>),
+    /// Those that changed, (summary number, hash), sorted; the rest are as stored.
+    Some(Vec<(u64, Cv)>),
 }
 
 /// Encodes merged ranges as the `generation_ranges.ranges` BLOB.
@@ -353,6 +369,8 @@ pub fn decode_ranges(blob: &[u8]) -> Option<Vec<(u64, u64)>> {
 
 const TENSORS: &CStr = c"tensors";
 const BLOCK_HASHES: &CStr = c"block_hashes";
+const SUMMARIES: &CStr = c"summaries";
+const SUMMARY_CVS: &CStr = c"cvs";
 
 /// An open index database.
 pub struct BlockIndex {
@@ -639,7 +657,7 @@ impl BlockIndex {
         tensor: &IndexedTensor,
         layout: BlockLayout,
     ) -> Result<Vec<Cv>, IndexError> {
-        read_hashes(&self.conn, &self.path, tensor, layout, self.log()?)
+        read_hashes(&self.conn, &self.path, tensor, layout, self.log()?, None)
     }
 
     /// The block hashes of `tensors`, in order, read by up to [`READERS`] connections at once
@@ -649,26 +667,45 @@ impl BlockIndex {
         tensors: &[&IndexedTensor],
         layout: BlockLayout,
     ) -> Result<Vec<Vec<Cv>>, IndexError> {
+        let wants: Vec<(&IndexedTensor, Option<&[u64]>)> =
+            tensors.iter().map(|t| (*t, None)).collect();
+        self.tensors_hashes_in(&wants, layout)
+    }
+
+    /// [`Self::tensors_hashes`] of only some of each tensor's blocks: with `Some(summaries)`
+    /// (sorted summary numbers), the blocks of those summaries hold their hashes and every
+    /// other entry is zero (the vector has one entry per block either way, unread pages never
+    /// touched); `None` reads every block.
+    pub fn tensors_hashes_in(
+        &self,
+        wants: &[(&IndexedTensor, Option<&[u64]>)],
+        layout: BlockLayout,
+    ) -> Result<Vec<Vec<Cv>>, IndexError> {
         let log = self.log()?;
-        let bytes: u64 = tensors.iter().map(|t| layout.blocks(t.len) * 32).sum();
+        let cost = |(t, only): &(&IndexedTensor, Option<&[u64]>)| -> u64 {
+            only.map_or(layout.blocks(t.len), |s| {
+                s.len() as u64 * layout.blocks_per_summary()
+            }) * 32
+        };
+        let bytes: u64 = wants.iter().map(cost).sum();
         let readers = std::thread::available_parallelism()
             .map_or(1, std::num::NonZero::get)
             .min(READERS)
-            .min(tensors.len())
+            .min(wants.len())
             .min(bytes.div_ceil(PER_READER) as usize);
         if readers <= 1 {
-            return tensors
+            return wants
                 .iter()
-                .map(|t| read_hashes(&self.conn, &self.path, t, layout, log))
+                .map(|&(t, only)| read_hashes(&self.conn, &self.path, t, layout, log, only))
                 .collect();
         }
-        // Largest first, each to the reader with the least to read.
-        let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(tensors[i].len));
+        // Most to read first, each to the reader with the least to read.
+        let mut order: Vec<usize> = (0..wants.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(cost(&wants[i])));
         let mut shares: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); readers];
         for i in order {
             let least = shares.iter_mut().min_by_key(|s| s.0).expect("readers > 1");
-            least.0 += tensors[i].len;
+            least.0 += cost(&wants[i]);
             least.1.push(i);
         }
         let path = &self.path;
@@ -685,10 +722,13 @@ impl BlockIndex {
             .map_err(sql)?;
             share
                 .iter()
-                .map(|&i| Ok((i, read_hashes(&conn, path, tensors[i], layout, log)?)))
+                .map(|&i| {
+                    let (t, only) = wants[i];
+                    Ok((i, read_hashes(&conn, path, t, layout, log, only)?))
+                })
                 .collect()
         };
-        let mut out: Vec<Vec<Cv>> = vec![Vec::new(); tensors.len()];
+        let mut out: Vec<Vec<Cv>> = vec![Vec::new(); wants.len()];
         std::thread::scope(|scope| {
             let handles: Vec<_> = shares
                 .iter()
@@ -702,6 +742,49 @@ impl BlockIndex {
             Ok::<_, IndexError>(())
         })?;
         Ok(out)
+    }
+
+    /// The stored summaries of `tensors` (see [`crate::blockhash`]), in order: `None` for a
+    /// tensor whose summaries are not known (never computed, or its block hashes were changed
+    /// by a commit that did not recompute them).
+    pub fn tensors_summaries(
+        &self,
+        tensors: &[&IndexedTensor],
+        layout: BlockLayout,
+    ) -> Result<Vec<Option<Vec<Cv>>>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT cvs FROM summaries WHERE tensor_id = ?1")
+            .map_err(|e| self.sql(e))?;
+        tensors
+            .iter()
+            .map(|t| {
+                let blob: Option<Vec<u8>> = stmt
+                    .query_row([t.id], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| self.sql(e))?;
+                let n = layout.summaries(t.len) as usize;
+                Ok(blob
+                    .filter(|b| b.len() == n * blockhash::CV_LEN)
+                    .and_then(|b| blockhash::cvs_from_bytes(&b)))
+            })
+            .collect()
+    }
+
+    /// The tensors whose known summaries differ from the merge of their block hashes (an index
+    /// damaged behind our back; `verify` reports them, `verify --repair` forgets them).
+    pub fn stale_summaries(&self, layout: BlockLayout) -> Result<Vec<IndexedTensor>, IndexError> {
+        let tensors = self.tensors()?;
+        let mut stale = Vec::new();
+        for t in tensors {
+            let Some(known) = self.tensors_summaries(&[&t], layout)?.pop().flatten() else {
+                continue;
+            };
+            if layout.summaries_of(&self.tensor_hashes(&t, layout)?, t.len) != known {
+                stale.push(t);
+            }
+        }
+        Ok(stale)
     }
 
     /// `block_hash_log`, read on first use.
@@ -841,7 +924,8 @@ impl From<rusqlite::Error> for LogError {
     }
 }
 
-/// The block hashes of `tensor` through `conn`: its BLOB read straight into place, with the
+/// The block hashes of `tensor` through `conn`: its BLOB read straight into place (with
+/// `only`, just the blocks of those sorted summaries; the other entries stay zero), with the
 /// log's newer hashes laid over it.
 fn read_hashes(
     conn: &Connection,
@@ -849,6 +933,7 @@ fn read_hashes(
     tensor: &IndexedTensor,
     layout: BlockLayout,
     log: &HashLog,
+    only: Option<&[u64]>,
 ) -> Result<Vec<Cv>, IndexError> {
     let corrupt = |what: String| IndexError::Corrupt {
         path: path.to_path_buf(),
@@ -872,8 +957,35 @@ fn read_hashes(
             blob.len()
         )));
     }
-    blob.read_at_exact(cvs.as_flattened_mut(), 0)
-        .map_err(|e| corrupt(format!("block hashes of tensor {}: {e}", tensor.name)))?;
+    let mut read = |blocks: std::ops::Range<u64>| {
+        let (a, b) = (blocks.start as usize, blocks.end as usize);
+        blob.read_at_exact(cvs[a..b].as_flattened_mut(), a * 32)
+            .map_err(|e| corrupt(format!("block hashes of tensor {}: {e}", tensor.name)))
+    };
+    match only {
+        None => read(0..n as u64)?,
+        Some(summaries) => {
+            // Runs of consecutive summaries, one read each.
+            let mut i = 0;
+            while i < summaries.len() {
+                let mut j = i + 1;
+                while j < summaries.len() && summaries[j] == summaries[j - 1] + 1 {
+                    j += 1;
+                }
+                let first = layout.summary_blocks(tensor.len, summaries[i]);
+                let last = layout.summary_blocks(tensor.len, summaries[j - 1]);
+                if last.end > n as u64 || first.start >= last.end {
+                    return Err(corrupt(format!(
+                        "summary {} of tensor {} is past its end",
+                        summaries[j - 1],
+                        tensor.name
+                    )));
+                }
+                read(first.start..last.end)?;
+                i = j;
+            }
+        }
+    }
     for &(block, cv) in log.get(&tensor.id).into_iter().flatten() {
         *usize::try_from(block)
             .ok()
@@ -957,7 +1069,7 @@ mod tests {
     /// runs once (it read the version outside its transaction, and the second one failed with
     /// "table block_hash_log already exists").
     /// Takes an index of the current schema back to version 2.
-    const DOWNGRADE: &str = "ALTER TABLE generations DROP COLUMN tags; ALTER TABLE files DROP COLUMN ctime_ns; DROP TABLE block_hash_log; PRAGMA user_version = 2;";
+    const DOWNGRADE: &str = "DROP TABLE summaries; ALTER TABLE generations DROP COLUMN tags; ALTER TABLE files DROP COLUMN ctime_ns; DROP TABLE block_hash_log; PRAGMA user_version = 2;";
 
     #[test]
     fn concurrent_opens_migrate_an_old_index_once() {

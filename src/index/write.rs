@@ -3,11 +3,14 @@
 
 use std::path::PathBuf;
 
-use rusqlite::{Connection, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use std::collections::BTreeSet;
 
 use super::{
     BLOCK_HASHES, BlockIndex, ExportRow, GenerationRecord, IndexError, LogError, MetaKey,
-    SortedHashes, SyncCommit, TENSORS, encode_ranges, read_log, unix_ms,
+    NewSummaries, SUMMARIES, SUMMARY_CVS, SortedHashes, SyncCommit, TENSORS, encode_ranges,
+    read_log, unix_ms,
 };
 use crate::blockhash::{self, CV_LEN, Cv};
 use crate::model::{ModelFile, TensorEntry, dtype_name};
@@ -16,7 +19,7 @@ impl BlockIndex {
     /// Starts replacing everything the index knows about the model (init, repair).
     pub fn begin_rebuild(&mut self) -> Result<Rebuild<'_>, IndexError> {
         let (tx, path) = self.write_transaction()?;
-        tx.execute_batch("DELETE FROM block_hash_log; DELETE FROM tensors; DELETE FROM files;")
+        tx.execute_batch("DELETE FROM block_hash_log; DELETE FROM summaries; DELETE FROM tensors; DELETE FROM files;")
             .map_err(|source| IndexError::Sqlite {
                 path: path.clone(),
                 source,
@@ -189,6 +192,8 @@ impl SyncTxn<'_> {
             path: path.parent().unwrap_or(path).to_path_buf(),
             source,
         };
+        // Tensors whose block hashes change here.
+        let mut touched = BTreeSet::new();
         if !commit.hashes.is_empty() {
             let new_rows = commit.hashes.len();
             // Rows are only appended, and all deleted at once, so seq counts them (count(*)
@@ -205,7 +210,7 @@ impl SyncTxn<'_> {
             let fold = u64::try_from(logged).unwrap_or(0) + new_rows > limit;
             tracing::debug!(new_rows, logged, limit, fold, "block hashes written");
             if fold {
-                fold_log(tx, updates).map_err(|e| match e {
+                touched = fold_log(tx, updates).map_err(|e| match e {
                     FoldError::Log(e) => e.at(path),
                     FoldError::Spill(e) => spill(e),
                 })?;
@@ -217,6 +222,7 @@ impl SyncTxn<'_> {
                     .map_err(sql)?;
                 for u in updates {
                     let u = u.map_err(spill)?;
+                    touched.insert(u.tensor_id);
                     for (block, cv) in &u.blocks {
                         insert
                             .execute(params![u.tensor_id, *block as i64, cv.as_slice()])
@@ -225,6 +231,8 @@ impl SyncTxn<'_> {
                 }
             }
         }
+        touched.extend(&commit.forget_summaries);
+        write_summaries(tx, &touched, &commit.summaries).map_err(sql)?;
         for (name, stat) in &commit.file_stats {
             tx.execute(
                 "UPDATE files SET size = ?2, mtime_ns = ?3, inode = ?4, ctime_ns = ?5 WHERE name = ?1",
@@ -290,20 +298,28 @@ impl Rebuild<'_> {
         Ok(self.tx.last_insert_rowid())
     }
 
-    /// Adds a tensor of file `file_id` with its block hashes.
+    /// Adds a tensor of file `file_id` with its block hashes (of `layout`) and their summaries.
     pub fn add_tensor(
         &mut self,
         file_id: i64,
         t: &TensorEntry,
         hashes: &[Cv],
+        layout: blockhash::BlockLayout,
     ) -> Result<(), IndexError> {
         let shape = serde_json::to_string(&t.shape).expect("a list of integers serializes");
+        let summaries = layout.summaries_of(hashes, t.len);
         self.tx
             .execute(
                 "INSERT INTO tensors (name, file_id, data_offset, data_len, dtype, shape, block_hashes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![t.name, file_id, t.offset as i64, t.len as i64, dtype_name(t.dtype), shape, blockhash::cvs_to_bytes(hashes)],
             )
+            .and_then(|_| {
+                self.tx.execute(
+                    "INSERT INTO summaries (tensor_id, cvs) VALUES (?1, ?2)",
+                    params![self.tx.last_insert_rowid(), blockhash::cvs_to_bytes(&summaries)],
+                )
+            })
             .map_err(|e| self.sql(e))?;
         Ok(())
     }
@@ -349,15 +365,81 @@ impl From<rusqlite::Error> for FoldError {
     }
 }
 
+/// Writes a commit's summaries, and forgets those of `touched` tensors it has none for.
+fn write_summaries(
+    tx: &Transaction<'_>,
+    touched: &BTreeSet<i64>,
+    summaries: &std::collections::HashMap<i64, NewSummaries>,
+) -> rusqlite::Result<()> {
+    let mut forget = tx.prepare_cached("DELETE FROM summaries WHERE tensor_id = ?1")?;
+    for id in touched.iter().filter(|id| !summaries.contains_key(id)) {
+        forget.execute([id])?;
+    }
+    let mut set = tx.prepare_cached(
+        "INSERT INTO summaries (tensor_id, cvs) VALUES (?1, ?2)
+         ON CONFLICT(tensor_id) DO UPDATE SET cvs = excluded.cvs",
+    )?;
+    let mut known = tx.prepare_cached("SELECT length(cvs) FROM summaries WHERE tensor_id = ?1")?;
+    let mut run = Vec::new();
+    for (&id, new) in summaries {
+        match new {
+            NewSummaries::All(cvs) => {
+                set.execute(params![id, blockhash::cvs_to_bytes(cvs)])?;
+            }
+            NewSummaries::Some(changed) => {
+                // Unknown summaries stay unknown (the writer read them known, under the lock it
+                // holds, so this is only a guard).
+                let len: Option<i64> = known.query_row([id], |r| r.get(0)).optional()?;
+                let len = len.map_or(0, |l| usize::try_from(l).unwrap_or(0));
+                if changed
+                    .last()
+                    .is_none_or(|(s, _)| (*s as usize + 1) * CV_LEN > len)
+                {
+                    forget.execute([id])?;
+                    continue;
+                }
+                let mut blob =
+                    tx.blob_open(rusqlite::MAIN_DB, SUMMARIES, SUMMARY_CVS, id, false)?;
+                if changed.len() * 32 > blob.len() / CV_LEN {
+                    // More than one in 32 (a 4 KiB page holds 128): nearly every page changes, so
+                    // the whole BLOB is read, patched and written at once.
+                    let mut all = vec![0u8; blob.len()];
+                    blob.read_at_exact(&mut all, 0)?;
+                    for (s, cv) in changed {
+                        let at = *s as usize * CV_LEN;
+                        all[at..at + CV_LEN].copy_from_slice(cv);
+                    }
+                    blob.write_at(&all, 0)?;
+                    continue;
+                }
+                let mut i = 0;
+                while i < changed.len() {
+                    let start = changed[i].0;
+                    run.clear();
+                    while i < changed.len() && changed[i].0 == start + (run.len() / CV_LEN) as u64 {
+                        run.extend_from_slice(&changed[i].1);
+                        i += 1;
+                    }
+                    blob.write_at(&run, start as usize * CV_LEN)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes the log and then `updates` into the tensors' BLOBs and empties the log. The log is
-/// bounded by the fold limit; `updates` come one tensor at a time.
-fn fold_log(tx: &Transaction<'_>, updates: SortedHashes) -> Result<(), FoldError> {
+/// bounded by the fold limit; `updates` come one tensor at a time. Returns the tensors of
+/// `updates`.
+fn fold_log(tx: &Transaction<'_>, updates: SortedHashes) -> Result<BTreeSet<i64>, FoldError> {
     // Per tensor, (block, hash) in the order they were written: the log first, then this
     // commit's; a later hash of a block replaces an earlier one (a stable sort keeps the order).
     let mut log = read_log(tx).map_err(FoldError::Log)?;
     let mut run = Vec::new();
+    let mut touched = BTreeSet::new();
     for u in updates {
         let u = u.map_err(FoldError::Spill)?;
+        touched.insert(u.tensor_id);
         let mut blocks = log.remove(&u.tensor_id).unwrap_or_default();
         blocks.extend_from_slice(&u.blocks);
         write_blocks(tx, u.tensor_id, blocks, &mut run)?;
@@ -366,7 +448,7 @@ fn fold_log(tx: &Transaction<'_>, updates: SortedHashes) -> Result<(), FoldError
         write_blocks(tx, id, blocks, &mut run)?;
     }
     tx.execute("DELETE FROM block_hash_log", [])?;
-    Ok(())
+    Ok(touched)
 }
 
 /// Writes `blocks` (block, hash), in the order written, into tensor `id`'s BLOB: runs of

@@ -126,13 +126,14 @@ fn pack(hf: &[T], tp: usize) -> (Vec<LiveParam>, HostParams) {
         });
         data.push(piece);
         let e = by("embed_tokens.weight");
+        let vocab = e.shape[0];
         params.push(LiveParam {
             name: "embed".into(),
-            shape: vec![256 / tp as u64, 96],
+            shape: vec![(vocab / tp) as u64, 96],
             hf_name: e.name.clone(),
             ..base.clone()
         });
-        data.push(rows(e, r * 256 / tp, (r + 1) * 256 / tp));
+        data.push(rows(e, r * vocab / tp, (r + 1) * vocab / tp));
         let n = by("input_layernorm.weight");
         params.push(LiveParam {
             name: "norm".into(),
@@ -393,4 +394,165 @@ fn row_parallel_blocks_are_read_with_one_strided_copy_per_rank() {
             offset + len
         );
     }
+}
+
+/// Summaries (one hash per 16 blocks) let a sync from live weights read 1/16 of the stored
+/// hashes when nothing changed and the hashes of only the differing summaries' blocks otherwise;
+/// they stay true to the block hashes through sparse and dense syncs, are forgotten by a commit
+/// that does not recompute them (rollback) and learned again by the next sync, which then still
+/// finds every change (a stale summary would hide it).
+#[test]
+fn syncs_compare_summaries_first_and_keep_them_true() {
+    use apollo_checkpoint::blockhash::BlockLayout;
+    use apollo_checkpoint::index::BlockIndex;
+    let mut rng = Rng::new(93);
+    let mut hf = hf_tensors(&mut rng);
+    // A larger embedding: 24 summaries of 16 KiB at 1 KiB blocks.
+    let e = hf
+        .iter_mut()
+        .find(|t| t.name.ends_with("embed_tokens.weight"))
+        .unwrap();
+    *e = T::random(&e.name.clone(), Dtype::BF16, &[2048, 96], &mut rng);
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, expected) = (tmp.path().join("model"), tmp.path().join("expected"));
+    write_model(&model, &hf, 2);
+    checkpoint(&model).init(1024).unwrap();
+    let layout = BlockLayout::new(1024).unwrap();
+    let len = |t: &T| t.data.len() as u64;
+    let summary_bytes: u64 = hf.iter().map(|t| layout.summaries(len(t)) * 32).sum();
+    let blocks: u64 = hf.iter().map(|t| layout.blocks(len(t))).sum();
+    let sync = |hf: &[T]| {
+        let (params, live) = pack(hf, 2);
+        let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), live);
+        let r = checkpoint(&model).sync(&source).unwrap();
+        write_model(&expected, hf, 2);
+        crate::util::assert_same_tensors(&model, &expected);
+        r
+    };
+    let state = checkpoint(&model).state_dir().to_path_buf();
+    let summaries_true = |all_known: bool| {
+        let index = BlockIndex::open_read_only(&state).unwrap();
+        assert!(index.stale_summaries(layout).unwrap().is_empty());
+        let tensors = index.tensors().unwrap();
+        let rows: Vec<_> = tensors.iter().collect();
+        let known = index.tensors_summaries(&rows, layout).unwrap();
+        known.iter().all(Option::is_some) == all_known
+    };
+    assert!(summaries_true(true), "init writes every summary");
+
+    let r = sync(&hf);
+    assert!(!r.changed);
+    assert_eq!(
+        r.index_bytes_read, summary_bytes,
+        "nothing changed: summaries only"
+    );
+
+    // One element near the end of the embedding: one summary differs (one in 24: only its
+    // blocks' hashes are read), one block changes.
+    let e = hf
+        .iter_mut()
+        .find(|t| t.name.ends_with("embed_tokens.weight"))
+        .unwrap();
+    let at = e.data.len() - 5;
+    e.data[at] ^= 0x40;
+    let r = sync(&hf);
+    assert_eq!(r.blocks_changed, 1);
+    assert_eq!(r.index_bytes_read, summary_bytes + 16 * 32);
+    assert!(summaries_true(true));
+    // The same block again: its stored hash is the one the last sync logged (the old bytes are
+    // checked against it before anything is written).
+    hf.iter_mut()
+        .find(|t| t.name.ends_with("embed_tokens.weight"))
+        .unwrap()
+        .data[at] ^= 0x01;
+    let r = sync(&hf);
+    assert_eq!(
+        (r.blocks_changed, r.index_bytes_read),
+        (1, summary_bytes + 16 * 32)
+    );
+    assert!(summaries_true(true));
+
+    // A training step: every block of every tensor.
+    for t in &mut hf {
+        for b in t.data.iter_mut().step_by(512) {
+            *b = b.wrapping_add(1);
+        }
+    }
+    let r = sync(&hf);
+    assert_eq!(r.blocks_changed, blocks);
+    assert!(summaries_true(true));
+    let r = sync(&hf);
+    assert!(!r.changed);
+    assert_eq!(r.index_bytes_read, summary_bytes);
+
+    // Rollback restores the hashes of generation 1 without recomputing summaries: they are
+    // forgotten, and the same live weights sync again in full.
+    checkpoint(&model).rollback(Some(1)).unwrap();
+    assert!(summaries_true(false));
+    let r = sync(&hf);
+    assert_eq!(r.blocks_changed, blocks);
+    assert!(summaries_true(true));
+    let r = sync(&hf);
+    assert!(!r.changed && r.index_bytes_read == summary_bytes);
+    assert!(checkpoint(&model).verify(false).unwrap().clean);
+}
+
+/// `verify` reports summaries that disagree with the block hashes (an index changed behind our
+/// back); a sync is not misled by them (a differing summary only costs reading its blocks'
+/// hashes); `verify --repair` forgets them and the next sync learns them again.
+#[test]
+fn verify_reports_and_repair_forgets_damaged_summaries() {
+    use apollo_checkpoint::blockhash::BlockLayout;
+    let mut rng = Rng::new(94);
+    let mut hf = hf_tensors(&mut rng);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_model(&model, &hf, 1);
+    checkpoint(&model).init(1024).unwrap();
+    let state = checkpoint(&model).state_dir().to_path_buf();
+    let conn = rusqlite::Connection::open(state.join(apollo_checkpoint::index::INDEX_DB)).unwrap();
+    conn.execute(
+        "UPDATE summaries SET cvs = zeroblob(length(cvs))
+         WHERE tensor_id = (SELECT id FROM tensors WHERE name LIKE '%embed_tokens%')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let v = checkpoint(&model).verify(false).unwrap();
+    assert!(!v.clean);
+    assert!(
+        v.file_problems
+            .iter()
+            .any(|p| p.contains("summaries") && p.contains("embed_tokens")),
+        "{:?}",
+        v.file_problems
+    );
+    let e = hf
+        .iter_mut()
+        .find(|t| t.name.ends_with("embed_tokens.weight"))
+        .unwrap();
+    e.data[7] ^= 1;
+    let (params, live) = pack(&hf, 1);
+    let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), live);
+    let r = checkpoint(&model).sync(&source).unwrap();
+    assert_eq!(r.blocks_changed, 1);
+    let layout = BlockLayout::new(1024).unwrap();
+    let n = layout.summaries(e_len(&hf)) * 32;
+    assert!(
+        r.index_bytes_read >= n * 16,
+        "every damaged summary's blocks were read"
+    );
+    assert!(checkpoint(&model).verify(true).unwrap().repaired);
+    assert!(checkpoint(&model).verify(false).unwrap().clean);
+    let r = checkpoint(&model).sync(&source).unwrap();
+    assert!(!r.changed);
+    assert!(checkpoint(&model).verify(false).unwrap().clean);
+}
+
+fn e_len(hf: &[T]) -> u64 {
+    hf.iter()
+        .find(|t| t.name.ends_with("embed_tokens.weight"))
+        .unwrap()
+        .data
+        .len() as u64
 }
