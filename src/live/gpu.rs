@@ -137,7 +137,15 @@ struct PinnedBuf {
 unsafe impl Send for PinnedBuf {}
 
 impl PinnedBuf {
+    const EMPTY: PinnedBuf = PinnedBuf {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+    };
+
     fn as_mut(&mut self, n: usize) -> &mut [u8] {
+        if self.ptr.is_null() {
+            return &mut [];
+        }
         // SAFETY: `ptr` holds `len` bytes of pinned memory owned by this struct; `n <= len`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, n.min(self.len)) }
     }
@@ -247,17 +255,11 @@ impl Gpu {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if guard.is_none() {
-            // SAFETY: the context is current; the buffer is freed once, in `PinnedBuf::drop`.
-            let host = unsafe { result::malloc_host(self.budget.cvs, 0) }
-                .map_err(driver("allocating pinned memory"))?;
             *guard = Some(Scratch {
                 jobs: Self::alloc(self.budget.jobs)?,
                 cvs: Self::alloc(self.budget.cvs)?,
                 stage: Self::alloc(self.budget.stage)?,
-                host_cvs: PinnedBuf {
-                    ptr: host.cast(),
-                    len: self.budget.cvs,
-                },
+                host_cvs: PinnedBuf::EMPTY,
             });
         }
         f(self, guard.as_mut().expect("allocated above"))
@@ -384,7 +386,24 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(driver("hashing on the GPU"))?;
-        let host = s.host_cvs.as_mut(total as usize * 32);
+        let need = total as usize * 32;
+        if s.host_cvs.len < need {
+            // Grown as needed (pinning takes time in proportion to the size, and a sync that
+            // hashes 64 KiB summaries needs 1/16 of the room of one that hashes 4 KiB blocks):
+            // the next power of two, within the budget.
+            let len = need
+                .next_power_of_two()
+                .clamp(1 << 20, self.budget.cvs.max(need));
+            s.host_cvs = PinnedBuf::EMPTY;
+            // SAFETY: the context is current; the buffer is freed once, in `PinnedBuf::drop`.
+            let ptr = unsafe { result::malloc_host(len, 0) }
+                .map_err(driver("allocating pinned memory"))?;
+            s.host_cvs = PinnedBuf {
+                ptr: ptr.cast(),
+                len,
+            };
+        }
+        let host = s.host_cvs.as_mut(need);
         // SAFETY: `host` holds `total` hashes of pinned memory; synchronous copy.
         unsafe { result::memcpy_dtoh_sync(host, out) }.map_err(driver("copying hashes"))?;
         stats.gpu_bytes_copied += total * 32;
