@@ -393,7 +393,8 @@ impl Gpu {
             // the next power of two, within the budget.
             let len = need
                 .next_power_of_two()
-                .clamp(1 << 20, self.budget.cvs.max(need));
+                .max(1 << 20)
+                .min(self.budget.cvs.max(need));
             s.host_cvs = PinnedBuf::EMPTY;
             // SAFETY: the context is current; the buffer is freed once, in `PinnedBuf::drop`.
             let ptr = unsafe { result::malloc_host(len, 0) }
