@@ -243,6 +243,7 @@ impl<'a> Changes<'a> {
         found: &mut Found,
     ) {
         let layout = self.layout;
+        let lap = Instant::now();
         changed.sort_unstable_by_key(|c| (c.0, c.1));
         for &(k, b, cv) in &changed {
             stored[k][b as usize] = cv;
@@ -298,6 +299,11 @@ impl<'a> Changes<'a> {
                 new.push((cmp[k].2.id, NewSummaries::All(Vec::new())));
             }
         }
+        tracing::debug!(
+            summaries = cvs.len(),
+            seconds = seconds_since(lap),
+            "summaries recomputed"
+        );
         found.summaries.extend(new);
     }
 
