@@ -556,3 +556,51 @@ fn e_len(hf: &[T]) -> u64 {
         .data
         .len() as u64
 }
+
+/// An index from before summaries (schema 5: no summary known) is compared in full by the first
+/// sync, which writes every summary even when nothing changed; the next sync reads only them.
+#[test]
+fn the_first_sync_after_the_upgrade_learns_every_summary() {
+    use apollo_checkpoint::blockhash::BlockLayout;
+    use apollo_checkpoint::index::BlockIndex;
+    let mut rng = Rng::new(95);
+    let hf = hf_tensors(&mut rng);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    write_model(&model, &hf, 1);
+    checkpoint(&model).init(1024).unwrap();
+    let state = checkpoint(&model).state_dir().to_path_buf();
+    let conn = rusqlite::Connection::open(state.join(apollo_checkpoint::index::INDEX_DB)).unwrap();
+    conn.execute("DELETE FROM summaries", []).unwrap();
+    drop(conn);
+    let layout = BlockLayout::new(1024).unwrap();
+    let len = |t: &T| t.data.len() as u64;
+    let blocks: u64 = hf.iter().map(|t| layout.blocks(len(t)) * 32).sum();
+    let summaries: u64 = hf.iter().map(|t| layout.summaries(len(t)) * 32).sum();
+    let sync = || {
+        let (params, live) = pack(&hf, 1);
+        let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), live);
+        checkpoint(&model).sync(&source).unwrap()
+    };
+    let r = sync();
+    assert!(!r.changed);
+    assert_eq!(
+        r.index_bytes_read, blocks,
+        "no summary known: every block hash read"
+    );
+    let index = BlockIndex::open_read_only(&state).unwrap();
+    let tensors = index.tensors().unwrap();
+    let rows: Vec<_> = tensors.iter().collect();
+    assert!(
+        index
+            .tensors_summaries(&rows, layout)
+            .unwrap()
+            .iter()
+            .all(Option::is_some)
+    );
+    assert!(index.stale_summaries(layout).unwrap().is_empty());
+    drop(index);
+    let r = sync();
+    assert_eq!((r.changed, r.index_bytes_read), (false, summaries));
+    assert!(checkpoint(&model).verify(false).unwrap().clean);
+}
