@@ -3,9 +3,10 @@
 //! Tensors are taken in batches whose stored hashes fit in [`plan::HASH_BATCH_BYTES`]. For each
 //! batch:
 //!
-//! 1. **Candidates.** A source that hashes where its data lives (the GPU) hashes every block in
-//!    place and only the hashes cross to the host; the blocks whose hash differs from the stored
-//!    one are candidates. A host source compares 16 KiB groups first (BLAKE3 runs at full SIMD
+//! 1. **Candidates.** A source that hashes where its data lives (the GPU) hashes summary units
+//!    (16 blocks) in place and only the hashes cross to the host; within the units whose hash
+//!    differs from the stored summary it hashes the blocks, and the blocks whose hash differs
+//!    from the stored one are candidates (see [`Changes::hash_in_place`]). A host source compares 16 KiB groups first (BLAKE3 runs at full SIMD
 //!    width on them) and only the blocks of differing groups are candidates — except in a
 //!    tensor whose sampled first groups nearly all differ (a training step changes every
 //!    block): there every block is a candidate and no group is hashed, so each byte is hashed
@@ -18,8 +19,10 @@
 //!    block checked against its stored hash and `old XOR new` zero-run coded, on all cores;
 //!    the records go to the write transaction, which is begun at the first change (a sync
 //!    that finds nothing writes no journal).
+//! 4. **Summaries.** The summaries holding a changed block are recomputed from the stored
+//!    hashes and the new ones (all of a tensor's when they were not known) for the index.
 //!
-//! Memory: one batch of stored hashes, candidates as block numbers, two capture buffers and the
+//! Memory: one batch of stored hashes (only where summaries differ, for the GPU), candidates as block numbers, two capture buffers and the
 //! old bytes of one capture; the new hashes of the changed blocks go to a [`HashSpill`] (in
 //! memory up to 48 MiB, then sorted runs in a temporary file) for the index.
 
@@ -450,71 +453,8 @@ impl<'a> Changes<'a> {
         }
         let mut compare_seconds = seconds_since(compared);
         if !differing.is_empty() {
-            // Most of a tensor's summaries differ: all their blocks are candidates (judged by
-            // the capture's hashes); otherwise their blocks are hashed, while their stored
-            // hashes are read.
-            let mostly = |k: usize, diff: &[u64]| diff.len() as u64 * 2 > layout.summaries(len(k));
-            let mut block_runs = Vec::new();
-            let mut places = Vec::new();
-            for (k, diff) in &differing {
-                if mostly(*k, diff) {
-                    continue;
-                }
-                for s in diff {
-                    let b = layout.summary_blocks(len(*k), *s);
-                    places.push((*k, b.clone()));
-                    block_runs.push(BlockRun {
-                        tensor: cmp[*k].1,
-                        first: b.start,
-                        count: b.end - b.start,
-                    });
-                }
-            }
-            let mut live = vec![[0u8; 32]; count(&block_runs)];
-            // Only the differing summaries' blocks are read where few differ; where more than
-            // one in 16 do, nearly every page of the hashes holds one of them: all are read.
-            let rows: Vec<(&IndexedTensor, Option<&[u64]>)> = differing
-                .iter()
-                .map(|(k, diff)| {
-                    let few = (diff.len() as u64) * 16 < layout.summaries(len(*k));
-                    (cmp[*k].2, few.then_some(diff.as_slice()))
-                })
-                .collect();
-            let (read, hashed) = std::thread::scope(|scope| {
-                let hashing = scope.spawn(|| {
-                    let lap = Instant::now();
-                    let r = if block_runs.is_empty() {
-                        Ok(CaptureStats::default())
-                    } else {
-                        source.hash_blocks(&block_runs, layout.block_size, &mut live)
-                    };
-                    (r, seconds_since(lap))
-                });
-                let read = self.stored_rows(index, &rows, found);
-                (read, hashing.join().expect("hashing does not panic"))
-            });
-            let (read, stats) = (read?, hashed.0?);
-            found.capture.add(stats);
-            let lap = Instant::now();
-            for ((k, diff), s) in differing.iter().zip(read) {
-                if mostly(*k, diff) {
-                    candidates[*k] = diff
-                        .iter()
-                        .flat_map(|&d| layout.summary_blocks(len(*k), d))
-                        .collect();
-                }
-                stored[*k] = s;
-            }
-            let mut at = 0;
-            for (k, blocks) in places {
-                for b in blocks {
-                    if live[at] != stored[k][b as usize] {
-                        candidates[k].push(b);
-                    }
-                    at += 1;
-                }
-            }
-            compare_seconds += seconds_since(lap);
+            compare_seconds +=
+                self.within_summaries(index, cmp, &differing, &mut stored, &mut candidates, found)?;
         }
         tracing::debug!(
             tensors = cmp.len(),
@@ -527,6 +467,88 @@ impl<'a> Changes<'a> {
         // Wall time, with the reading of the stored hashes (`index_read`) inside it.
         found.plan_seconds += seconds_since(lap);
         Ok((stored, candidates))
+    }
+
+    /// For [`Self::hash_in_place`]: the stored hashes and candidates of the tensors whose
+    /// `differing` summaries (comparison, sorted summary numbers) did not match; returns the
+    /// seconds spent comparing.
+    fn within_summaries(
+        &self,
+        index: &BlockIndex,
+        cmp: &[Comparison<'_>],
+        differing: &[(usize, Vec<u64>)],
+        stored: &mut Stored,
+        candidates: &mut Candidates,
+        found: &mut Found,
+    ) -> Result<f64, Error> {
+        let layout = self.layout;
+        let len = |k: usize| self.model.tensors[cmp[k].0].entry.len;
+        let source = self.source;
+        // Most of a tensor's summaries differ: all their blocks are candidates (judged by
+        // the capture's hashes); otherwise their blocks are hashed, while their stored
+        // hashes are read.
+        let mostly = |k: usize, diff: &[u64]| diff.len() as u64 * 2 > layout.summaries(len(k));
+        let mut block_runs = Vec::new();
+        let mut places = Vec::new();
+        for (k, diff) in differing {
+            if mostly(*k, diff) {
+                continue;
+            }
+            for s in diff {
+                let b = layout.summary_blocks(len(*k), *s);
+                places.push((*k, b.clone()));
+                block_runs.push(BlockRun {
+                    tensor: cmp[*k].1,
+                    first: b.start,
+                    count: b.end - b.start,
+                });
+            }
+        }
+        let mut live = vec![[0u8; 32]; block_runs.iter().map(|r| r.count as usize).sum()];
+        // Only the differing summaries' blocks are read where few differ; where more than
+        // one in 16 do, nearly every page of the hashes holds one of them: all are read.
+        let rows: Vec<(&IndexedTensor, Option<&[u64]>)> = differing
+            .iter()
+            .map(|(k, diff)| {
+                let few = (diff.len() as u64) * 16 < layout.summaries(len(*k));
+                (cmp[*k].2, few.then_some(diff.as_slice()))
+            })
+            .collect();
+        let (read, hashed) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| {
+                let lap = Instant::now();
+                let r = if block_runs.is_empty() {
+                    Ok(CaptureStats::default())
+                } else {
+                    source.hash_blocks(&block_runs, layout.block_size, &mut live)
+                };
+                (r, seconds_since(lap))
+            });
+            let read = self.stored_rows(index, &rows, found);
+            (read, hashing.join().expect("hashing does not panic"))
+        });
+        let (read, stats) = (read?, hashed.0?);
+        found.capture.add(stats);
+        let lap = Instant::now();
+        for ((k, diff), s) in differing.iter().zip(read) {
+            if mostly(*k, diff) {
+                candidates[*k] = diff
+                    .iter()
+                    .flat_map(|&d| layout.summary_blocks(len(*k), d))
+                    .collect();
+            }
+            stored[*k] = s;
+        }
+        let mut at = 0;
+        for (k, blocks) in places {
+            for b in blocks {
+                if live[at] != stored[k][b as usize] {
+                    candidates[k].push(b);
+                }
+                at += 1;
+            }
+        }
+        Ok(seconds_since(lap))
     }
 
     /// For a host source: the candidate blocks of a batch, per comparison (sorted block
