@@ -148,7 +148,9 @@ impl FaultIo {
 /// Undoes everything not durable, tearing one page of one unsynced model-file write.
 fn power_cut(s: &mut State, seed: u64) {
     let mut rng = Rng::new(seed);
-    let model_writes: Vec<usize> = (0..s.pending.len())
+    // The writes in file and offset order, not in the order they happened: files are written in
+    // parallel, and the choice of a seed must not depend on how the threads interleaved.
+    let mut model_writes: Vec<usize> = (0..s.pending.len())
         .filter(|&i| {
             s.pending[i]
                 .path
@@ -156,6 +158,7 @@ fn power_cut(s: &mut State, seed: u64) {
                 .is_some_and(|e| e == "safetensors")
         })
         .collect();
+    model_writes.sort_by_key(|&i| (&s.pending[i].path, s.pending[i].offset, i));
     let torn = (!model_writes.is_empty())
         .then(|| model_writes[rng.below(model_writes.len() as u64) as usize]);
     for (i, w) in s.pending.iter().enumerate().rev() {
