@@ -175,7 +175,8 @@ impl<'a> Changes<'a> {
             let (mut stored, candidates) = if self.source.hashes_in_place() {
                 self.hash_in_place(index, cmp, &known, &mut out.found)?
             } else {
-                let stored = self.stored(index, cmp, &mut out.found)?;
+                let wants: Vec<_> = cmp.iter().map(|c| (c.2, None)).collect();
+                let stored = self.stored(index, &wants, &mut out.found)?;
                 let lap = Instant::now();
                 let candidates = self.compare_groups(cmp, &stored)?;
                 out.found.plan_seconds += seconds_since(lap);
@@ -275,33 +276,19 @@ impl<'a> Changes<'a> {
                 layout.summary_of(&stored[k], len, s)
             })
             .collect();
-        let mut new: Vec<(i64, NewSummaries)> = Vec::new();
-        let mut i = 0;
-        while i < items.len() {
-            let k = items[i].0;
-            let j = i + items[i..].iter().take_while(|x| x.0 == k).count();
-            let id = cmp[k].2.id;
-            new.push(match known[k] {
-                None => (id, NewSummaries::All(cvs[i..j].to_vec())),
-                Some(_) => (
-                    id,
-                    NewSummaries::Some(
-                        items[i..j]
-                            .iter()
-                            .map(|x| x.1)
-                            .zip(cvs[i..j].iter().copied())
-                            .collect(),
-                    ),
-                ),
-            });
-            i = j;
+        let mut per_tensor: Vec<Vec<(u64, Cv)>> = vec![Vec::new(); cmp.len()];
+        for (&(k, s), &cv) in items.iter().zip(&cvs) {
+            per_tensor[k].push((s, cv));
         }
-        // A tensor without known summaries and without bytes still gets its (empty) list.
-        for k in 0..cmp.len() {
-            if known[k].is_none() && layout.summaries(self.model.tensors[cmp[k].0].entry.len) == 0 {
-                new.push((cmp[k].2.id, NewSummaries::All(Vec::new())));
-            }
-        }
+        let new = per_tensor.into_iter().enumerate().filter_map(|(k, list)| {
+            let new = match known[k] {
+                // (A tensor without bytes gets its empty list too.)
+                None => NewSummaries::All(list.into_iter().map(|(_, cv)| cv).collect()),
+                Some(_) if list.is_empty() => return None,
+                Some(_) => NewSummaries::Some(list),
+            };
+            Some((cmp[k].2.id, new))
+        });
         tracing::debug!(
             summaries = cvs.len(),
             seconds = seconds_since(lap),
@@ -310,32 +297,9 @@ impl<'a> Changes<'a> {
         found.summaries.extend(new);
     }
 
-    /// The stored hashes of a batch.
+    /// The stored hashes of `wants`: every block (`None`), or those of the given summaries
+    /// (the other entries zero).
     fn stored(
-        &self,
-        index: &BlockIndex,
-        cmp: &[Comparison<'_>],
-        found: &mut Found,
-    ) -> Result<Stored, Error> {
-        let rows: Vec<&IndexedTensor> = cmp.iter().map(|c| c.2).collect();
-        self.stored_in(index, &rows, found)
-    }
-
-    /// The stored hashes of `rows` (every block).
-    fn stored_in(
-        &self,
-        index: &BlockIndex,
-        rows: &[&IndexedTensor],
-        found: &mut Found,
-    ) -> Result<Stored, Error> {
-        let wants: Vec<(&IndexedTensor, Option<&[u64]>)> =
-            rows.iter().map(|t| (*t, None)).collect();
-        self.stored_rows(index, &wants, found)
-    }
-
-    /// The stored hashes of `wants`: every block, or those of the given summaries (the other
-    /// entries zero).
-    fn stored_rows(
         &self,
         index: &BlockIndex,
         wants: &[(&IndexedTensor, Option<&[u64]>)],
@@ -358,6 +322,29 @@ impl<'a> Changes<'a> {
         );
         found.index_read_seconds += seconds_since(lap);
         Ok(stored)
+    }
+
+    /// Hashes the runs of each of `jobs` (runs, unit, output) on the source, in another thread,
+    /// while `read` (the stored hashes) runs in this one; returns what `read` gave and what the
+    /// hashing cost (stats, seconds).
+    fn hash_while<T>(
+        &self,
+        jobs: &mut [(&[BlockRun], u64, &mut [Cv])],
+        read: impl FnOnce() -> T,
+    ) -> (T, Result<(CaptureStats, f64), crate::source::SourceError>) {
+        let source = self.source;
+        std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| {
+                let lap = Instant::now();
+                let mut stats = CaptureStats::default();
+                for (runs, unit, out) in jobs.iter_mut().filter(|j| !j.0.is_empty()) {
+                    stats.add(source.hash_blocks(runs, *unit, out)?);
+                }
+                Ok((stats, seconds_since(lap)))
+            });
+            let read = read();
+            (read, hashing.join().expect("hashing does not panic"))
+        })
     }
 
     /// For a source that hashes where its data lives (the GPU): returns the stored hashes and
@@ -396,28 +383,15 @@ impl<'a> Changes<'a> {
         let count = |r: &[BlockRun]| r.iter().map(|r| r.count as usize).sum::<usize>();
         let mut live_summaries = vec![[0u8; 32]; count(&summary_runs)];
         let mut live_blocks = vec![[0u8; 32]; count(&block_runs)];
-        let source = self.source;
-        let whole_rows: Vec<&IndexedTensor> = whole.iter().map(|&k| cmp[k].2).collect();
+        let whole_wants: Vec<_> = whole.iter().map(|&k| (cmp[k].2, None)).collect();
         // The GPU hashes while the stored hashes of the tensors without summaries are read.
-        let (stored_whole, hashed) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| {
-                let lap = Instant::now();
-                let mut stats = CaptureStats::default();
-                if !summary_runs.is_empty() {
-                    stats.add(source.hash_blocks(&summary_runs, unit, &mut live_summaries)?);
-                }
-                if !block_runs.is_empty() {
-                    stats.add(source.hash_blocks(
-                        &block_runs,
-                        layout.block_size,
-                        &mut live_blocks,
-                    )?);
-                }
-                Ok::<_, crate::source::SourceError>((stats, seconds_since(lap)))
-            });
-            let stored = self.stored_in(index, &whole_rows, found);
-            (stored, hashing.join().expect("hashing does not panic"))
-        });
+        let (stored_whole, hashed) = self.hash_while(
+            &mut [
+                (&summary_runs, unit, &mut live_summaries),
+                (&block_runs, layout.block_size, &mut live_blocks),
+            ],
+            || self.stored(index, &whole_wants, found),
+        );
         let (stored_whole, (stats, hash_seconds)) = (stored_whole?, hashed?);
         found.capture.add(stats);
         let compared = Instant::now();
@@ -483,7 +457,6 @@ impl<'a> Changes<'a> {
     ) -> Result<f64, Error> {
         let layout = self.layout;
         let len = |k: usize| self.model.tensors[cmp[k].0].entry.len;
-        let source = self.source;
         // Most of a tensor's summaries differ: all their blocks are candidates (judged by
         // the capture's hashes); otherwise their blocks are hashed, while their stored
         // hashes are read.
@@ -514,20 +487,11 @@ impl<'a> Changes<'a> {
                 (cmp[*k].2, few.then_some(diff.as_slice()))
             })
             .collect();
-        let (read, hashed) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| {
-                let lap = Instant::now();
-                let r = if block_runs.is_empty() {
-                    Ok(CaptureStats::default())
-                } else {
-                    source.hash_blocks(&block_runs, layout.block_size, &mut live)
-                };
-                (r, seconds_since(lap))
+        let (read, hashed) = self
+            .hash_while(&mut [(&block_runs, layout.block_size, &mut live)], || {
+                self.stored(index, &rows, found)
             });
-            let read = self.stored_rows(index, &rows, found);
-            (read, hashing.join().expect("hashing does not panic"))
-        });
-        let (read, stats) = (read?, hashed.0?);
+        let (read, (stats, _)) = (read?, hashed?);
         found.capture.add(stats);
         let lap = Instant::now();
         for ((k, diff), s) in differing.iter().zip(read) {
