@@ -33,7 +33,8 @@ pub const CUBIN_SM80: &[u8] = include_bytes!("blake3.sm80.cubin");
 pub const CUBIN_SM90: &[u8] = include_bytes!("blake3.sm90.cubin");
 /// The tool's own memory on each GPU (`sync --gpu-memory`), in three buffers allocated at first
 /// use: job tables (40 bytes a job), block hashes computed per launch, and the staging buffer a
-/// capture gathers into; split 1 : 4 : 4. The host holds a pinned buffer of the hashes' size.
+/// capture gathers into; split 1 : 4 : 4. The host holds a pinned buffer for the hashes, grown as a
+/// launch needs it, up to the hashes' size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuBudget {
     /// Bytes of job tables, at most.
