@@ -408,10 +408,7 @@ fn syncs_compare_summaries_first_and_keep_them_true() {
     let mut rng = Rng::new(93);
     let mut hf = hf_tensors(&mut rng);
     // A larger embedding: 24 summaries of 16 KiB at 1 KiB blocks.
-    let e = hf
-        .iter_mut()
-        .find(|t| t.name.ends_with("embed_tokens.weight"))
-        .unwrap();
+    let e = embed(&mut hf);
     *e = T::random(&e.name.clone(), Dtype::BF16, &[2048, 96], &mut rng);
     let tmp = tempfile::tempdir().unwrap();
     let (model, expected) = (tmp.path().join("model"), tmp.path().join("expected"));
@@ -449,10 +446,7 @@ fn syncs_compare_summaries_first_and_keep_them_true() {
 
     // One element near the end of the embedding: one summary differs (one in 24: only its
     // blocks' hashes are read), one block changes.
-    let e = hf
-        .iter_mut()
-        .find(|t| t.name.ends_with("embed_tokens.weight"))
-        .unwrap();
+    let e = embed(&mut hf);
     let at = e.data.len() - 5;
     e.data[at] ^= 0x40;
     let r = sync(&hf);
@@ -461,10 +455,7 @@ fn syncs_compare_summaries_first_and_keep_them_true() {
     assert!(summaries_true(true));
     // The same block again: its stored hash is the one the last sync logged (the old bytes are
     // checked against it before anything is written).
-    hf.iter_mut()
-        .find(|t| t.name.ends_with("embed_tokens.weight"))
-        .unwrap()
-        .data[at] ^= 0x01;
+    embed(&mut hf).data[at] ^= 0x01;
     let r = sync(&hf);
     assert_eq!(
         (r.blocks_changed, r.index_bytes_read),
@@ -510,14 +501,11 @@ fn verify_reports_and_repair_forgets_damaged_summaries() {
     write_model(&model, &hf, 1);
     checkpoint(&model).init(1024).unwrap();
     let state = checkpoint(&model).state_dir().to_path_buf();
-    let conn = rusqlite::Connection::open(state.join(apollo_checkpoint::index::INDEX_DB)).unwrap();
-    conn.execute(
+    edit_index(
+        &state,
         "UPDATE summaries SET cvs = zeroblob(length(cvs))
          WHERE tensor_id = (SELECT id FROM tensors WHERE name LIKE '%embed_tokens%')",
-        [],
-    )
-    .unwrap();
-    drop(conn);
+    );
     let v = checkpoint(&model).verify(false).unwrap();
     assert!(!v.clean);
     assert!(
@@ -527,17 +515,14 @@ fn verify_reports_and_repair_forgets_damaged_summaries() {
         "{:?}",
         v.file_problems
     );
-    let e = hf
-        .iter_mut()
-        .find(|t| t.name.ends_with("embed_tokens.weight"))
-        .unwrap();
+    let e = embed(&mut hf);
     e.data[7] ^= 1;
     let (params, live) = pack(&hf, 1);
     let source = LayoutSource::new(LayoutMap::build(&params).unwrap(), live);
     let r = checkpoint(&model).sync(&source).unwrap();
     assert_eq!(r.blocks_changed, 1);
     let layout = BlockLayout::new(1024).unwrap();
-    let n = layout.summaries(e_len(&hf)) * 32;
+    let n = layout.summaries(embed(&mut hf).data.len() as u64) * 32;
     assert!(
         r.index_bytes_read >= n * 16,
         "every damaged summary's blocks were read"
@@ -549,12 +534,17 @@ fn verify_reports_and_repair_forgets_damaged_summaries() {
     assert!(checkpoint(&model).verify(false).unwrap().clean);
 }
 
-fn e_len(hf: &[T]) -> u64 {
-    hf.iter()
+/// The embedding of `hf`.
+fn embed(hf: &mut [T]) -> &mut T {
+    hf.iter_mut()
         .find(|t| t.name.ends_with("embed_tokens.weight"))
         .unwrap()
-        .data
-        .len() as u64
+}
+
+/// Runs `sql` on the index in `state` (an index changed behind the tool's back).
+fn edit_index(state: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(state.join(apollo_checkpoint::index::INDEX_DB)).unwrap();
+    conn.execute(sql, []).unwrap();
 }
 
 /// An index from before summaries (schema 5: no summary known) is compared in full by the first
@@ -570,9 +560,7 @@ fn the_first_sync_after_the_upgrade_learns_every_summary() {
     write_model(&model, &hf, 1);
     checkpoint(&model).init(1024).unwrap();
     let state = checkpoint(&model).state_dir().to_path_buf();
-    let conn = rusqlite::Connection::open(state.join(apollo_checkpoint::index::INDEX_DB)).unwrap();
-    conn.execute("DELETE FROM summaries", []).unwrap();
-    drop(conn);
+    edit_index(&state, "DELETE FROM summaries");
     let layout = BlockLayout::new(1024).unwrap();
     let len = |t: &T| t.data.len() as u64;
     let blocks: u64 = hf.iter().map(|t| layout.blocks(len(t)) * 32).sum();
