@@ -388,6 +388,14 @@ pub const READERS: usize = 4;
 /// Stored hash bytes worth another reader.
 const PER_READER: u64 = 8 << 20;
 
+/// Bytes of the database file each connection reads through a memory map (`PRAGMA mmap_size`;
+/// SQLite caps it at its compiled limit, 2 GiB in the bundled build). A block hash BLOB is a
+/// chain of overflow pages; read with `pread` that is one system call and one copy per 4 KiB
+/// page, through the map one copy: reading 135 MB of hashes (a 17 GB model) took half the
+/// time. SQLite still writes with `pwrite` (the map is read-only), and pages still in the WAL
+/// are read from there as before.
+const MMAP_BYTES: i64 = 1 << 40;
+
 /// Fewest and most rows `block_hash_log` may reach before a commit folds it.
 const FOLD_LIMIT_MIN: u64 = 1024;
 const FOLD_LIMIT_MAX: u64 = 524_288;
@@ -423,6 +431,8 @@ impl BlockIndex {
             .map_err(sql)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(sql)?;
+        conn.pragma_update(None, "mmap_size", MMAP_BYTES)
+            .map_err(sql)?;
         migrate(&mut conn, &path)?;
         Ok(BlockIndex {
             conn,
@@ -447,6 +457,8 @@ impl BlockIndex {
         )
         .map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.pragma_update(None, "mmap_size", MMAP_BYTES)
             .map_err(sql)?;
         let found: u32 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -720,6 +732,8 @@ impl BlockIndex {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(sql)?;
+            conn.pragma_update(None, "mmap_size", MMAP_BYTES)
+                .map_err(sql)?;
             share
                 .iter()
                 .map(|&i| {
