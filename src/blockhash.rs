@@ -9,14 +9,19 @@
 //! of its blocks' chaining values.
 //!
 //! That is the trick that keeps 4 KiB granularity without paying for it. Hashing a 4 KiB input
-//! fills only 4 of BLAKE3's SIMD lanes (8 with AVX2, 16 with AVX-512), so hashing a model block by
-//! block costs about twice what hashing it in larger pieces does (measured with
-//! `cargo run --release --example hash_units` on a 2-core AMD EPYC with AVX-512, one thread:
-//! 4 KiB 0.457 s/GiB, 8 KiB 0.301, 16 KiB 0.247, 64 KiB 0.237, 1 MiB 0.233). A sync therefore
-//! hashes the live data group by group, merges the 4 stored block hashes of each group with 3
-//! cheap parent compressions, and hashes single blocks only inside the groups that differ.
-//! 16 KiB is within 4% of the fastest size while a sparse change (0.5% of blocks) touches only
-//! 2% of 16 KiB groups, against 7.7% of 64 KiB ones.
+//! on its own fills only 4 of BLAKE3's SIMD lanes (8 with AVX2, 16 with AVX-512), so hashing a
+//! model block by block, each block its own input, costs about twice what hashing it in larger
+//! pieces does (measured with `cargo run --release --example hash_units` on a 2-core AMD EPYC
+//! with AVX-512, one thread: 4 KiB 0.457 s/GiB, 8 KiB 0.301, 16 KiB 0.247, 64 KiB 0.237, 1 MiB
+//! 0.233). Two answers:
+//! - [`hash_units`] hashes runs of adjacent small units many chunks at a time and merges the
+//!   chunks' chaining values into the units' (4 KiB 0.237 s/GiB, 1 MiB 0.238 on the same
+//!   machine): a run of blocks costs what hashing it whole does.
+//! - A sync compares group by group, merging the 4 stored block hashes of each group with 3
+//!   cheap parent compressions, and hashes single blocks only inside the groups that differ:
+//!   a quarter of the hashes to compare and to keep. 16 KiB is within 4% of the fastest size
+//!   while a sparse change (0.5% of blocks) touches only 2% of 16 KiB groups, against 7.7% of
+//!   64 KiB ones.
 //!
 //! The index also keeps one *summary* per aligned run of [`SUMMARY_BLOCKS`] blocks (64 KiB at
 //! 4 KiB blocks): the same merge of their chaining values, so it equals the chaining value of
@@ -147,9 +152,128 @@ pub fn subtree_cv(offset: u64, data: &[u8]) -> Cv {
 
 /// Chaining values of consecutive units of `unit` bytes of `tensor_data` (a tensor's bytes from
 /// `first_offset` on), written to `out`: one per unit, the last one possibly partial.
+///
+/// Units smaller than [`WIDE_BELOW`] are hashed many at a time ([`hash_units_wide`]); larger
+/// ones, and a partial last unit, one subtree each.
 pub fn hash_units(first_offset: u64, unit: u64, data: &[u8], out: &mut [Cv]) {
-    for (i, (piece, cv)) in data.chunks(unit as usize).zip(out.iter_mut()).enumerate() {
-        *cv = subtree_cv(first_offset + i as u64 * unit, piece);
+    let full = if unit < WIDE_BELOW && unit.is_power_of_two() && unit >= CHUNK {
+        let full = (data.len() as u64 / unit) as usize;
+        hash_units_wide(
+            first_offset,
+            unit,
+            &data[..full * unit as usize],
+            &mut out[..full],
+        );
+        full
+    } else {
+        0
+    };
+    let rest = &data[full * unit as usize..];
+    for (i, (piece, cv)) in rest
+        .chunks(unit as usize)
+        .zip(out[full..].iter_mut())
+        .enumerate()
+    {
+        *cv = subtree_cv(first_offset + (full + i) as u64 * unit, piece);
+    }
+}
+
+/// BLAKE3's chunk: the leaf of its tree.
+const CHUNK: u64 = blake3::CHUNK_LEN as u64;
+/// Units below this size are hashed many at a time by [`hash_units`]: from 16 KiB on, one
+/// subtree already fills the SIMD lanes (see the module documentation).
+pub const WIDE_BELOW: u64 = 16 * 1024;
+/// Chunks hashed by one call of [`blake3::platform::Platform::hash_many`] in [`hash_units_wide`].
+const WIDE_CHUNKS: usize = 64;
+/// BLAKE3's initial chaining value (the hash mode's key words), from its specification.
+const IV: [u32; 8] = [
+    0x6A09_E667,
+    0xBB67_AE85,
+    0x3C6E_F372,
+    0xA54F_F53A,
+    0x510E_527F,
+    0x9B05_688C,
+    0x1F83_D9AB,
+    0x5BE0_CD19,
+];
+/// BLAKE3's domain flags (specification, table 3).
+const CHUNK_START: u8 = 1;
+const CHUNK_END: u8 = 2;
+const PARENT: u8 = 4;
+
+/// [`hash_units`] for whole units of a power of two of at least one chunk and below
+/// [`WIDE_BELOW`], at the full SIMD width whatever the unit size.
+///
+/// Hashed one by one, a 4 KiB unit fills 4 of BLAKE3's SIMD lanes (16 with AVX-512), and the
+/// hashing runs at about half the speed of larger inputs. Here the chunks of many adjacent
+/// units are compressed together (`hash_many`, the routine `blake3` itself uses for wide
+/// inputs, with each chunk's counter its position in the tensor), then each level of the units'
+/// subtrees is merged with parent compressions, again many at a time. The result is the same
+/// chaining value as [`subtree_cv`] per unit, since a unit of 2^k aligned chunks is a complete
+/// subtree of the tensor's tree (tested against it).
+///
+/// `hash_many` is public but outside `blake3`'s documented API, so `Cargo.toml` holds the crate
+/// to 1.8.x and the tests compare both paths.
+fn hash_units_wide(first_offset: u64, unit: u64, data: &[u8], out: &mut [Cv]) {
+    use blake3::IncrementCounter;
+    use blake3::platform::Platform;
+    debug_assert!(unit.is_power_of_two() && (CHUNK..WIDE_BELOW).contains(&unit));
+    debug_assert_eq!(first_offset % unit, 0);
+    debug_assert_eq!(data.len() as u64 % unit, 0);
+    let platform = Platform::detect();
+    let per_unit = (unit / CHUNK) as usize;
+    let units_per_call = WIDE_CHUNKS / per_unit;
+    let mut cvs = [0u8; WIDE_CHUNKS * CV_LEN];
+    let mut parents = [0u8; WIDE_CHUNKS / 2 * CV_LEN];
+    for (call, (slab, slab_out)) in data
+        .chunks(units_per_call * unit as usize)
+        .zip(out.chunks_mut(units_per_call))
+        .enumerate()
+    {
+        let chunks: Vec<&[u8; blake3::CHUNK_LEN]> = slab
+            .chunks_exact(blake3::CHUNK_LEN)
+            .map(|c| c.try_into().expect("chunks_exact yields whole chunks"))
+            .collect();
+        let counter = (first_offset + (call * units_per_call) as u64 * unit) / CHUNK;
+        let mut n = chunks.len();
+        platform.hash_many(
+            &chunks,
+            &IV,
+            counter,
+            IncrementCounter::Yes,
+            0,
+            CHUNK_START,
+            CHUNK_END,
+            &mut cvs[..n * CV_LEN],
+        );
+        // Each level halves the chaining values; pairs never straddle two units, since every
+        // unit holds a power of two of them at every level.
+        let mut level = per_unit;
+        while level > 1 {
+            let pairs: Vec<&[u8; 2 * CV_LEN]> = cvs[..n * CV_LEN]
+                .chunks_exact(2 * CV_LEN)
+                .map(|p| p.try_into().expect("chunks_exact yields whole pairs"))
+                .collect();
+            n /= 2;
+            platform.hash_many(
+                &pairs,
+                &IV,
+                0,
+                IncrementCounter::No,
+                PARENT,
+                0,
+                0,
+                &mut parents[..n * CV_LEN],
+            );
+            cvs[..n * CV_LEN].copy_from_slice(&parents[..n * CV_LEN]);
+            level /= 2;
+        }
+        for (cv, bytes) in slab_out
+            .iter_mut()
+            .zip(cvs[..n * CV_LEN].chunks_exact(CV_LEN))
+        {
+            cv.copy_from_slice(bytes);
+        }
     }
 }
 
@@ -254,6 +378,29 @@ mod tests {
                         *gcv,
                         "block {block} len {len} group {gi}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Units hashed many at a time equal each unit hashed as its own subtree, for every wide
+    /// unit size, offsets deep into a tensor (chunk counters past 2^32), whole and partial
+    /// `hash_many` calls and a partial last unit.
+    #[test]
+    fn wide_units_equal_one_subtree_each() {
+        let d = data(300 * 1024 + 333);
+        for unit in [1024u64, 2048, 4096, 8192] {
+            for first in [0u64, 7 * unit, (1u64 << 42) + 3 * unit] {
+                for len in [unit as usize, 3 * unit as usize + 1, 64 * 1024, d.len()] {
+                    let n = len.div_ceil(unit as usize);
+                    let mut wide = vec![[0u8; 32]; n];
+                    hash_units(first, unit, &d[..len], &mut wide);
+                    let one: Vec<Cv> = d[..len]
+                        .chunks(unit as usize)
+                        .enumerate()
+                        .map(|(i, p)| subtree_cv(first + i as u64 * unit, p))
+                        .collect();
+                    assert_eq!(wide, one, "unit {unit} first {first} len {len}");
                 }
             }
         }

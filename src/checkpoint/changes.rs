@@ -914,10 +914,8 @@ fn capture_batches(
 }
 
 /// The first of the consecutive `blocks` of a tensor of `tensor_len` bytes whose bytes `old`
-/// (from tensor byte `start` on) do not hash to `stored`, if any. Where the blocks cover a whole
-/// aligned group it is hashed as one subtree, at BLAKE3's full SIMD width, and compared with the
-/// merge of its blocks' stored hashes: the old bytes of a dense change cost half the hashing they
-/// would block by block (see [`crate::blockhash`]).
+/// (from tensor byte `start` on) do not hash to `stored`, if any. The blocks are hashed as one
+/// run, at BLAKE3's full SIMD width ([`blockhash::hash_units`]).
 fn old_mismatch(
     layout: BlockLayout,
     tensor_len: u64,
@@ -927,31 +925,19 @@ fn old_mismatch(
     start: u64,
 ) -> Option<u64> {
     let bs = layout.block_size;
-    let per = layout.blocks_per_group();
-    let bytes = |off: u64, len: u64| &old[(off - start) as usize..(off - start + len) as usize];
-    let block_differs = |b: u64| {
-        let (off, len) = plan::block_span(layout, tensor_len, b);
-        blockhash::subtree_cv(off, bytes(off, len)) != stored[b as usize]
-    };
-    let mut b = blocks.start;
-    while b < blocks.end {
-        let group_end = (b + per).min(layout.blocks(tensor_len));
-        if per > 1 && b % per == 0 && group_end <= blocks.end {
-            let off = b * bs;
-            let len = (layout.group_size).min(tensor_len - off);
-            let merged = blockhash::merge_blocks(&stored[b as usize..group_end as usize], len, bs);
-            if blockhash::subtree_cv(off, bytes(off, len)) != merged {
-                return (b..group_end).find(|&b| block_differs(b));
-            }
-            b = group_end;
-        } else {
-            if block_differs(b) {
-                return Some(b);
-            }
-            b += 1;
-        }
-    }
-    None
+    let first = blocks.start * bs;
+    let end = (blocks.end * bs).min(tensor_len);
+    let mut cvs = vec![[0u8; 32]; (blocks.end - blocks.start) as usize];
+    blockhash::hash_units(
+        first,
+        bs,
+        &old[(first - start) as usize..(end - start) as usize],
+        &mut cvs,
+    );
+    cvs.iter()
+        .zip(&stored[blocks.start as usize..blocks.end as usize])
+        .position(|(new, old)| new != old)
+        .map(|i| blocks.start + i as u64)
 }
 
 /// `changed` cut into pieces of adjacent blocks of one tensor, of at most `max` bytes.
@@ -978,7 +964,7 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        /// The group-wise check finds exactly the first block whose old bytes differ from its
+        /// The check finds exactly the first block whose old bytes differ from its
         /// stored hash, for any range of blocks, tensor length and changed byte.
         #[test]
         fn old_mismatch_finds_the_first_changed_block(
