@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         handles.as_ref(),
         model_dir.as_ref(),
         live::gpu::GpuBudget::default(),
+        &live::cuda::GpuContexts::default(),
     )?;
     if let Err(why) = source.reader().gpu_hashing() {
         anyhow::bail!("the GPU cannot hash: {why}");

@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use apollo_checkpoint::live::cuda::CudaIpcReader;
+use apollo_checkpoint::live::cuda::{CudaIpcReader, GpuContexts};
 use apollo_checkpoint::live::gpu::GpuBudget;
 use apollo_checkpoint::live::handles::{manifest_paths, read_all};
 use apollo_checkpoint::live::source::ParamReader;
@@ -39,7 +39,12 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let total: u64 = tensors.iter().map(|t| t.nbytes).sum();
     for buffers in counts {
-        let reader = CudaIpcReader::open_with(&tensors, buffers, GpuBudget::default())?;
+        let reader = CudaIpcReader::open_with(
+            &tensors,
+            buffers,
+            GpuBudget::default(),
+            &GpuContexts::default(),
+        )?;
         let mut best = f64::MAX;
         for _ in 0..3 {
             let start = Instant::now();

@@ -21,6 +21,7 @@
 //! - [`fileformat`]: the hashed append-only writer and checks the journal and delta formats share.
 //! - [`checkpoint`]: the operations, one file each (init, sync, recover, rollback, inspect,
 //!   export-delta, apply-delta), the write transaction, errors and reports.
+//! - [`resident`]: when a resident `sync --every` syncs: its schedule and signals.
 //! - [`synthetic`]: synthetic Qwen3.5-shaped models for the demo, the benchmark and tests.
 
 pub mod apply;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod record;
+pub mod resident;
 pub mod source;
 pub mod synthetic;
 

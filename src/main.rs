@@ -2,7 +2,7 @@
 //! and maps errors to exit codes (see the README's table).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,7 +11,9 @@ use apollo_checkpoint::blockhash::DEFAULT_BLOCK_SIZE;
 use apollo_checkpoint::checkpoint::CommandTarget;
 use apollo_checkpoint::human_bytes;
 use apollo_checkpoint::io::RealIo;
+use apollo_checkpoint::live::cuda::GpuContexts;
 use apollo_checkpoint::mac::Key;
+use apollo_checkpoint::resident::Schedule;
 use apollo_checkpoint::{
     Checkpoint, Error, RecoverReport, RecoveryAction, SafetensorsSource, StatusReport, SyncReport,
     VerifyReport,
@@ -155,6 +157,22 @@ fn parse_wait(s: &str) -> Result<f64, String> {
     ))
 }
 
+/// `--every`: a duration of at least one second (`90`, `10m`, `1h 30m`).
+fn parse_every(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let d = t
+        .parse::<f64>()
+        .ok()
+        .and_then(|secs| std::time::Duration::try_from_secs_f64(secs).ok())
+        .or_else(|| humantime::parse_duration(t).ok());
+    match d {
+        Some(d) if d >= std::time::Duration::from_secs(1) => Ok(d),
+        _ => Err(format!(
+            "{s:?} is not an interval: give seconds (at least 1) or a duration (10m, 1h 30m)"
+        )),
+    }
+}
+
 /// `--tag`: KEY=VALUE, the key letters, digits, `_`, `-` or `.`.
 fn parse_tag(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -229,6 +247,15 @@ enum Command {
         /// shown by `log`, `status` and `rollback`. Repeatable.
         #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
         tag: Vec<(String, String)>,
+        /// Stay running and sync every DURATION (`10m`, `1h`), and at once on SIGUSR1; SIGTERM,
+        /// SIGINT or SIGHUP stop it after the sync under way. Between syncs it keeps only its
+        /// GPU contexts (each sync opens and closes the live weights like a one-shot sync), so a
+        /// sync skips their setup: for a systemd service instead of a timer (see
+        /// scripts/systemd). A sync that fails for a temporary reason (exit 75: the lock busy,
+        /// weights that kept changing) is reported and the next one runs; any other failure
+        /// ends the process with its exit code.
+        #[arg(long, value_name = "DURATION", value_parser = parse_every)]
+        every: Option<std::time::Duration>,
     },
     /// Finish or discard a write interrupted by a crash (sync does this first by itself).
     ///
@@ -418,48 +445,163 @@ fn main() -> ExitCode {
     let metrics = cli.command.metrics_target();
     let code = match run(cli) {
         Ok(code) => code,
-        Err(err) => {
-            // Library errors reach here as they are (never behind context), so their kind
-            // decides the exit code; anything else is unexpected (1).
-            let lib = err.downcast_ref::<Error>();
-            let code = lib.map_or(1, Error::exit_code);
-            let message = error_chain(&err);
-            eprintln!("apollo-checkpoint: error: {message}");
-            if JSON.get().is_some() {
-                let kind = lib.map_or_else(
-                    || "unexpected".to_string(),
-                    |e| {
-                        serde_json::to_value(e.kind())
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default()
-                    },
-                );
-                print_json_error(&message, &kind, code);
-            }
-            code
-        }
+        Err(err) => report_error(&err),
     };
     if let Some((path, model_dir, state_dir)) = metrics {
-        let status =
-            Checkpoint::new(&model_dir, state_dir.as_deref(), Arc::new(RealIo::new())).status();
-        let run = apollo_checkpoint::metrics::RunMetrics {
+        let seconds = started.elapsed().as_secs_f64();
+        write_metrics_to(
+            &path,
+            &model_dir,
+            state_dir.as_deref(),
             command,
-            exit_code: code,
-            seconds: started.elapsed().as_secs_f64(),
-            ended: std::time::SystemTime::now(),
-            sync: LAST_SYNC.get(),
-            status: status.as_ref().ok(),
-        };
-        if let Err(e) = apollo_checkpoint::metrics::write(&path, &run) {
-            tracing::warn!("--metrics-file: {e}");
-        }
+            code,
+            seconds,
+        );
     }
     ExitCode::from(code)
 }
 
-/// The report of this run's sync, for `--metrics-file`.
-static LAST_SYNC: std::sync::OnceLock<SyncReport> = std::sync::OnceLock::new();
+/// Writes `--metrics-file` of `target`, if given, for a run that ended with `code`.
+fn write_metrics(command: &str, code: u8, seconds: f64, target: &Target) {
+    if let Some(path) = &target.metrics_file {
+        let state_dir = target.state_dir.as_deref();
+        write_metrics_to(path, &target.model_dir, state_dir, command, code, seconds);
+    }
+}
+
+fn write_metrics_to(
+    path: &Path,
+    model_dir: &Path,
+    state_dir: Option<&Path>,
+    command: &str,
+    code: u8,
+    seconds: f64,
+) {
+    let status = Checkpoint::new(model_dir, state_dir, Arc::new(RealIo::new())).status();
+    let sync = LAST_SYNC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let run = apollo_checkpoint::metrics::RunMetrics {
+        command,
+        exit_code: code,
+        seconds,
+        ended: std::time::SystemTime::now(),
+        sync: sync.as_ref(),
+        status: status.as_ref().ok(),
+    };
+    if let Err(e) = apollo_checkpoint::metrics::write(path, &run) {
+        tracing::warn!("--metrics-file: {e}");
+    }
+}
+
+/// Says what went wrong on stderr (and as a JSON object on stdout with `--json`); returns the
+/// exit code it maps to.
+fn report_error(err: &anyhow::Error) -> u8 {
+    // Library errors reach here as they are (never behind context), so their kind decides
+    // the exit code; anything else is unexpected (1).
+    let lib = err.downcast_ref::<Error>();
+    let code = lib.map_or(1, Error::exit_code);
+    let message = error_chain(err);
+    eprintln!("apollo-checkpoint: error: {message}");
+    if JSON.get().is_some() {
+        let kind = lib.map_or_else(
+            || "unexpected".to_string(),
+            |e| {
+                serde_json::to_value(e.kind())
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            },
+        );
+        print_json_error(&message, &kind, code);
+    }
+    code
+}
+
+/// Where `sync` reads live weights.
+struct Live {
+    from: Option<PathBuf>,
+    handles: Option<PathBuf>,
+    hash_on: HashOn,
+    gpu_memory: apollo_checkpoint::live::gpu::GpuBudget,
+}
+
+/// One sync: the live weights opened (GPU contexts from `contexts`), the model synced, the
+/// live weights closed again.
+fn sync_once(
+    cp: &Checkpoint,
+    target: &Target,
+    live: &Live,
+    contexts: &GpuContexts,
+) -> anyhow::Result<SyncReport> {
+    let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
+        if !target.json && !cp.is_initialized()? {
+            say!(
+                "no index for {} yet: indexing it first",
+                target.model_dir.display()
+            );
+        }
+        Ok(())
+    };
+    let report = if let Some(handles) = &live.handles {
+        let source =
+            apollo_checkpoint::live::open(handles, &target.model_dir, live.gpu_memory, contexts)?
+                .with_hashing_in_place(live.hash_on != HashOn::Cpu);
+        if let Err(why) = source.reader().gpu_hashing() {
+            if live.hash_on == HashOn::Gpu {
+                return Err(Error::Usage(format!("--hash-on gpu: {why}")).into());
+            }
+            if !target.json && live.hash_on == HashOn::Auto {
+                tracing::warn!("hashing on the host: {why}");
+            }
+        }
+        announce(cp)?;
+        let started = std::time::Instant::now();
+        let report = cp.sync(&source)?;
+        let synced = std::time::Instant::now();
+        drop(source);
+        tracing::debug!(
+            sync_seconds = (synced - started).as_secs_f64(),
+            release_seconds = synced.elapsed().as_secs_f64(),
+            "GPU mappings released"
+        );
+        report
+    } else {
+        let from = live
+            .from
+            .as_ref()
+            .expect("clap requires --from or --handles");
+        let source = SafetensorsSource::open(from).map_err(Error::from)?;
+        announce(cp)?;
+        cp.sync(&source)?
+    };
+    *LAST_SYNC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report.clone());
+    Ok(report)
+}
+
+/// Prints a sync's report: JSON, or its summary on stderr.
+fn print_sync(target: &Target, report: &SyncReport) -> anyhow::Result<()> {
+    if target.json {
+        return print_json(report);
+    }
+    if let Some(r) = &report.recovered {
+        say!("{}", recover_summary(r));
+    }
+    say!("{}", sync_summary(report));
+    if !report.untouched.is_empty() {
+        say!(
+            "left untouched ({} tensors the live weights do not hold, or --ignore names): {}",
+            report.untouched.len(),
+            report.untouched.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The report of this run's last sync, for `--metrics-file`.
+static LAST_SYNC: std::sync::Mutex<Option<SyncReport>> = std::sync::Mutex::new(None);
 
 /// The version of the JSON objects `--json` prints (README, "JSON output"; the schema is
 /// `src/output.schema.json`). Raised when a field changes meaning or goes away.
@@ -610,70 +752,66 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             gpu_memory,
             ignore,
             tag,
+            every,
         } => {
             let cp = checkpoint(&target)
                 .with_ignore(&ignore)?
                 .with_tags(tag.into_iter().collect());
-            let announce = |cp: &Checkpoint| -> anyhow::Result<()> {
-                if !target.json && !cp.is_initialized()? {
-                    say!(
-                        "no index for {} yet: indexing it first",
-                        target.model_dir.display()
-                    );
-                }
-                Ok(())
+            if hash_on == HashOn::Gpu && handles.is_none() {
+                return Err(Error::Usage(
+                    "--hash-on gpu needs live weights on a GPU (--handles); --from files are hashed on the host".into(),
+                )
+                .into());
+            }
+            let live = Live {
+                from,
+                handles,
+                hash_on,
+                gpu_memory,
             };
-            let report = if let Some(handles) = handles {
-                let source =
-                    apollo_checkpoint::live::open(&handles, &target.model_dir, gpu_memory)?
-                        .with_hashing_in_place(hash_on != HashOn::Cpu);
-                if let Err(why) = source.reader().gpu_hashing() {
-                    if hash_on == HashOn::Gpu {
-                        return Err(Error::Usage(format!("--hash-on gpu: {why}")).into());
-                    }
-                    if !target.json && hash_on == HashOn::Auto {
-                        tracing::warn!("hashing on the host: {why}");
-                    }
-                }
-                announce(&cp)?;
-                let started = std::time::Instant::now();
-                let report = cp.sync(&source)?;
-                let synced = std::time::Instant::now();
-                drop(source);
-                tracing::debug!(
-                    sync_seconds = (synced - started).as_secs_f64(),
-                    release_seconds = synced.elapsed().as_secs_f64(),
-                    "GPU mappings and contexts released"
-                );
-                report
-            } else {
-                if hash_on == HashOn::Gpu {
-                    return Err(Error::Usage(
-                        "--hash-on gpu needs live weights on a GPU (--handles); --from files are hashed on the host".into(),
-                    )
-                    .into());
-                }
-                let from = from.expect("clap requires --from or --handles");
-                let source = SafetensorsSource::open(&from).map_err(Error::from)?;
-                announce(&cp)?;
-                cp.sync(&source)?
+            let Some(every) = every else {
+                let report = sync_once(&cp, &target, &live, &GpuContexts::default())?;
+                print_sync(&target, &report)?;
+                return Ok(0);
             };
-            let _ = LAST_SYNC.set(report.clone());
-            if target.json {
-                print_json(&report)?;
-            } else {
-                if let Some(r) = &report.recovered {
-                    say!("{}", recover_summary(r));
+            // Resident: the GPU contexts outlive each sync; see apollo_checkpoint::resident.
+            let contexts = GpuContexts::default();
+            let schedule = Schedule::new(every).context("listening for signals")?;
+            let started = std::time::Instant::now();
+            say!(
+                "syncing {} every {}, and at once on SIGUSR1 (pid {}); SIGTERM stops after the sync under way",
+                target.model_dir.display(),
+                humantime::format_duration(every),
+                std::process::id()
+            );
+            loop {
+                let lap = std::time::Instant::now();
+                let outcome = sync_once(&cp, &target, &live, &contexts);
+                let code = match &outcome {
+                    Ok(_) => 0,
+                    Err(err) => err.downcast_ref::<Error>().map_or(1, Error::exit_code),
+                };
+                if code != 0 && code != 75 {
+                    return outcome.map(|_| code);
                 }
-                say!("{}", sync_summary(&report));
-                if !report.untouched.is_empty() {
-                    say!(
-                        "left untouched ({} tensors the live weights do not hold, or --ignore names): {}",
-                        report.untouched.len(),
-                        report.untouched.join(", ")
-                    );
+                // The metrics first: whoever reads the output finds them up to date.
+                write_metrics("sync", code, lap.elapsed().as_secs_f64(), &target);
+                match outcome {
+                    Ok(report) => print_sync(&target, &report)?,
+                    Err(err) => {
+                        report_error(&err);
+                    }
+                }
+                if schedule.wait().is_none() {
+                    break;
                 }
             }
+            say!(
+                "stopped by a signal after {}",
+                humantime::format_duration(std::time::Duration::from_secs(
+                    started.elapsed().as_secs()
+                ))
+            );
         }
         Command::Rollback { target, to } => {
             let r = checkpoint(&target).rollback(to)?;

@@ -33,12 +33,13 @@ use crate::model::{ModelLayout, dtype_name};
 
 /// Opens the live weights of `handles` (a manifest, or a folder of them) as a source of the
 /// model in `model_dir`: the manifests checked to be one complete set of this model's engine,
-/// every live parameter matched to a tensor of the files, every allocation opened on its GPU,
-/// where the tool takes at most `budget` of memory per GPU.
+/// every live parameter matched to a tensor of the files, every allocation opened on its GPU
+/// (in a context of `contexts`), where the tool takes at most `budget` of memory per GPU.
 pub fn open(
     handles: &Path,
     model_dir: &Path,
     budget: gpu::GpuBudget,
+    contexts: &cuda::GpuContexts,
 ) -> Result<LayoutSource<cuda::CudaIpcReader>, Error> {
     let start = std::time::Instant::now();
     let model = ModelLayout::open(model_dir, &RealIo::new())?;
@@ -49,7 +50,7 @@ pub fn open(
         seconds = start.elapsed().as_secs_f64(),
         "model files and manifests read, names matched"
     );
-    let reader = cuda::CudaIpcReader::open(&live.tensors, budget)?;
+    let reader = cuda::CudaIpcReader::open(&live.tensors, budget, contexts)?;
     Ok(LayoutSource::new(live.map, reader).opened_in(start.elapsed().as_secs_f64()))
 }
 

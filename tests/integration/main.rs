@@ -18,6 +18,7 @@ mod nightly;
 mod readers;
 mod replica;
 mod report;
+mod resident;
 mod robustness;
 mod rollback;
 mod sync;
