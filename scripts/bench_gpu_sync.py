@@ -24,13 +24,19 @@ phase, bytes copied from the GPU and copies made, model bytes read and written, 
 anonymous RSS, the GPU memory our tool allocates, and the figures scaled per 54 GB.
 Prints one JSON object on stdout (progress on stderr); exits 77 without PyTorch or a GPU.
 
+With --resident, ours is one `sync --every 24h` process for the whole run (started after init,
+its first sync awaited) and each timed sync is SIGUSR1 to its JSON line: the time a resident
+process (scripts/systemd/apollo-checkpoint-resident.service) takes per sync, without a fresh
+process's GPU context. Its RSS is sampled while each sync runs.
+
 Usage: scripts/bench_gpu_sync.py --bin apollo-checkpoint --prototype checkpoint_sync.py
-                                 [--layers 16] [--dir DIR] [--repeat 3]
+                                 [--layers 16] [--dir DIR] [--repeat 3] [--resident]
 """
 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,17 +149,15 @@ def write_shards(torch, directory, view, shard_bytes=4 << 30):
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-def timed(cmd, env=None):
-    """Runs `cmd`; returns (wall seconds, stdout, stderr, return code, peak anonymous RSS)."""
-    start = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def rss_sampler(pid, running):
+    """A started thread that samples the anonymous RSS of `pid` while `running()`; its `peak`
+    list holds the largest seen, in bytes."""
     peak = [0]
 
     def sample():
-        path = f"/proc/{p.pid}/status"
-        while p.poll() is None:
+        while running():
             try:
-                for line in open(path):
+                for line in open(f"/proc/{pid}/status"):
                     if line.startswith("RssAnon:"):
                         peak[0] = max(peak[0], int(line.split()[1]) * 1024)
             except OSError:
@@ -161,11 +165,50 @@ def timed(cmd, env=None):
             time.sleep(0.005)
 
     th = threading.Thread(target=sample)
+    th.peak = peak
     th.start()
+    return th
+
+
+def timed(cmd, env=None):
+    """Runs `cmd`; returns (wall seconds, stdout, stderr, return code, peak anonymous RSS)."""
+    start = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    th = rss_sampler(p.pid, lambda: p.poll() is None)
     out, err = p.communicate()
     wall = time.perf_counter() - start
     th.join()
-    return wall, out, err, p.returncode, peak[0]
+    return wall, out, err, p.returncode, th.peak[0]
+
+
+class Resident:
+    """Ours as one resident `sync --every` process: each sync asked for with SIGUSR1."""
+
+    def __init__(self, cmd, log_path):
+        self.err = open(log_path, "w+")
+        self.p = subprocess.Popen(cmd + ["--every", "24h"], stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.first = json.loads(self.p.stdout.readline() or "{}")
+
+    def sync(self):
+        """(wall seconds, report, exit code, peak anonymous RSS while it ran, its stderr)."""
+        start_err = self.err.tell()
+        done = threading.Event()
+        th = rss_sampler(self.p.pid, lambda: not done.is_set())
+        start = time.perf_counter()
+        self.p.send_signal(signal.SIGUSR1)
+        line = self.p.stdout.readline()
+        wall = time.perf_counter() - start
+        done.set()
+        th.join()
+        rep = json.loads(line) if line else {"exit_code": self.p.poll()}
+        self.err.flush()
+        self.err.seek(start_err)
+        err = self.err.read()
+        return wall, rep, rep.get("exit_code", 0), th.peak[0], err
+
+    def stop(self):
+        self.p.send_signal(signal.SIGTERM)
+        self.p.wait(timeout=120)
 
 
 def identical(a, b):
@@ -184,6 +227,8 @@ def main():
     ap.add_argument("--changes", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     ap.add_argument("--repeat", type=int, default=3, help="our runs per change (median reported)")
     ap.add_argument("--verbose", action="store_true", help="run ours with -vv and log its stderr (timings of each step)")
+    ap.add_argument("--resident", action="store_true",
+                    help="time ours as one resident `sync --every` process, each sync asked for with SIGUSR1")
     ap.add_argument("--gpu-memory-mib", type=int, default=144,
                     help="our --gpu-memory per GPU, in MiB (split 1:4:4 into whole MiB, as src/live/gpu.rs does)")
     args = ap.parse_args()
@@ -219,6 +264,12 @@ def main():
     log(f"init: {json.loads(r.stdout)['seconds']:.2f} s")
 
     g = torch.Generator(device="cuda").manual_seed(9)
+    ours_cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json",
+                "--gpu-memory", f"{args.gpu_memory_mib}MiB"] + (["-vv"] if args.verbose else [])
+    resident = None
+    if args.resident:
+        resident = Resident(ours_cmd, os.path.join(work, "resident.log"))
+        log(f"resident: pid {resident.p.pid}, first sync {resident.first.get('seconds')} s")
 
     def change(kind, round_no):
         with torch.no_grad():
@@ -255,10 +306,12 @@ def main():
             if kind != "nothing":
                 change(kind, i * 10 + r)
             os.sync()
-            cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json",
-                   "--gpu-memory", f"{args.gpu_memory_mib}MiB"]
-            wall, out, err, code, rss = timed(cmd + (["-vv"] if args.verbose else []))
-            rep = json.loads(out) if code == 0 else {}
+            if resident:
+                wall, rep, code, rss, err = resident.sync()
+                rep = rep if code == 0 else {}
+            else:
+                wall, out, err, code, rss = timed(ours_cmd)
+                rep = json.loads(out) if code == 0 else {}
             if code != 0:
                 log(f"{kind}: ours failed ({code}): {err}")
             runs.append((wall, rep, code, rss))
@@ -298,8 +351,11 @@ def main():
             "prototype_peak_anon_rss": prss,
         }
         log(f"{kind}: ours median {wall:.3f} s, prototype {pwall:.2f} s, identical {same}")
+    if resident:
+        resident.stop()
     print(json.dumps({
         "machine": {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()},
+        "ours": "resident (sync --every, SIGUSR1 per sync)" if resident else "one process per sync",
         "model_bytes": total,
         "layers": args.layers,
         "gpu_memory_allocated_by_tool": 9 * (args.gpu_memory_mib // 9) * MIB,
