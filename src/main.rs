@@ -442,7 +442,9 @@ fn main() -> ExitCode {
         let _ = JSON.set(context);
     }
     let started = std::time::Instant::now();
-    let metrics = cli.command.metrics_target();
+    // A resident sync writes the metrics of each of its syncs itself.
+    let resident = matches!(&cli.command, Command::Sync { every: Some(_), .. });
+    let metrics = cli.command.metrics_target().filter(|_| !resident);
     let code = match run(cli) {
         Ok(code) => code,
         Err(err) => report_error(&err),
@@ -791,11 +793,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     Ok(_) => 0,
                     Err(err) => err.downcast_ref::<Error>().map_or(1, Error::exit_code),
                 };
+                // The metrics first: whoever reads the output finds them up to date.
+                write_metrics("sync", code, lap.elapsed().as_secs_f64(), &target);
                 if code != 0 && code != 75 {
                     return outcome.map(|_| code);
                 }
-                // The metrics first: whoever reads the output finds them up to date.
-                write_metrics("sync", code, lap.elapsed().as_secs_f64(), &target);
                 match outcome {
                     Ok(report) => print_sync(&target, &report)?,
                     Err(err) => {

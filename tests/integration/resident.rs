@@ -137,12 +137,18 @@ fn a_resident_sync_ends_with_the_exit_code_of_a_failure_that_is_not_temporary() 
         .unwrap()
         .set_len(len - 100)
         .unwrap();
-    let mut r = Resident::start(&p, &[]);
+    let metrics = p.tmp.path().join("sync.prom");
+    let mut r = Resident::start(&p, &["--metrics-file", s(&metrics)]);
     let failed = r.next();
     assert_eq!(failed["exit_code"], 65, "{failed}");
     let (code, err) = r.end();
     assert_eq!(code, Some(65), "{err}");
     assert!(err.contains("model.safetensors"), "{err}");
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        prom.contains("apollo_checkpoint_last_run_exit_code{command=\"sync\"} 65"),
+        "{prom}"
+    );
 }
 
 #[test]
