@@ -257,7 +257,7 @@ fn get_varint(input: &[u8], pos: &mut usize) -> Option<u64> {
 /// at a time: a training step leaves most of a block's bytes equal.
 fn skip_equal(old: &[u8], new: &[u8], mut i: usize) -> usize {
     let n = old.len();
-    let word = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8"));
+    let word = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
     while i + 32 <= n {
         let x = (word(old, i) ^ word(new, i))
             | (word(old, i + 8) ^ word(new, i + 8))
@@ -268,7 +268,12 @@ fn skip_equal(old: &[u8], new: &[u8], mut i: usize) -> usize {
         }
         i += 32;
     }
-    while i + 8 <= n && word(old, i) == word(new, i) {
+    // The first differing byte: the lowest non-zero byte of the first non-zero XOR word.
+    while i + 8 <= n {
+        let x = word(old, i) ^ word(new, i);
+        if x != 0 {
+            return i + (x.trailing_zeros() / 8) as usize;
+        }
         i += 8;
     }
     while i < n && old[i] == new[i] {
@@ -547,6 +552,24 @@ mod tests {
             let mut target = vec![0u8; len];
             let _ = apply_xor(&bytes, &mut target);
             let _ = compose_xor(&bytes, &bytes, len);
+        }
+
+        #[test]
+        fn skip_equal_finds_the_first_differing_byte_from_anywhere(
+            old in prop::collection::vec(any::<u8>(), 0..300),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
+        ) {
+            // Few differing bytes, so equal runs of every length end at every offset of a word.
+            let mut new = old.clone();
+            if !old.is_empty() {
+                for (at, x) in &flips {
+                    new[at.index(old.len())] ^= x;
+                }
+            }
+            for from in 0..=old.len() {
+                let first = (from..old.len()).find(|&k| old[k] != new[k]).unwrap_or(old.len());
+                prop_assert_eq!(skip_equal(&old, &new, from), first, "from {}", from);
+            }
         }
 
         #[test]
