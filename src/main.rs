@@ -583,6 +583,23 @@ fn sync_once(
     Ok(report)
 }
 
+/// Removes the undo data a sync pruned, once its report is out (see
+/// `Checkpoint::with_deferred_undo_removal`); a failure is a warning, and the next sync tries
+/// again.
+fn remove_discarded(cp: &Checkpoint) {
+    let lap = std::time::Instant::now();
+    match cp.remove_discarded() {
+        Ok((files, bytes)) if files > 0 => tracing::debug!(
+            files,
+            bytes,
+            seconds = lap.elapsed().as_secs_f64(),
+            "pruned undo data removed"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("removing pruned undo data: {e:#}"),
+    }
+}
+
 /// Prints a sync's report: JSON, or its summary on stderr.
 fn print_sync(target: &Target, report: &SyncReport) -> anyhow::Result<()> {
     if target.json {
@@ -758,7 +775,8 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let cp = checkpoint(&target)
                 .with_ignore(&ignore)?
-                .with_tags(tag.into_iter().collect());
+                .with_tags(tag.into_iter().collect())
+                .with_deferred_undo_removal(true);
             if hash_on == HashOn::Gpu && handles.is_none() {
                 return Err(Error::Usage(
                     "--hash-on gpu needs live weights on a GPU (--handles); --from files are hashed on the host".into(),
@@ -774,6 +792,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let Some(every) = every else {
                 let report = sync_once(&cp, &target, &live, &GpuContexts::default())?;
                 print_sync(&target, &report)?;
+                remove_discarded(&cp);
                 return Ok(0);
             };
             // Resident: the GPU contexts outlive each sync; see apollo_checkpoint::resident.
@@ -804,6 +823,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                         report_error(&err);
                     }
                 }
+                remove_discarded(&cp);
                 if schedule.wait().is_none() {
                     break;
                 }

@@ -11,6 +11,16 @@ use crate::index::{BlockIndex, INDEX_DB, MetaKey};
 use crate::io::OpenMode;
 use crate::journal::{JournalFile, UNDO_DIR, UNFLUSHED_FILE, Unflushed};
 
+/// What the name of undo data pruned but not yet removed ends with.
+const DISCARD_SUFFIX: &str = ".apj.discard";
+
+/// The name undo data at `path` (`<generation>.apj`) takes when pruned with its removal deferred.
+fn discard_path(path: &std::path::Path) -> PathBuf {
+    let mut name = path.file_stem().unwrap_or_default().to_os_string();
+    name.push(DISCARD_SUFFIX);
+    path.with_file_name(name)
+}
+
 /// File name of the undo data of `generation`.
 pub(crate) fn undo_name(generation: u64) -> String {
     format!("{generation:020}.apj")
@@ -169,7 +179,14 @@ impl Checkpoint {
                 break;
             }
             let (_, path, _) = kept.remove(0);
-            self.io.remove_file(&path).map_err(Self::io_err(&path))?;
+            if self.defer_undo_removal {
+                let discard = discard_path(&path);
+                self.io
+                    .rename(&path, &discard)
+                    .map_err(Self::io_err(&discard))?;
+            } else {
+                self.io.remove_file(&path).map_err(Self::io_err(&path))?;
+            }
             total -= len;
             if unexported(g) {
                 backlog -= len;
@@ -186,6 +203,37 @@ impl Checkpoint {
             "journal retired to the undo data"
         );
         Ok(())
+    }
+
+    /// Removes the undo data a write left to be discarded (see
+    /// [`Checkpoint::with_deferred_undo_removal`]), also any a killed process left: (files,
+    /// bytes). Needs no lock: nothing reads these files, and a file another process removed
+    /// first is skipped.
+    pub fn remove_discarded(&self) -> Result<(u64, u64), Error> {
+        let undo = self.state_dir.join(UNDO_DIR);
+        let entries = match std::fs::read_dir(&undo) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) => return Err(Self::io_err(&undo)(e)),
+        };
+        let (mut files, mut bytes) = (0, 0);
+        for e in entries {
+            let e = e.map_err(Self::io_err(&undo))?;
+            if !e.file_name().to_string_lossy().ends_with(DISCARD_SUFFIX) {
+                continue;
+            }
+            let path = e.path();
+            let len = e.metadata().map_or(0, |m| m.len());
+            match self.io.remove_file(&path) {
+                Ok(()) => {
+                    files += 1;
+                    bytes += len;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Self::io_err(&path)(e)),
+            }
+        }
+        Ok((files, bytes))
     }
 
     /// Undo files, oldest first: (generation, path, bytes).
@@ -221,5 +269,9 @@ mod tests {
     fn undo_names_sort_by_generation() {
         assert!(undo_name(9) < undo_name(10));
         assert_eq!(undo_name(7), "00000000000000000007.apj");
+        assert_eq!(
+            discard_path(std::path::Path::new("/s/undo/00000000000000000007.apj")),
+            std::path::Path::new("/s/undo/00000000000000000007.apj.discard")
+        );
     }
 }

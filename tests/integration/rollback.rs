@@ -158,3 +158,89 @@ fn rollback_and_retention_from_the_command_line() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("undo data:   3 generations"), "{text}");
 }
+
+/// The undo data's file names: (generation files, discarded files).
+fn undo_dir(model: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let mut names: Vec<String> = std::fs::read_dir(model.join(".apollo-checkpoint/undo"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().partition(|n| !n.ends_with(".discard"))
+}
+
+#[test]
+fn deferred_undo_removal_prunes_by_renaming_and_removes_later() {
+    let mut tensors = mixed_tensors(16);
+    let p = pair(&tensors, 1, 1);
+    checkpoint(&p.model).init(4096).unwrap();
+    checkpoint(&p.model).retention(Some(1), None).unwrap();
+    let deferred = || checkpoint(&p.model).with_deferred_undo_removal(true);
+    let mut rng = Rng::new(5);
+    let mut sync = |cp: apollo_checkpoint::Checkpoint| {
+        rng.fill(&mut tensors[0].data);
+        write_model(&p.source, &tensors, 1);
+        cp.sync(&SafetensorsSource::open(&p.source).unwrap())
+            .unwrap();
+        model_files(&p.model)
+    };
+    sync(deferred());
+    let (kept, discarded) = undo_dir(&p.model);
+    assert_eq!((kept.len(), discarded.len()), (1, 0));
+    let two = sync(deferred());
+    // Generation 1's undo data is pruned, not removed: renamed out of the undo data.
+    let (kept, discarded) = undo_dir(&p.model);
+    assert_eq!(kept, vec!["00000000000000000002.apj".to_string()]);
+    assert_eq!(
+        discarded,
+        vec!["00000000000000000001.apj.discard".to_string()]
+    );
+    let status = checkpoint(&p.model).status().unwrap();
+    assert_eq!(status.undo_generations, 1);
+    // Nothing uses the discarded file: rollback to generation 0 is refused as pruned.
+    let err = checkpoint(&p.model).rollback(Some(0)).unwrap_err();
+    assert!(matches!(err, Error::NoUndo { earliest: 1, .. }), "{err}");
+    assert_eq!(model_files(&p.model), two);
+    let (files, bytes) = deferred().remove_discarded().unwrap();
+    assert_eq!(files, 1);
+    assert!(bytes > 0);
+    assert_eq!(undo_dir(&p.model).1, Vec::<String>::new());
+    assert_eq!(deferred().remove_discarded().unwrap(), (0, 0));
+    // Without deferral, pruning removes at once.
+    sync(checkpoint(&p.model));
+    assert_eq!(
+        undo_dir(&p.model),
+        (vec!["00000000000000000003.apj".to_string()], vec![])
+    );
+    checkpoint(&p.model).rollback(Some(2)).unwrap();
+    assert_eq!(model_files(&p.model), two);
+}
+
+#[test]
+fn the_sync_command_removes_the_undo_data_it_pruned() {
+    let mut tensors = mixed_tensors(17);
+    let p = pair(&tensors, 1, 1);
+    let m = s(&p.model);
+    assert!(run(&["init", "--model-dir", m]).status.success());
+    let o = run(&["retention", "--model-dir", m, "--generations", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut rng = Rng::new(6);
+    for generation in 1..=3u64 {
+        // A discarded file a killed sync left behind goes too.
+        std::fs::write(
+            p.model
+                .join(".apollo-checkpoint/undo/00000000000000000000.apj.discard"),
+            b"left by a killed sync",
+        )
+        .ok();
+        rng.fill(&mut tensors[1].data);
+        write_model(&p.source, &tensors, 1);
+        let o = run(&["sync", "--model-dir", m, "--from", s(&p.source), "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout_json(&o)["generation"], generation);
+        assert_eq!(
+            undo_dir(&p.model),
+            (vec![format!("{generation:020}.apj")], vec![])
+        );
+    }
+}
