@@ -29,6 +29,10 @@ its first sync awaited) and each timed sync is SIGUSR1 to its JSON line: the tim
 process (scripts/systemd/apollo-checkpoint-resident.service) takes per sync, without a fresh
 process's GPU context. Its RSS is sampled while each sync runs.
 
+With --page-writes (the built `examples/page_writes`), the JSON's "host" also holds what one
+scattered 4 KiB write into the page cache of a file in --dir costs there, the floor of a sparse
+sync's apply (see that example), with the kernel and the filesystem.
+
 Usage: scripts/bench_gpu_sync.py --bin apollo-checkpoint --prototype checkpoint_sync.py
                                  [--layers 16] [--dir DIR] [--repeat 3] [--resident]
 """
@@ -229,6 +233,7 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="run ours with -vv and log its stderr (timings of each step)")
     ap.add_argument("--resident", action="store_true",
                     help="time ours as one resident `sync --every` process, each sync asked for with SIGUSR1")
+    ap.add_argument("--page-writes", help="the built examples/page_writes: measure scattered page-cache writes in --dir first")
     ap.add_argument("--gpu-memory-mib", type=int, default=144,
                     help="our --gpu-memory per GPU, in MiB (split 1:4:4 into whole MiB, as src/live/gpu.rs does)")
     args = ap.parse_args()
@@ -238,6 +243,7 @@ def main():
     import vllm_export_hook as hook
     from torch.multiprocessing.reductions import reduce_tensor
 
+    host = host_info(args.dir or tempfile.gettempdir(), args.page_writes)
     model = engine_model(torch, args.layers)
     total = sum(t.numel() * t.element_size() for t, _ in model.values())
     log(f"model: {total / 1e9:.2f} GB in {len(model)} engine tensors")
@@ -355,6 +361,7 @@ def main():
         resident.stop()
     print(json.dumps({
         "machine": {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()},
+        "host": host,
         "ours": "resident (sync --every, SIGUSR1 per sync)" if resident else "one process per sync",
         "model_bytes": total,
         "layers": args.layers,
@@ -363,6 +370,19 @@ def main():
     }, indent=1))
     subprocess.run(["rm", "-rf", work])
     return 0
+
+
+def host_info(directory, page_writes):
+    """The kernel, the filesystem of `directory` and, with `page_writes`, its probe's JSON."""
+    info = {"kernel": os.uname().release}
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "-T", directory],
+                        capture_output=True, text=True)
+    info["filesystem"] = fs.stdout.strip() if fs.returncode == 0 else None
+    if page_writes:
+        log("measuring scattered page-cache writes (examples/page_writes)")
+        out = subprocess.run([page_writes, directory], capture_output=True, text=True, check=True)
+        info["page_writes_us"] = json.loads(out.stdout)
+    return info
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@
 //!   cleaned for writeback, a TLB shootdown across every CPU running the process; perf showed
 //!   those two at 31% of `apply-delta`'s time for 8k scattered blocks, and `pwrite` halved it.
 //!   Pages that were never mapped writable need neither.
+//!   What a scattered `pwrite` costs is the kernel's: where a file's page cache is held in large
+//!   folios (ext4 on recent kernels, for files written in large chunks, as model files are), each
+//!   write walks every block of its folio twice (begin and commit), so one byte costs about as
+//!   much as 4 KiB (`examples/page_writes`: 6-11 us per write on the VM, 2.8-3.8 us into small
+//!   folios). A writable map would not help: ext4 marks every block of a folio dirty at its
+//!   first write fault (`block_page_mkwrite`), so writeback would write the whole folio.
 //! - [`FileIo::sync`] is `fsync`: when it returns `Ok`, every write made before it is durable.
 //! - A process killed in the middle of a write leaves a *prefix* of the new bytes followed by
 //!   the old ones, never an arbitrary mix: the kernel copies a `pwrite` into the page cache in

@@ -360,7 +360,9 @@ impl JournalWriter {
 
     /// The commit protocol; returns where the records end.
     fn write_commit(mut self, io: &dyn Io) -> Result<u64, JournalError> {
+        let lap = std::time::Instant::now();
         self.out.sync().map_err(self.err())?;
+        let records_synced = lap.elapsed().as_secs_f64();
         let dir = self
             .out
             .path()
@@ -379,8 +381,15 @@ impl JournalWriter {
         commit.extend_from_slice(&self.out.digest());
         let self_sum = blake3::hash(&commit);
         commit.extend_from_slice(self_sum.as_bytes());
+        let dir_synced = lap.elapsed().as_secs_f64();
         self.out.write(&commit).map_err(self.err())?;
         self.out.sync().map_err(self.err())?;
+        tracing::debug!(
+            records_synced,
+            dir_synced,
+            committed = lap.elapsed().as_secs_f64(),
+            "journal committed (seconds from the start of the commit)"
+        );
         Ok(records_end)
     }
 }
