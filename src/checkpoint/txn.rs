@@ -426,8 +426,13 @@ impl<'c> Committed<'c> {
         std::thread::scope(|s| {
             let (stats_tx, stats_rx) = std::sync::mpsc::sync_channel(1);
             let writer = s.spawn(move || -> Result<(), Error> {
+                let lap = Instant::now();
                 let mut txn = index.begin_sync()?;
                 txn.write(commit)?;
+                tracing::debug!(
+                    seconds = seconds_since(lap),
+                    "new hashes written into the index (while the files are written)"
+                );
                 // No stats: the apply failed, and dropping the transaction rolls it back.
                 let Ok(file_stats) = stats_rx.recv() else {
                     return Ok(());
