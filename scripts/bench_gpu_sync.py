@@ -29,12 +29,18 @@ its first sync awaited) and each timed sync is SIGUSR1 to its JSON line: the tim
 process (scripts/systemd/apollo-checkpoint-resident.service) takes per sync, without a fresh
 process's GPU context. Its RSS is sampled while each sync runs.
 
+With --baseline (another build of apollo-checkpoint with the same index schema), each of our
+runs is followed by one of the baseline's, after its own fresh change, on the same model copy
+(one resident process each with --resident): an A/B in one run, reported beside ours per change
+(`baseline_s`, `baseline_vs_ours`).
+
 With --page-writes (the built `examples/page_writes`), the JSON's "host" also holds what one
 scattered 4 KiB write into the page cache of a file in --dir costs there, the floor of a sparse
 sync's apply (see that example), with the kernel and the filesystem.
 
 Usage: scripts/bench_gpu_sync.py --bin apollo-checkpoint --prototype checkpoint_sync.py
                                  [--layers 16] [--dir DIR] [--repeat 3] [--resident]
+                                 [--baseline OTHER-BUILD] [--page-writes examples/page_writes]
 """
 
 import argparse
@@ -233,6 +239,7 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="run ours with -vv and log its stderr (timings of each step)")
     ap.add_argument("--resident", action="store_true",
                     help="time ours as one resident `sync --every` process, each sync asked for with SIGUSR1")
+    ap.add_argument("--baseline", help="another build to run alternately with --bin on the same model copy (A/B)")
     ap.add_argument("--page-writes", help="the built examples/page_writes: measure scattered page-cache writes in --dir first")
     ap.add_argument("--gpu-memory-mib", type=int, default=144,
                     help="our --gpu-memory per GPU, in MiB (split 1:4:4 into whole MiB, as src/live/gpu.rs does)")
@@ -270,12 +277,19 @@ def main():
     log(f"init: {json.loads(r.stdout)['seconds']:.2f} s")
 
     g = torch.Generator(device="cuda").manual_seed(9)
-    ours_cmd = [args.bin, "sync", "--model-dir", ours, "--handles", handles, "--json",
+
+    def sync_cmd(binary):
+        return [binary, "sync", "--model-dir", ours, "--handles", handles, "--json",
                 "--gpu-memory", f"{args.gpu_memory_mib}MiB"] + (["-vv"] if args.verbose else [])
-    resident = None
+
+    # Each tool under test: (name, command, resident process or None).
+    tools = [("ours", sync_cmd(args.bin), None)]
+    if args.baseline:
+        tools.append(("baseline", sync_cmd(args.baseline), None))
     if args.resident:
-        resident = Resident(ours_cmd, os.path.join(work, "resident.log"))
-        log(f"resident: pid {resident.p.pid}, first sync {resident.first.get('seconds')} s")
+        tools = [(name, cmd, Resident(cmd, os.path.join(work, f"resident-{name}.log"))) for name, cmd, _ in tools]
+        for name, _, res in tools:
+            log(f"resident {name}: pid {res.p.pid}, first sync {res.first.get('seconds')} s")
 
     def change(kind, round_no):
         with torch.no_grad():
@@ -307,25 +321,27 @@ def main():
             continue
         # Ours --repeat times, each after a fresh change of this kind (the same live state the
         # prototype then syncs), then the prototype once: it reads everything every time.
-        runs = []
+        every = {name: [] for name, _, _ in tools}
         for r in range(args.repeat):
-            if kind != "nothing":
-                change(kind, i * 10 + r)
-            os.sync()
-            if resident:
-                wall, rep, code, rss, err = resident.sync()
-                rep = rep if code == 0 else {}
-            else:
-                wall, out, err, code, rss = timed(ours_cmd)
-                rep = json.loads(out) if code == 0 else {}
-            if code != 0:
-                log(f"{kind}: ours failed ({code}): {err}")
-            runs.append((wall, rep, code, rss))
-            for line in err.splitlines():
-                if args.verbose or line.startswith("PROFILE"):
-                    log(line)
-            log(f"{kind} #{r + 1}: ours {wall:.3f} s; outside sync {wall - rep.get('seconds', 0):.3f} s; "
-                f"{json.dumps(rep.get('phases'))}")
+            for t, (name, cmd, res) in enumerate(tools):
+                if kind != "nothing":
+                    change(kind, i * 100 + r * len(tools) + t)
+                os.sync()
+                if res:
+                    wall, rep, code, rss, err = res.sync()
+                    rep = rep if code == 0 else {}
+                else:
+                    wall, out, err, code, rss = timed(cmd)
+                    rep = json.loads(out) if code == 0 else {}
+                if code != 0:
+                    log(f"{kind}: {name} failed ({code}): {err}")
+                every[name].append((wall, rep, code, rss))
+                for line in err.splitlines():
+                    if args.verbose or line.startswith("PROFILE"):
+                        log(line)
+                log(f"{kind} #{r + 1}: {name} {wall:.3f} s; outside sync {wall - rep.get('seconds', 0):.3f} s; "
+                    f"{json.dumps(rep.get('phases'))}")
+        runs = every["ours"]
         os.sync()
         pwall, pout, perr, pcode, prss = timed([sys.executable, args.prototype, "sync", "--model-dir", proto,
                                                 "--handles", legacy])
@@ -356,13 +372,27 @@ def main():
             "ours_peak_anon_rss": max(x for _, _, _, x in runs),
             "prototype_peak_anon_rss": prss,
         }
+        if "baseline" in every:
+            base = every["baseline"]
+            bwall = median([w for w, _, _, _ in base])
+            _, brep, _, _ = next(x for x in base if x[0] == bwall)
+            rows[kind].update({
+                "baseline_s": round(bwall, 3),
+                "baseline_runs_s": [round(w, 3) for w, _, _, _ in base],
+                "baseline_vs_ours": round(bwall / wall, 3) if wall else None,
+                "baseline_exit": max(c for _, _, c, _ in base),
+                "baseline_phases_s": brep.get("phases"),
+                "baseline_peak_anon_rss": max(x for _, _, _, x in base),
+            })
         log(f"{kind}: ours median {wall:.3f} s, prototype {pwall:.2f} s, identical {same}")
-    if resident:
-        resident.stop()
+    for _, _, res in tools:
+        if res:
+            res.stop()
     print(json.dumps({
         "machine": {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count()},
         "host": host,
-        "ours": "resident (sync --every, SIGUSR1 per sync)" if resident else "one process per sync",
+        "ours": "resident (sync --every, SIGUSR1 per sync)" if args.resident else "one process per sync",
+        "baseline": args.baseline,
         "model_bytes": total,
         "layers": args.layers,
         "gpu_memory_allocated_by_tool": 9 * (args.gpu_memory_mib // 9) * MIB,
