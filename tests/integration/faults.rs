@@ -434,6 +434,21 @@ fn check(sc: &Scenario, fault: Fault, what: &str) -> (FaultIo, bool, u64) {
     let io = FaultIo::new(fault);
     let result = Checkpoint::new(&dir, None, Arc::new(io.clone()))
         .sync(&SafetensorsSource::open(&sc.live).unwrap());
+    if !fault.reboots() {
+        // The index never names a generation the files do not hold: its commit (written while
+        // the files are) comes only once every block is written.
+        let index =
+            apollo_checkpoint::index::BlockIndex::open_read_only(&dir.join(".apollo-checkpoint"))
+                .unwrap();
+        let base = checkpoint(&sc.template).status().unwrap().generation;
+        if index.generation().unwrap() != base {
+            assert_eq!(
+                model_files(&dir),
+                sc.after,
+                "{what}: the index names the new generation before the files hold it"
+            );
+        }
+    }
     io.cut_power_if_due();
     let rec = recovering(&dir, fault)
         .recover()
